@@ -1,0 +1,1 @@
+//! device-worker-ng: the Flotta edge device agent.
