@@ -1,1 +1,22 @@
 //! device-worker-ng: the Flotta edge device agent.
+//!
+//! Where things live: `machines/` (the statig state machines: device, workload), `controller/`
+//! (the one task that owns them and executes their commands), `drivers/` (running workloads),
+//! `cgroup/` (layout detection, limits, counters), `sampler` and `budget` (resource
+//! accounting), `workload/` (the desired state and its validation), `store/` (persistence),
+//! `status/` (the snapshot, control socket and `status` table), `config/` (settings).
+
+pub mod budget;
+pub mod cgroup;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod drivers;
+pub mod logging;
+pub mod machines;
+pub mod notify;
+pub mod sampler;
+pub mod status;
+pub mod store;
+pub mod units;
+pub mod workload;

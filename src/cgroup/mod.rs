@@ -1,0 +1,479 @@
+//! Control groups: layout detection (v1 legacy, v1 hybrid, v2 unified), one cgroup per
+//! workload with enforced limits, usage counters, killing and removal.
+//!
+//! Every file access goes through a directory `Path`, so the parsing and the layout logic are
+//! tested against temporary directories laid out like cgroupfs; the real kernel is exercised by
+//! the root-only tests in `tests/` and by the cgroup v2 qemu guest.
+
+mod files;
+mod layout;
+
+pub use files::{parse_flat_keyed, read_u64};
+pub use layout::{detect, detect_from, Layout, V1Mounts};
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup layout: {0}")]
+    Layout(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot parse '{content}'")]
+    Parse { path: PathBuf, content: String },
+    #[error("cgroup {path} still has processes after {waited:?}")]
+    NotEmpty { path: PathBuf, waited: Duration },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Limits enforced on one workload's cgroup. `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub cpu_millicores: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// Counters read from one workload's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub memory_bytes: u64,
+    /// Cumulative CPU time in nanoseconds.
+    pub cpu_ns: u64,
+    pub pids: u64,
+    pub oom_kills: u64,
+    pub cpu_throttled_periods: u64,
+    pub pids_max_events: u64,
+}
+
+/// The CFS period used for cpu quotas (the kernel default).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// One workload's cgroup, in whichever hierarchy the host has (an enum, not a trait object,
+/// so the layout is visible in `match`es).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "version", rename_all = "lowercase")]
+pub enum WorkloadCgroup {
+    V1 {
+        memory: PathBuf,
+        cpu: PathBuf,
+        cpuacct: PathBuf,
+        pids: PathBuf,
+    },
+    V2 {
+        dir: PathBuf,
+    },
+}
+
+impl WorkloadCgroup {
+    /// The directory shown to people (the memory controller's on v1).
+    pub fn display_path(&self) -> &Path {
+        match self {
+            WorkloadCgroup::V1 { memory, .. } => memory,
+            WorkloadCgroup::V2 { dir } => dir,
+        }
+    }
+
+    fn dirs(&self) -> Vec<&Path> {
+        match self {
+            WorkloadCgroup::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => {
+                let mut v: Vec<&Path> = vec![memory, cpu, cpuacct, pids];
+                v.sort();
+                v.dedup();
+                v
+            }
+            WorkloadCgroup::V2 { dir } => vec![dir],
+        }
+    }
+
+    /// The `cgroup.procs` files a process must be written to so it is inside every controller.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs().iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dirs().iter().all(|d| d.is_dir())
+    }
+
+    pub fn create(&self) -> Result<(), CgroupError> {
+        for d in self.dirs() {
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the limits; a limit set to `None` is reset to unlimited.
+    pub fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
+        match self {
+            WorkloadCgroup::V1 {
+                memory, cpu, pids, ..
+            } => {
+                let mem = limits
+                    .memory_bytes
+                    .map_or("-1".to_string(), |b| b.to_string());
+                // memsw must stay >= limit_in_bytes: raise it first when lowering both would
+                // fail, and cap it to the same value so a workload cannot swap past its limit.
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                let has_memsw = memsw.exists();
+                if has_memsw {
+                    let _ = files::write(&memsw, "-1");
+                }
+                files::write(&memory.join("memory.limit_in_bytes"), &mem)?;
+                if has_memsw {
+                    files::write(&memsw, &mem)?;
+                }
+                files::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                let quota = limits
+                    .cpu_millicores
+                    .map_or("-1".to_string(), |m| cpu_quota_us(m).to_string());
+                files::write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+                let p = limits.pids.map_or("max".to_string(), |p| p.to_string());
+                files::write(&pids.join("pids.max"), &p)?;
+            }
+            WorkloadCgroup::V2 { dir } => {
+                let mem = limits
+                    .memory_bytes
+                    .map_or("max".to_string(), |b| b.to_string());
+                files::write(&dir.join("memory.max"), &mem)?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    let v = if limits.memory_bytes.is_some() {
+                        "0"
+                    } else {
+                        "max"
+                    };
+                    files::write(&swap, v)?;
+                }
+                let quota = limits
+                    .cpu_millicores
+                    .map_or("max".to_string(), |m| cpu_quota_us(m).to_string());
+                files::write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                let p = limits.pids.map_or("max".to_string(), |p| p.to_string());
+                files::write(&dir.join("pids.max"), &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The processes in the cgroup.
+    pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let dir = match self {
+            WorkloadCgroup::V1 { pids, .. } => pids,
+            WorkloadCgroup::V2 { dir } => dir,
+        };
+        let path = dir.join("cgroup.procs");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .collect())
+    }
+
+    pub fn oom_kills(&self) -> u64 {
+        match self {
+            WorkloadCgroup::V1 { memory, .. } => {
+                files::keyed(&memory.join("memory.oom_control"), "oom_kill").unwrap_or(0)
+            }
+            WorkloadCgroup::V2 { dir } => {
+                files::keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0)
+            }
+        }
+    }
+
+    /// Reads the usage counters. Missing optional files read as 0 (older kernels lack some).
+    pub fn counters(&self) -> Result<Counters, CgroupError> {
+        Ok(match self {
+            WorkloadCgroup::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => Counters {
+                memory_bytes: read_u64(&memory.join("memory.usage_in_bytes"))?,
+                cpu_ns: read_u64(&cpuacct.join("cpuacct.usage"))?,
+                pids: read_u64(&pids.join("pids.current"))?,
+                oom_kills: self.oom_kills(),
+                cpu_throttled_periods: files::keyed(&cpu.join("cpu.stat"), "nr_throttled")
+                    .unwrap_or(0),
+                pids_max_events: files::keyed(&pids.join("pids.events"), "max").unwrap_or(0),
+            },
+            WorkloadCgroup::V2 { dir } => {
+                let stat = dir.join("cpu.stat");
+                let text = std::fs::read_to_string(&stat).map_err(io_err(&stat))?;
+                let kv = parse_flat_keyed(&text);
+                let get = |k: &str| kv.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
+                Counters {
+                    memory_bytes: read_u64(&dir.join("memory.current"))?,
+                    cpu_ns: get("usage_usec") * 1000,
+                    pids: read_u64(&dir.join("pids.current"))?,
+                    oom_kills: self.oom_kills(),
+                    cpu_throttled_periods: get("nr_throttled"),
+                    pids_max_events: files::keyed(&dir.join("pids.events"), "max").unwrap_or(0),
+                }
+            }
+        })
+    }
+
+    /// Sends `signal` to every process in the cgroup; returns how many were signalled.
+    pub fn signal_all(&self, signal: Signal) -> Result<usize, CgroupError> {
+        if signal == Signal::SIGKILL {
+            if let WorkloadCgroup::V2 { dir } = self {
+                // cgroup.kill (5.14+) kills atomically, including processes forked meanwhile.
+                let kill = dir.join("cgroup.kill");
+                if kill.exists() && files::write(&kill, "1").is_ok() {
+                    return Ok(self.pids()?.len());
+                }
+            }
+        }
+        let pids = self.pids()?;
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
+        }
+        Ok(pids.len())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`, until the cgroup is empty (bounded).
+    pub fn stop_all(&self, grace: Duration) -> Result<(), CgroupError> {
+        if self.pids()?.is_empty() {
+            return Ok(());
+        }
+        self.signal_all(Signal::SIGTERM)?;
+        if self.wait_empty(grace)? {
+            return Ok(());
+        }
+        self.kill_all()
+    }
+
+    /// SIGKILL everything until the cgroup is empty. A fork bomb can race a one-pass kill, so
+    /// repeat (bounded: the pids limit caps what it can fork).
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        let deadline = Duration::from_secs(5);
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if self.signal_all(Signal::SIGKILL)? == 0 {
+                return Ok(());
+            }
+            if self.wait_empty(Duration::from_millis(200))? {
+                return Ok(());
+            }
+        }
+        Err(CgroupError::NotEmpty {
+            path: self.display_path().to_path_buf(),
+            waited: deadline,
+        })
+    }
+
+    /// Waits until the cgroup has no processes; `Ok(false)` on time-out.
+    pub fn wait_empty(&self, timeout: Duration) -> Result<bool, CgroupError> {
+        let start = Instant::now();
+        loop {
+            if self.pids()?.is_empty() {
+                return Ok(true);
+            }
+            if start.elapsed() >= timeout {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Empties and deletes the cgroup (all controllers). Missing directories are fine.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        if !self.dirs().iter().any(|d| d.exists()) {
+            return Ok(());
+        }
+        if self.dirs().iter().all(|d| d.join("cgroup.procs").exists()) {
+            self.kill_all()?;
+        }
+        for d in self.dirs() {
+            remove_dir_retrying(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// rmdir on a cgroup can fail with EBUSY for a moment after its last process exited (the
+/// kernel still tears the task down); retry briefly.
+fn remove_dir_retrying(d: &Path) -> Result<(), CgroupError> {
+    let start = Instant::now();
+    loop {
+        match std::fs::remove_dir(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if start.elapsed() < Duration::from_secs(2) && e.raw_os_error() == Some(16) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io_err(d)(e)),
+        }
+    }
+}
+
+/// Quota in µs per [`CPU_PERIOD_US`] for a millicore limit (the kernel's minimum is 1000 µs).
+pub fn cpu_quota_us(millicores: u64) -> u64 {
+    (millicores * CPU_PERIOD_US / 1000).max(1000)
+}
+
+/// The agent's subtree: where workload cgroups live.
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    pub layout: Layout,
+    /// v2: the agent's base cgroup directory; v1: the subtree name under each controller.
+    base: PathBuf,
+}
+
+impl Hierarchy {
+    /// The hierarchy for `root_name` (e.g. `device-worker-ng`) in the detected layout. On
+    /// cgroup v2 under a systemd service with `Delegate=yes`, the agent's own cgroup is the base.
+    pub fn new(layout: Layout, root_name: &str, delegated_base: Option<PathBuf>) -> Self {
+        let base = match (&layout, delegated_base) {
+            (Layout::Unified { .. }, Some(b)) => b,
+            (Layout::Unified { root }, None) => root.join(root_name),
+            (_, _) => PathBuf::from(root_name),
+        };
+        Hierarchy { layout, base }
+    }
+
+    pub fn base_display(&self) -> PathBuf {
+        match &self.layout {
+            Layout::Unified { .. } => self.base.clone(),
+            Layout::Legacy(m) | Layout::Hybrid(m) => m.memory.join(&self.base),
+        }
+    }
+
+    pub fn workload(&self, name: &str) -> WorkloadCgroup {
+        let rel = Path::new("workloads").join(name);
+        match &self.layout {
+            Layout::Unified { .. } => WorkloadCgroup::V2 {
+                dir: self.base.join(rel),
+            },
+            Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
+                memory: m.memory.join(&self.base).join(&rel),
+                cpu: m.cpu.join(&self.base).join(&rel),
+                cpuacct: m.cpuacct.join(&self.base).join(&rel),
+                pids: m.pids.join(&self.base).join(&rel),
+            },
+        }
+    }
+
+    /// Creates the subtree and, on v2, enables the controllers for the children. When the base
+    /// holds processes (the agent itself, delegated by systemd), they move into `base/agent`
+    /// first: cgroup v2 allows controllers only in cgroups without processes of their own.
+    pub fn setup(&self) -> Result<(), CgroupError> {
+        match &self.layout {
+            Layout::Unified { .. } => {
+                let workloads = self.base.join("workloads");
+                std::fs::create_dir_all(&workloads).map_err(io_err(&workloads))?;
+                let procs = self.base.join("cgroup.procs");
+                let text = std::fs::read_to_string(&procs).map_err(io_err(&procs))?;
+                if !text.trim().is_empty() {
+                    let leaf = self.base.join("agent");
+                    std::fs::create_dir_all(&leaf).map_err(io_err(&leaf))?;
+                    for pid in text.lines() {
+                        let _ = files::write(&leaf.join("cgroup.procs"), pid.trim());
+                    }
+                }
+                for dir in [&self.base, &workloads] {
+                    enable_v2_controllers(dir)?;
+                }
+            }
+            Layout::Legacy(m) | Layout::Hybrid(m) => {
+                for ctrl in [&m.memory, &m.cpu, &m.cpuacct, &m.pids] {
+                    let d = ctrl.join(&self.base).join("workloads");
+                    std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the workload cgroups that exist (to find orphans after a restart).
+    pub fn existing_workloads(&self) -> Vec<String> {
+        let dir = match &self.layout {
+            Layout::Unified { .. } => self.base.join("workloads"),
+            Layout::Legacy(m) | Layout::Hybrid(m) => m.memory.join(&self.base).join("workloads"),
+        };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Removes the whole subtree (tests and `purge`): every workload cgroup, then the base.
+    pub fn remove_all(&self) -> Result<(), CgroupError> {
+        for name in self.existing_workloads() {
+            self.workload(&name).remove()?;
+        }
+        let dirs: Vec<PathBuf> = match &self.layout {
+            Layout::Unified { .. } => vec![self.base.join("workloads"), self.base.clone()],
+            Layout::Legacy(m) | Layout::Hybrid(m) => [&m.memory, &m.cpu, &m.cpuacct, &m.pids]
+                .iter()
+                .flat_map(|c| [c.join(&self.base).join("workloads"), c.join(&self.base)])
+                .collect(),
+        };
+        for d in dirs {
+            remove_dir_retrying(&d)?;
+        }
+        Ok(())
+    }
+}
+
+fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
+    let available = dir.join("cgroup.controllers");
+    let text = std::fs::read_to_string(&available).map_err(io_err(&available))?;
+    let wanted: Vec<String> = ["memory", "cpu", "pids"]
+        .iter()
+        .filter(|c| text.split_whitespace().any(|a| a == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if wanted.len() < 3 {
+        return Err(CgroupError::Layout(format!(
+            "{} offers controllers '{}', need memory, cpu and pids (enable them in the parent's cgroup.subtree_control)",
+            dir.display(),
+            text.trim()
+        )));
+    }
+    files::write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))
+}
+
+/// The agent's own cgroup v2 path when it runs as a systemd service (which delegates its
+/// subtree with `Delegate=yes`): `/proc/self/cgroup` line `0::/system.slice/x.service`.
+pub fn delegated_v2_base(root: &Path, proc_self_cgroup: &str) -> Option<PathBuf> {
+    let rel = proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim();
+    let rel = rel.strip_suffix("/agent").unwrap_or(rel);
+    if rel.ends_with(".service") {
+        Some(root.join(rel.trim_start_matches('/')))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

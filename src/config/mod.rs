@@ -1,0 +1,635 @@
+//! Settings: one place that reads the YAML file, `EDGE_DEVICE_*` variables and `--set` flags,
+//! validates every key, and says exactly which key (and from where) is wrong.
+//!
+//! Precedence: flag > environment > file > default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::units;
+
+/// Exit code for a configuration error (sysexits `EX_CONFIG`); the systemd unit lists it in
+/// `RestartPreventExitStatus=` so a broken configuration does not restart-loop.
+pub const EXIT_CONFIG: i32 = 78;
+
+pub const ENV_PREFIX: &str = "EDGE_DEVICE_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Path,
+    Url,
+    Level,
+    Duration,
+    Memory,
+    Cpu,
+    Count,
+    DeviceId,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Text => "a string",
+            Kind::Path => "an absolute path",
+            Kind::Url => "an https:// URL",
+            Kind::Level => "one of error, warn, info, debug, trace",
+            Kind::Duration => "a duration like 500ms, 1s, 2m",
+            Kind::Memory => "a memory quantity like 256Mi",
+            Kind::Cpu => "a cpu quantity like 250m or 0.5",
+            Kind::Count => "a whole number",
+            Kind::DeviceId => "a lowercase RFC 1123 name",
+        }
+    }
+}
+
+/// Every key the agent understands, its type, default and meaning (the README's reference
+/// table is checked against this list by a test).
+pub struct KeySpec {
+    pub name: &'static str,
+    kind: Kind,
+    pub default: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+macro_rules! key {
+    ($name:literal, $kind:ident, $default:expr, $doc:literal) => {
+        KeySpec {
+            name: $name,
+            kind: Kind::$kind,
+            default: $default,
+            doc: $doc,
+        }
+    };
+}
+
+pub const KEYS: &[KeySpec] = &[
+    key!(
+        "LOG_LEVEL",
+        Level,
+        Some("info"),
+        "error, warn, info, debug or trace"
+    ),
+    key!(
+        "CA_ROOT",
+        Path,
+        Some("/etc/pki/consumer/ca.pem"),
+        "CA that signs the Flotta server (the only trusted root)"
+    ),
+    key!(
+        "CERT",
+        Path,
+        Some("/etc/pki/consumer/cert.pem"),
+        "bootstrap (registration) client certificate"
+    ),
+    key!(
+        "KEY",
+        Path,
+        Some("/etc/pki/consumer/key.pem"),
+        "key of the bootstrap certificate"
+    ),
+    key!(
+        "SERVER",
+        Url,
+        None,
+        "Flotta edge API, e.g. https://project-flotta.io:8043; unset = serverless"
+    ),
+    key!(
+        "XDG_RUNTIME_DIR",
+        Path,
+        None,
+        "runtime dir for rootless podman workloads"
+    ),
+    key!(
+        "KUBECONFIG",
+        Path,
+        None,
+        "kubeconfig of the local MicroShift for k8s workloads"
+    ),
+    key!(
+        "DEVICE_ID",
+        DeviceId,
+        None,
+        "device identity; default /etc/machine-id"
+    ),
+    key!(
+        "NAMESPACE",
+        Text,
+        Some("default"),
+        "target namespace sent at enrolment"
+    ),
+    key!(
+        "STATE_DIR",
+        Path,
+        Some("/var/lib/device-worker-ng"),
+        "identity, records, desired state, outbox, workload logs"
+    ),
+    key!(
+        "DESIRED_STATE",
+        Path,
+        None,
+        "local desired-state file (serverless mode); watched for changes"
+    ),
+    key!(
+        "CONTROL_SOCKET",
+        Path,
+        Some("/run/device-worker-ng/control.sock"),
+        "Unix socket serving `status` (mode 0600)"
+    ),
+    key!(
+        "SAMPLE_INTERVAL",
+        Duration,
+        Some("1s"),
+        "resource sampler period"
+    ),
+    key!(
+        "CGROUP_ROOT",
+        Text,
+        Some("device-worker-ng"),
+        "name of the agent's cgroup subtree"
+    ),
+    key!(
+        "RESERVED_MEMORY",
+        Memory,
+        Some("256Mi"),
+        "memory kept back for the OS and the agent"
+    ),
+    key!(
+        "RESERVED_CPU",
+        Cpu,
+        Some("250m"),
+        "cpu kept back for the OS and the agent"
+    ),
+    key!(
+        "WORKLOAD_USER",
+        Text,
+        Some("nobody"),
+        "user shell workloads run as unless their spec names one"
+    ),
+    key!(
+        "RESTART_BACKOFF_INITIAL",
+        Duration,
+        Some("1s"),
+        "first restart delay after a failure"
+    ),
+    key!(
+        "RESTART_BACKOFF_MAX",
+        Duration,
+        Some("1m"),
+        "cap of the exponential restart delay"
+    ),
+    key!(
+        "RESTART_MAX_FAILURES",
+        Count,
+        Some("5"),
+        "consecutive failures before a workload is marked broken"
+    ),
+    key!(
+        "STOP_TIMEOUT",
+        Duration,
+        Some("10s"),
+        "grace between SIGTERM and SIGKILL when stopping a workload"
+    ),
+];
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Env(v) => write!(f, "environment variable {v}"),
+            Source::Flag => write!(f, "--set flag"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("unknown configuration key {key} in {origin} (known keys: {known})")]
+    UnknownKey {
+        key: String,
+        origin: Source,
+        known: String,
+    },
+    #[error("configuration key {key} from {origin}: expected {expected}, got {got}")]
+    WrongType {
+        key: &'static str,
+        origin: Source,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("--set {0}: expected KEY=VALUE")]
+    BadFlag(String),
+    #[error("configuration key {key}: {why}")]
+    Invalid { key: &'static str, why: String },
+    #[error("configuration key {key} ({path}): {why}")]
+    Path {
+        key: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_tracing(self) -> tracing::Level {
+        match self {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+/// The validated settings of one agent run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub log_level: LogLevel,
+    pub ca_root: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server: Option<String>,
+    pub xdg_runtime_dir: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub device_id: Option<String>,
+    pub namespace: String,
+    pub state_dir: PathBuf,
+    pub desired_state: Option<PathBuf>,
+    pub control_socket: PathBuf,
+    pub sample_interval: Duration,
+    pub cgroup_root: String,
+    pub reserved_memory: u64,
+    pub reserved_cpu_millis: u64,
+    pub workload_user: String,
+    pub restart_backoff_initial: Duration,
+    pub restart_backoff_max: Duration,
+    pub restart_max_failures: u32,
+    pub stop_timeout: Duration,
+    /// Where each key's value came from (shown by `status`, useful when debugging precedence).
+    pub sources: BTreeMap<&'static str, Source>,
+}
+
+/// The raw inputs to [`Settings::load`], so tests can pass an environment of their own.
+#[derive(Debug, Default, Clone)]
+pub struct Inputs {
+    pub file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub flags: Vec<String>,
+}
+
+impl Inputs {
+    /// The process environment's `EDGE_DEVICE_*` variables.
+    pub fn from_process(file: Option<PathBuf>, flags: Vec<String>) -> Self {
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Inputs { file, env, flags }
+    }
+}
+
+fn spec(name: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+fn known_keys() -> String {
+    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
+
+fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let file_err = |why: String| ConfigError::File {
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(io_why(&e)))?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| file_err(format!("not valid YAML: {e}")))?;
+    let map = match doc {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err(file_err("expected a mapping of KEY: value".into())),
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let key = match k {
+            serde_yaml::Value::String(s) => s,
+            other => return Err(file_err(format!("key {other:?} is not a string"))),
+        };
+        let source = Source::File(path.to_path_buf());
+        let value = match v {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Null => continue,
+            other => {
+                let Some(spec) = spec(&key) else {
+                    return Err(ConfigError::UnknownKey {
+                        key,
+                        origin: source,
+                        known: known_keys(),
+                    });
+                };
+                return Err(ConfigError::WrongType {
+                    key: spec.name,
+                    origin: source,
+                    expected: spec.kind.expected(),
+                    got: describe_yaml(&other).into(),
+                });
+            }
+        };
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn describe_yaml(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        _ => "a tagged value",
+    }
+}
+
+pub(crate) fn io_why(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A parsed value of one key.
+enum Value {
+    Text(String),
+    Path(PathBuf),
+    Level(LogLevel),
+    Duration(Duration),
+    Quantity(u64),
+}
+
+fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
+    let wrong = || ConfigError::WrongType {
+        key: spec.name,
+        origin: source.clone(),
+        expected: spec.kind.expected(),
+        got: format!("'{raw}'"),
+    };
+    Ok(match spec.kind {
+        Kind::Text => {
+            if raw.trim().is_empty() {
+                return Err(wrong());
+            }
+            Value::Text(raw.to_string())
+        }
+        Kind::Path => {
+            let p = PathBuf::from(raw);
+            if !p.is_absolute() {
+                return Err(wrong());
+            }
+            Value::Path(p)
+        }
+        Kind::Url => {
+            let lower = raw.to_ascii_lowercase();
+            let rest = lower.strip_prefix("https://").ok_or_else(wrong)?;
+            if rest.trim_end_matches('/').is_empty() {
+                return Err(wrong());
+            }
+            Value::Text(raw.trim_end_matches('/').to_string())
+        }
+        Kind::Level => Value::Level(match raw.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warn" | "warning" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return Err(wrong()),
+        }),
+        Kind::Duration => {
+            let d = units::parse_duration(raw).map_err(|_| wrong())?;
+            if d.is_zero() {
+                return Err(wrong());
+            }
+            Value::Duration(d)
+        }
+        Kind::Memory => Value::Quantity(units::parse_memory(raw).map_err(|_| wrong())?),
+        Kind::Cpu => Value::Quantity(units::parse_cpu(raw).map_err(|_| wrong())?),
+        Kind::Count => Value::Quantity(raw.trim().parse::<u32>().map_err(|_| wrong())? as u64),
+        Kind::DeviceId => {
+            if !is_rfc1123_name(raw) {
+                return Err(wrong());
+            }
+            Value::Text(raw.to_string())
+        }
+    })
+}
+
+/// A lowercase RFC 1123 DNS label sequence, as Kubernetes object names require (PROTOCOL §1.3).
+pub fn is_rfc1123_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+impl Settings {
+    /// Loads and validates the settings (no file-system side effects besides reading the file).
+    pub fn load(inputs: &Inputs) -> Result<Settings, ConfigError> {
+        let mut raw: BTreeMap<&'static str, (String, Source)> = BTreeMap::new();
+        for spec in KEYS {
+            if let Some(d) = spec.default {
+                raw.insert(spec.name, (d.to_string(), Source::Default));
+            }
+        }
+        if let Some(path) = &inputs.file {
+            for (key, value) in read_file(path)? {
+                let source = Source::File(path.clone());
+                let Some(spec) = spec(&key) else {
+                    return Err(ConfigError::UnknownKey {
+                        key,
+                        origin: source,
+                        known: known_keys(),
+                    });
+                };
+                raw.insert(spec.name, (value, source));
+            }
+        }
+        let mut env = inputs.env.clone();
+        env.sort();
+        for (var, value) in env {
+            let Some(key) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let source = Source::Env(var.clone());
+            let Some(spec) = spec(key) else {
+                return Err(ConfigError::UnknownKey {
+                    key: var.clone(),
+                    origin: source,
+                    known: known_keys(),
+                });
+            };
+            raw.insert(spec.name, (value, source));
+        }
+        for flag in &inputs.flags {
+            let (key, value) = flag
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadFlag(flag.clone()))?;
+            let Some(spec) = spec(key.trim()) else {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_string(),
+                    origin: Source::Flag,
+                    known: known_keys(),
+                });
+            };
+            raw.insert(spec.name, (value.to_string(), Source::Flag));
+        }
+
+        let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
+        let mut sources = BTreeMap::new();
+        for (name, (text, source)) in &raw {
+            let spec = spec(name).expect("keys in raw come from KEYS");
+            values.insert(spec.name, parse_value(spec, text, source)?);
+            sources.insert(spec.name, source.clone());
+        }
+        let mut take = Taker(values);
+        Ok(Settings {
+            log_level: take.level("LOG_LEVEL"),
+            ca_root: take.path("CA_ROOT").unwrap_or_default(),
+            cert: take.path("CERT").unwrap_or_default(),
+            key: take.path("KEY").unwrap_or_default(),
+            server: take.text("SERVER"),
+            xdg_runtime_dir: take.path("XDG_RUNTIME_DIR"),
+            kubeconfig: take.path("KUBECONFIG"),
+            device_id: take.text("DEVICE_ID"),
+            namespace: take.text("NAMESPACE").unwrap_or_default(),
+            state_dir: take.path("STATE_DIR").unwrap_or_default(),
+            desired_state: take.path("DESIRED_STATE"),
+            control_socket: take.path("CONTROL_SOCKET").unwrap_or_default(),
+            sample_interval: take.duration("SAMPLE_INTERVAL"),
+            cgroup_root: take.text("CGROUP_ROOT").unwrap_or_default(),
+            reserved_memory: take.quantity("RESERVED_MEMORY"),
+            reserved_cpu_millis: take.quantity("RESERVED_CPU"),
+            workload_user: take.text("WORKLOAD_USER").unwrap_or_default(),
+            restart_backoff_initial: take.duration("RESTART_BACKOFF_INITIAL"),
+            restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
+            restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
+            stop_timeout: take.duration("STOP_TIMEOUT"),
+            sources,
+        })
+    }
+
+    /// Checks the paths the run needs: the desired-state file is readable, the state directory
+    /// can be created and written. Creates STATE_DIR and the control socket's directory.
+    pub fn prepare_paths(&self) -> Result<(), ConfigError> {
+        let path_err = |key: &'static str, path: &Path, why: String| ConfigError::Path {
+            key,
+            path: path.to_path_buf(),
+            why,
+        };
+        if let Some(p) = &self.desired_state {
+            std::fs::File::open(p).map_err(|e| path_err("DESIRED_STATE", p, io_why(&e)))?;
+        }
+        std::fs::create_dir_all(&self.state_dir).map_err(|e| {
+            path_err(
+                "STATE_DIR",
+                &self.state_dir,
+                format!("cannot create: {}", io_why(&e)),
+            )
+        })?;
+        let probe = self.state_dir.join(".write-probe");
+        std::fs::write(&probe, b"").map_err(|e| {
+            path_err(
+                "STATE_DIR",
+                &self.state_dir,
+                format!("not writable: {}", io_why(&e)),
+            )
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        if let Some(dir) = self.control_socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                path_err(
+                    "CONTROL_SOCKET",
+                    &self.control_socket,
+                    format!("cannot create its directory: {}", io_why(&e)),
+                )
+            })?;
+        }
+        if self.restart_backoff_max < self.restart_backoff_initial {
+            return Err(ConfigError::Invalid {
+                key: "RESTART_BACKOFF_MAX",
+                why: "must not be smaller than RESTART_BACKOFF_INITIAL".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Taker(BTreeMap<&'static str, Value>);
+
+impl Taker {
+    fn text(&mut self, k: &str) -> Option<String> {
+        match self.0.remove(k) {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        }
+    }
+    fn path(&mut self, k: &str) -> Option<PathBuf> {
+        match self.0.remove(k) {
+            Some(Value::Path(p)) => Some(p),
+            _ => None,
+        }
+    }
+    fn level(&mut self, k: &str) -> LogLevel {
+        match self.0.remove(k) {
+            Some(Value::Level(l)) => l,
+            _ => LogLevel::Info,
+        }
+    }
+    fn duration(&mut self, k: &str) -> Duration {
+        match self.0.remove(k) {
+            Some(Value::Duration(d)) => d,
+            _ => Duration::from_secs(1),
+        }
+    }
+    fn quantity(&mut self, k: &str) -> u64 {
+        match self.0.remove(k) {
+            Some(Value::Quantity(q)) => q,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+use super::*;
+use std::io::Write;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn defaults_without_any_input() {
+    let s = Settings::load(&Inputs::default()).unwrap();
+    assert_eq!(s.log_level, LogLevel::Info);
+    assert_eq!(s.state_dir, PathBuf::from("/var/lib/device-worker-ng"));
+    assert_eq!(s.sample_interval, Duration::from_secs(1));
+    assert_eq!(s.reserved_memory, 256 << 20);
+    assert_eq!(s.reserved_cpu_millis, 250);
+    assert_eq!(s.server, None);
+    assert_eq!(s.restart_max_failures, 5);
+    assert_eq!(s.sources["LOG_LEVEL"], Source::Default);
+}
+
+#[test]
+fn precedence_flag_over_env_over_file_over_default() {
+    let f =
+        file("LOG_LEVEL: debug\nSTATE_DIR: /from/file\nNAMESPACE: filens\nSAMPLE_INTERVAL: 2s\n");
+    let inputs = Inputs {
+        file: Some(f.path().to_path_buf()),
+        env: env(&[
+            ("EDGE_DEVICE_STATE_DIR", "/from/env"),
+            ("EDGE_DEVICE_NAMESPACE", "envns"),
+            ("PATH", "/usr/bin"),
+        ]),
+        flags: vec!["NAMESPACE=flagns".into()],
+    };
+    let s = Settings::load(&inputs).unwrap();
+    assert_eq!(s.log_level, LogLevel::Debug, "file beats default");
+    assert_eq!(s.state_dir, PathBuf::from("/from/env"), "env beats file");
+    assert_eq!(s.namespace, "flagns", "flag beats env");
+    assert_eq!(s.sample_interval, Duration::from_secs(2));
+    assert_eq!(s.sources["NAMESPACE"], Source::Flag);
+    assert_eq!(
+        s.sources["STATE_DIR"],
+        Source::Env("EDGE_DEVICE_STATE_DIR".into())
+    );
+}
+
+#[test]
+fn env_alone_is_enough() {
+    let inputs = Inputs {
+        file: None,
+        env: env(&[
+            ("EDGE_DEVICE_DESIRED_STATE", "/etc/dwng/desired.yaml"),
+            ("EDGE_DEVICE_SERVER", "https://project-flotta.io:8043/"),
+            ("EDGE_DEVICE_DEVICE_ID", "edge-1"),
+            ("EDGE_DEVICE_RESERVED_MEMORY", "1Gi"),
+        ]),
+        flags: vec![],
+    };
+    let s = Settings::load(&inputs).unwrap();
+    assert_eq!(
+        s.desired_state,
+        Some(PathBuf::from("/etc/dwng/desired.yaml"))
+    );
+    assert_eq!(s.server.as_deref(), Some("https://project-flotta.io:8043"));
+    assert_eq!(s.device_id.as_deref(), Some("edge-1"));
+    assert_eq!(s.reserved_memory, 1 << 30);
+}
+
+#[test]
+fn unknown_key_in_file_names_key_and_file() {
+    let f = file("LOG_LEVEL: info\nLOGLEVEL: debug\n");
+    let inputs = Inputs {
+        file: Some(f.path().to_path_buf()),
+        ..Default::default()
+    };
+    let e = Settings::load(&inputs).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::UnknownKey { .. }));
+    assert!(msg.contains("LOGLEVEL"), "{msg}");
+    assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    assert!(!msg.contains('\n'), "one line: {msg}");
+}
+
+#[test]
+fn unknown_env_key_is_rejected() {
+    let inputs = Inputs {
+        env: env(&[("EDGE_DEVICE_SERVR", "https://x")]),
+        ..Default::default()
+    };
+    let msg = Settings::load(&inputs).unwrap_err().to_string();
+    assert!(msg.contains("EDGE_DEVICE_SERVR"), "{msg}");
+    assert!(msg.contains("environment variable"), "{msg}");
+}
+
+#[test]
+fn wrong_types_name_key_source_and_expectation() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("SAMPLE_INTERVAL", "fast", "a duration"),
+        ("SAMPLE_INTERVAL", "0s", "a duration"),
+        ("RESERVED_MEMORY", "lots", "a memory quantity"),
+        ("RESERVED_CPU", "50%", "a cpu quantity"),
+        ("LOG_LEVEL", "loud", "one of error"),
+        ("STATE_DIR", "relative/dir", "an absolute path"),
+        ("SERVER", "http://plain", "an https:// URL"),
+        ("DEVICE_ID", "Edge_1", "a lowercase RFC 1123 name"),
+        ("RESTART_MAX_FAILURES", "-1", "a whole number"),
+    ];
+    for (key, value, expected) in cases {
+        let inputs = Inputs {
+            env: env(&[(&format!("EDGE_DEVICE_{key}"), value)]),
+            ..Default::default()
+        };
+        let e = Settings::load(&inputs).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::WrongType { .. }), "{key}: {msg}");
+        assert!(msg.contains(key), "{msg}");
+        assert!(msg.contains(expected), "{msg}");
+        assert!(msg.contains(value), "{msg}");
+    }
+}
+
+#[test]
+fn structured_value_in_file_is_a_wrong_type() {
+    let f = file("RESERVED_MEMORY: [1, 2]\n");
+    let inputs = Inputs {
+        file: Some(f.path().to_path_buf()),
+        ..Default::default()
+    };
+    let msg = Settings::load(&inputs).unwrap_err().to_string();
+    assert!(
+        msg.contains("RESERVED_MEMORY") && msg.contains("a list"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn numbers_and_bools_in_yaml_are_accepted_as_text() {
+    let f = file("RESTART_MAX_FAILURES: 3\nSAMPLE_INTERVAL: 2\n");
+    let s = Settings::load(&Inputs {
+        file: Some(f.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.restart_max_failures, 3);
+    assert_eq!(s.sample_interval, Duration::from_secs(2));
+}
+
+#[test]
+fn missing_and_malformed_files() {
+    let e = Settings::load(&Inputs {
+        file: Some("/nonexistent/dwng.yaml".into()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "configuration file /nonexistent/dwng.yaml: no such file or directory"
+    );
+    let f = file("LOG_LEVEL: [unclosed\n");
+    let msg = Settings::load(&Inputs {
+        file: Some(f.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("not valid YAML"), "{msg}");
+    let f = file("- just\n- a list\n");
+    let msg = Settings::load(&Inputs {
+        file: Some(f.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("expected a mapping"), "{msg}");
+}
+
+#[test]
+fn bad_flag_syntax() {
+    let e = Settings::load(&Inputs {
+        flags: vec!["LOG_LEVEL".into()],
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e, ConfigError::BadFlag("LOG_LEVEL".into()));
+}
+
+#[test]
+fn unreadable_paths_are_reported_by_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::load(&Inputs::default()).unwrap();
+    s.state_dir = dir.path().join("state");
+    s.control_socket = dir.path().join("run/control.sock");
+    s.desired_state = Some(dir.path().join("missing.yaml"));
+    let msg = s.prepare_paths().unwrap_err().to_string();
+    assert!(
+        msg.contains("DESIRED_STATE") && msg.contains("missing.yaml"),
+        "{msg}"
+    );
+    assert!(msg.contains("no such file"), "{msg}");
+
+    s.desired_state = None;
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    s.state_dir = blocker.join("state");
+    let msg = s.prepare_paths().unwrap_err().to_string();
+    assert!(
+        msg.contains("STATE_DIR") && msg.contains("cannot create"),
+        "{msg}"
+    );
+
+    s.state_dir = dir.path().join("state");
+    s.prepare_paths().unwrap();
+    assert!(s.state_dir.is_dir());
+}
+
+#[test]
+fn rfc1123_names() {
+    assert!(is_rfc1123_name("4c4c4544004e3810804cb5c04f564433"));
+    assert!(is_rfc1123_name("edge-1.site-a"));
+    assert!(!is_rfc1123_name("Edge"));
+    assert!(!is_rfc1123_name("-edge"));
+    assert!(!is_rfc1123_name("edge_1"));
+    assert!(!is_rfc1123_name(""));
+}

@@ -1,0 +1,354 @@
+//! The controller: one task owns every machine and all state. Everything else (timers,
+//! signals, the desired-state watcher, the sampler, drivers, the control socket) only sends
+//! [`Event`]s into one bounded channel. Machines decide; the controller executes their commands
+//! through the drivers on blocking lanes and feeds the results back as events.
+
+mod snapshot;
+pub mod sources;
+mod workloads;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_channel::{Receiver, Sender};
+use tracing::{error, info, warn};
+
+use crate::budget::{Budget, PressureTracker};
+use crate::cgroup::Hierarchy;
+use crate::config::{Inputs, Settings};
+use crate::machines::device::{self, DeviceCommand, DeviceEvent};
+use crate::machines::workload::WorkloadEvent;
+use crate::sampler::{self, DeviceTotals};
+use crate::status::{Snapshot, TransitionInfo};
+use crate::store::Store;
+
+pub use workloads::Entry;
+
+/// Capacity of the event channel: producers wait (back-pressure) rather than grow memory.
+pub const EVENT_CAPACITY: usize = 1024;
+
+#[derive(Debug)]
+pub enum Event {
+    /// SIGTERM/SIGINT: stop the agent (workloads keep running, to be adopted on restart).
+    Shutdown,
+    /// SIGHUP: reload the configuration and the desired state.
+    Reload,
+    /// The local desired-state file changed.
+    DesiredStateChanged,
+    SampleTick,
+    Sampled(sampler::Report),
+    /// A driver result for one run of one workload (stale runs are dropped).
+    Workload {
+        name: String,
+        run: u64,
+        event: WorkloadEvent,
+    },
+    /// A waiter could not be started for a process: watch it like an adopted one.
+    Unwatched {
+        name: String,
+        run: u64,
+        pid: i32,
+        ticks: u64,
+    },
+    RetryDue {
+        name: String,
+        token: u64,
+    },
+    Status(Sender<Snapshot>),
+    WatchdogTick,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub struct Controller {
+    pub(crate) settings: Settings,
+    inputs: Inputs,
+    pub(crate) store: Store,
+    pub(crate) hierarchy: Hierarchy,
+    pub(crate) tx: Sender<Event>,
+    device: device::Machine,
+    pub(crate) workloads: BTreeMap<String, Entry>,
+    transitions: VecDeque<TransitionInfo>,
+    started: Instant,
+    totals: DeviceTotals,
+    last_sample: Option<Instant>,
+    used: (u64, u64),
+    pressure: PressureTracker,
+    /// Events for the heartbeat outbox (kept in memory until the protocol lands).
+    pub(crate) reports: VecDeque<(bool, String, String)>,
+}
+
+const MAX_TRANSITIONS: usize = 100;
+
+impl Controller {
+    pub fn new(
+        settings: Settings,
+        inputs: Inputs,
+        store: Store,
+        hierarchy: Hierarchy,
+        tx: Sender<Event>,
+    ) -> Controller {
+        Controller {
+            settings,
+            inputs,
+            store,
+            hierarchy,
+            tx,
+            device: device::new_machine(),
+            workloads: BTreeMap::new(),
+            transitions: VecDeque::new(),
+            started: Instant::now(),
+            totals: sampler::device_totals(),
+            last_sample: None,
+            used: (0, 0),
+            pressure: PressureTracker::new(3, 10, 0.9),
+            reports: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn budget(&self) -> Budget {
+        Budget::of(
+            &self.totals,
+            self.settings.reserved_memory,
+            self.settings.reserved_cpu_millis,
+        )
+    }
+
+    pub(crate) fn record_transition(
+        &mut self,
+        machine: String,
+        from: &str,
+        to: &str,
+        reason: String,
+    ) {
+        info!(machine = %machine, from, to, reason = %reason, "transition");
+        if self.transitions.len() == MAX_TRANSITIONS {
+            self.transitions.pop_front();
+        }
+        self.transitions.push_back(TransitionInfo {
+            at_unix: unix_now(),
+            machine,
+            from: from.to_string(),
+            to: to.to_string(),
+            reason,
+        });
+    }
+
+    pub(crate) fn report(&mut self, warn_level: bool, reason: String, message: String) {
+        if warn_level {
+            warn!(reason = %reason, "{message}");
+        } else {
+            info!(reason = %reason, "{message}");
+        }
+        if self.reports.len() == 1000 {
+            self.reports.pop_front();
+        }
+        self.reports.push_back((warn_level, reason, message));
+    }
+
+    /// Feeds an event to the device machine and executes what it decides.
+    pub(crate) fn device_event(&mut self, event: DeviceEvent) {
+        let before = (self.device.state().name(), self.device.state().reason());
+        let mut cmds = Vec::new();
+        self.device.handle_with_context(&event, &mut cmds);
+        let after = (self.device.state().name(), self.device.state().reason());
+        if before != after {
+            if before.0 != after.0 {
+                self.record_transition("device".into(), before.0, after.0, after.1.clone());
+            }
+            crate::notify::notify(&format!("STATUS={}: {}", after.0, after.1));
+        }
+        for c in cmds {
+            match c {
+                DeviceCommand::Report {
+                    warn,
+                    reason,
+                    message,
+                } => self.report(warn, reason, message),
+                DeviceCommand::ShedLoad => self.shed_load(),
+                DeviceCommand::Readmit => self.readmit(),
+                DeviceCommand::WipeWorkloads => {
+                    let names: Vec<String> = self.workloads.keys().cloned().collect();
+                    for n in names {
+                        self.workload_event(&n, WorkloadEvent::Remove);
+                    }
+                }
+                DeviceCommand::Enrol => {
+                    warn!("enrolment requested, but this agent has no server protocol yet")
+                }
+            }
+        }
+    }
+
+    pub fn device_problems(&self) -> Vec<String> {
+        self.device.inner().problems.values().cloned().collect()
+    }
+
+    pub fn device_state(&self) -> (&'static str, String) {
+        (self.device.state().name(), self.device.state().reason())
+    }
+
+    /// Boots the machines: adopts or starts what the desired state asks for.
+    pub fn boot(&mut self) {
+        let serverless = self.settings.server.is_none();
+        self.device_event(DeviceEvent::Boot {
+            serverless,
+            has_certificate: false,
+        });
+        self.adopt_and_reconcile();
+    }
+
+    fn on_sampled(&mut self, report: sampler::Report) {
+        let elapsed = self.last_sample.map(|t| report.at.duration_since(t));
+        self.last_sample = Some(report.at);
+        self.totals = report.device;
+        let (mut mem, mut cpu) = (0u64, 0u64);
+        for s in report.workloads {
+            let Some(e) = self.workloads.get_mut(&s.name) else {
+                continue;
+            };
+            if let Some(c) = s.counters {
+                let millis = match (e.last_cpu, elapsed) {
+                    (Some(prev), Some(_)) => {
+                        sampler::millicores(prev.0, c.cpu_ns, report.at.duration_since(prev.1))
+                    }
+                    _ => 0,
+                };
+                e.last_cpu = Some((c.cpu_ns, report.at));
+                mem += c.memory_bytes;
+                cpu += millis;
+                e.usage = Some(crate::status::Usage {
+                    memory_bytes: c.memory_bytes,
+                    cpu_millicores: millis,
+                    pids: c.pids,
+                    oom_kills: c.oom_kills,
+                    cpu_throttled_periods: c.cpu_throttled_periods,
+                    pids_max_events: c.pids_max_events,
+                });
+            }
+            if s.adopted_alive == Some(false) {
+                let name = s.name.clone();
+                self.adopted_exited(&name);
+            }
+        }
+        self.used = (mem, cpu);
+        let budget = self.budget();
+        if let Some(p) = self.pressure.observe(mem, cpu, &budget) {
+            match p {
+                crate::budget::Pressure::Exceeded(reason) => {
+                    self.device_event(DeviceEvent::BudgetExceeded { reason })
+                }
+                crate::budget::Pressure::Recovered => {
+                    self.device_event(DeviceEvent::BudgetRecovered)
+                }
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        match Settings::load(&self.inputs).and_then(|s| s.prepare_paths().map(|_| s)) {
+            Ok(s) => {
+                crate::logging::set_level(s.log_level);
+                if s.control_socket != self.settings.control_socket
+                    || s.state_dir != self.settings.state_dir
+                    || s.cgroup_root != self.settings.cgroup_root
+                {
+                    warn!(
+                        "STATE_DIR, CONTROL_SOCKET and CGROUP_ROOT take effect at the next start"
+                    );
+                }
+                let keep = (
+                    self.settings.control_socket.clone(),
+                    self.settings.state_dir.clone(),
+                    self.settings.cgroup_root.clone(),
+                );
+                self.settings = s;
+                (
+                    self.settings.control_socket,
+                    self.settings.state_dir,
+                    self.settings.cgroup_root,
+                ) = keep;
+                info!("configuration reloaded");
+                self.reload_desired();
+            }
+            Err(e) => error!("configuration reload failed, keeping the running configuration: {e}"),
+        }
+    }
+
+    /// Runs the loop until shutdown.
+    pub async fn run(mut self, rx: Receiver<Event>) {
+        let _ = self.tx.try_send(Event::SampleTick);
+        if let Some(iv) = crate::notify::watchdog_interval() {
+            sources::every(self.tx.clone(), iv, || Event::WatchdogTick);
+        }
+        while let Ok(ev) = rx.recv().await {
+            match ev {
+                Event::Shutdown => {
+                    info!("shutting down; workloads keep running and will be adopted on restart");
+                    crate::notify::notify("STOPPING=1");
+                    break;
+                }
+                Event::Reload => self.reload(),
+                Event::DesiredStateChanged => self.reload_desired(),
+                Event::SampleTick => {
+                    let targets = self.sample_targets();
+                    let tx = self.tx.clone();
+                    smol::spawn(async move {
+                        let report = smol::unblock(move || sampler::sample(&targets)).await;
+                        let _ = tx.send(Event::Sampled(report)).await;
+                    })
+                    .detach();
+                    sources::after(
+                        self.tx.clone(),
+                        self.settings.sample_interval,
+                        Event::SampleTick,
+                    );
+                }
+                Event::Sampled(report) => self.on_sampled(report),
+                Event::Workload { name, run, event } => {
+                    if self.workloads.get(&name).is_some_and(|e| e.run == run) {
+                        self.workload_event(&name, event);
+                    }
+                }
+                Event::Unwatched {
+                    name,
+                    run,
+                    pid,
+                    ticks,
+                } => {
+                    if let Some(e) = self.workloads.get_mut(&name) {
+                        if e.run == run {
+                            e.adopted = Some((pid, ticks));
+                        }
+                    }
+                }
+                Event::RetryDue { name, token } => {
+                    if self
+                        .workloads
+                        .get(&name)
+                        .is_some_and(|e| e.retry_token == token)
+                    {
+                        self.workload_event(&name, WorkloadEvent::RetryDue);
+                    }
+                }
+                Event::Status(reply) => {
+                    let snap = self.snapshot();
+                    let _ = reply.try_send(snap);
+                }
+                Event::WatchdogTick => crate::notify::notify("WATCHDOG=1"),
+            }
+        }
+    }
+
+    pub fn desired_path(&self) -> Option<PathBuf> {
+        self.settings.desired_state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,609 @@
+//! The controller's workload side: reconciling the desired state, adopting what survived an
+//! agent restart, and executing the workload machines' commands through the drivers.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use async_channel::Sender;
+use tracing::{error, info, warn};
+
+use super::{unix_now, Controller, Event};
+use crate::cgroup::WorkloadCgroup;
+use crate::drivers::{process, shell};
+use crate::machines::device::DeviceEvent;
+use crate::machines::workload::{
+    self, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
+};
+use crate::sampler::Target;
+use crate::status::Usage;
+use crate::store::{Store, WorkloadRecord};
+use crate::workload::{DesiredState, SpecDefaults, SpecError, WorkloadSpec};
+
+/// A blocking operation on one workload; a workload's operations run one at a time, in order,
+/// so a stop always sees what an earlier start has spawned.
+type LaneOp = Box<dyn FnOnce() + Send>;
+
+fn spawn_lane() -> Sender<LaneOp> {
+    let (tx, rx) = async_channel::unbounded::<LaneOp>();
+    smol::spawn(async move {
+        while let Ok(op) = rx.recv().await {
+            smol::unblock(op).await;
+        }
+    })
+    .detach();
+    tx
+}
+
+/// Everything the controller holds for one workload.
+pub struct Entry {
+    /// `None` when the desired spec is invalid.
+    pub spec: Option<WorkloadSpec>,
+    pub kind: String,
+    pub machine: workload::Machine,
+    pub cgroup: WorkloadCgroup,
+    lane: Sender<LaneOp>,
+    /// Identifies the current run; results of earlier runs are dropped.
+    pub run: u64,
+    pub retry_token: u64,
+    /// (pid, start ticks) of a process without a waiter (adopted after a restart).
+    pub adopted: Option<(i32, u64)>,
+    pub started_at: Option<Instant>,
+    pub oom_baseline: u64,
+    pub usage: Option<Usage>,
+    pub last_cpu: Option<(u64, Instant)>,
+    pub admitted_seq: u64,
+}
+
+impl Controller {
+    fn defaults(&self) -> SpecDefaults {
+        SpecDefaults {
+            workload_user: self.settings.workload_user.clone(),
+            backoff: crate::workload::BackoffPolicy {
+                initial: self.settings.restart_backoff_initial,
+                max: self.settings.restart_backoff_max,
+                multiplier: 2.0,
+                max_failures: self.settings.restart_max_failures,
+                reset_after: Duration::from_secs(60).max(self.settings.restart_backoff_max),
+            },
+        }
+    }
+
+    /// The desired state from its source; on error the last accepted one (persisted).
+    fn load_desired(&mut self) -> Option<DesiredState> {
+        let Some(path) = self.settings.desired_state.clone() else {
+            return Some(DesiredState::default());
+        };
+        match crate::workload::load_desired_file(&path) {
+            Ok(d) => {
+                self.device_event(DeviceEvent::ProblemCleared {
+                    key: "desired-state".into(),
+                });
+                Some(d)
+            }
+            Err(e) => {
+                error!("{e}; keeping the last good desired state");
+                self.report(true, "DesiredStateRejected".into(), e.to_string());
+                self.device_event(DeviceEvent::ProblemRaised {
+                    key: "desired-state".into(),
+                    reason: format!("{e} (running the last good desired state)"),
+                });
+                None
+            }
+        }
+    }
+
+    pub(crate) fn reload_desired(&mut self) {
+        if let Some(d) = self.load_desired() {
+            self.reconcile(&d);
+        }
+    }
+
+    /// First reconciliation after start: adopt what still runs from an earlier agent, clean up
+    /// what is no longer wanted, start the rest.
+    pub(crate) fn adopt_and_reconcile(&mut self) {
+        let desired = match self.load_desired() {
+            Some(d) => d,
+            None => self.store.load_desired().unwrap_or_default(),
+        };
+        let specs = desired.validate(&self.defaults());
+        let mut known = BTreeSet::new();
+        for rec in self.store.load_records() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("ignoring workload record: {e}");
+                    continue;
+                }
+            };
+            known.insert(rec.name.clone());
+            let spec = specs
+                .iter()
+                .filter_map(|s| s.as_ref().ok())
+                .find(|s| s.name == rec.name);
+            let alive = process::is_same_process(rec.pid, rec.pid_start_ticks)
+                && rec.cgroup.pids().is_ok_and(|p| p.contains(&rec.pid));
+            match spec {
+                Some(spec) if alive && spec.fingerprint == rec.fingerprint => {
+                    info!(workload = %rec.name, pid = rec.pid, "adopting the running workload");
+                    self.adopt(spec.clone(), &rec);
+                }
+                _ => {
+                    if alive {
+                        info!(workload = %rec.name, "running workload is no longer desired as it is: stopping it");
+                    }
+                    if let Err(e) = rec.cgroup.remove() {
+                        warn!(workload = %rec.name, "cleaning up its cgroup: {e}");
+                    }
+                    let _ = self.store.remove_record(&rec.name);
+                }
+            }
+        }
+        // cgroups of ours without a record (e.g. an agent killed between start and record).
+        for name in self.hierarchy.existing_workloads() {
+            if !known.contains(&name) && !self.workloads.contains_key(&name) {
+                warn!(workload = %name, "removing an orphaned workload cgroup");
+                if let Err(e) = self.hierarchy.workload(&name).remove() {
+                    warn!(workload = %name, "{e}");
+                }
+            }
+        }
+        self.apply_specs(&desired, specs);
+    }
+
+    fn adopt(&mut self, spec: WorkloadSpec, rec: &WorkloadRecord) {
+        let mut shared = WorkloadMachine::new(spec.restart, spec.backoff);
+        shared.restarts = rec.restarts;
+        let mut cmds = Vec::new();
+        let machine = workload::machine_in(shared, State::Running { pid: rec.pid }, &mut cmds);
+        let name = spec.name.clone();
+        let entry = Entry {
+            kind: spec.kind.name().into(),
+            cgroup: rec.cgroup.clone(),
+            spec: Some(spec),
+            machine,
+            lane: spawn_lane(),
+            run: 1,
+            retry_token: 0,
+            adopted: Some((rec.pid, rec.pid_start_ticks)),
+            started_at: Some(Instant::now()),
+            oom_baseline: rec.oom_kills_at_start,
+            usage: None,
+            last_cpu: None,
+            admitted_seq: self.next_seq(),
+        };
+        self.workloads.insert(name.clone(), entry);
+        self.record_transition(
+            format!("workload/{name}"),
+            "-",
+            "running",
+            format!("adopted pid {}", rec.pid),
+        );
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.workloads
+            .values()
+            .map(|e| e.admitted_seq)
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// Converges the workloads to a desired state (apply only on change).
+    pub(crate) fn reconcile(&mut self, desired: &DesiredState) {
+        let specs = desired.validate(&self.defaults());
+        self.apply_specs(desired, specs);
+    }
+
+    fn apply_specs(&mut self, desired: &DesiredState, specs: Vec<Result<WorkloadSpec, SpecError>>) {
+        if let Err(e) = self.store.save_desired(desired) {
+            error!("cannot persist the desired state: {e}");
+        }
+        let wanted: BTreeSet<String> = desired.workloads.iter().map(|w| w.name.clone()).collect();
+        let present: Vec<String> = self.workloads.keys().cloned().collect();
+        for name in present {
+            if !wanted.contains(&name) {
+                self.workload_event(&name, WorkloadEvent::Remove);
+            }
+        }
+        for (i, result) in specs.into_iter().enumerate() {
+            match result {
+                Ok(spec) => self.apply_spec(spec),
+                Err(e) => {
+                    let name = desired.workloads[i].name.clone();
+                    error!("rejected: {e}");
+                    self.report(true, "InvalidWorkload".into(), e.to_string());
+                    self.apply_invalid(&name, e);
+                }
+            }
+        }
+        self.device_event(DeviceEvent::DesiredStateApplied);
+    }
+
+    fn new_entry(
+        &mut self,
+        spec: Option<WorkloadSpec>,
+        name: &str,
+        kind: String,
+        state: State,
+    ) -> Vec<WorkloadCommand> {
+        let (restart, backoff) = spec
+            .as_ref()
+            .map_or((Default::default(), self.defaults().backoff), |s| {
+                (s.restart, s.backoff)
+            });
+        let mut cmds = Vec::new();
+        let machine =
+            workload::machine_in(WorkloadMachine::new(restart, backoff), state, &mut cmds);
+        let entry = Entry {
+            spec,
+            kind,
+            machine,
+            cgroup: self.hierarchy.workload(name),
+            lane: spawn_lane(),
+            run: 0,
+            retry_token: 0,
+            adopted: None,
+            started_at: None,
+            oom_baseline: 0,
+            usage: None,
+            last_cpu: None,
+            admitted_seq: self.next_seq(),
+        };
+        self.workloads.insert(name.to_string(), entry);
+        cmds
+    }
+
+    fn apply_spec(&mut self, spec: WorkloadSpec) {
+        let name = spec.name.clone();
+        match self.workloads.get_mut(&name) {
+            None => {
+                let kind = spec.kind.name().to_string();
+                self.new_entry(
+                    Some(spec),
+                    &name,
+                    kind,
+                    State::Pending {
+                        reason: "waiting for admission".into(),
+                    },
+                );
+                self.record_transition(
+                    format!("workload/{name}"),
+                    "-",
+                    "pending",
+                    "added to the desired state".into(),
+                );
+                self.admit(&name);
+            }
+            Some(e) => {
+                let changed = e.spec.as_ref().map(|s| &s.fingerprint) != Some(&spec.fingerprint);
+                if !changed {
+                    return;
+                }
+                e.kind = spec.kind.name().to_string();
+                e.spec = Some(spec);
+                self.workload_event(&name, WorkloadEvent::Update);
+                self.admit(&name);
+            }
+        }
+    }
+
+    fn apply_invalid(&mut self, name: &str, err: SpecError) {
+        let reason = format!("{}: {}", err.field, err.why);
+        match self.workloads.get_mut(name) {
+            None => {
+                self.new_entry(
+                    None,
+                    name,
+                    "-".into(),
+                    State::Failed {
+                        reason: format!("invalid spec: {reason}"),
+                    },
+                );
+                self.record_transition(
+                    format!("workload/{name}"),
+                    "-",
+                    "failed",
+                    format!("invalid spec: {reason}"),
+                );
+                self.update_problem(name);
+            }
+            Some(e) => {
+                if e.spec.is_none() && e.machine.state().reason().ends_with(&reason) {
+                    return;
+                }
+                e.spec = None;
+                self.workload_event(name, WorkloadEvent::Invalidate { reason });
+            }
+        }
+    }
+
+    /// Admission: a pending workload may start. (The budget and profile checks plug in here.)
+    pub(crate) fn admit(&mut self, name: &str) {
+        let pending = self.workloads.get(name).is_some_and(|e| {
+            matches!(e.machine.state(), State::Pending { .. }) && e.spec.is_some()
+        });
+        if pending {
+            self.workload_event(name, WorkloadEvent::Admit);
+        }
+    }
+
+    /// Feeds one event to a workload machine and executes its commands.
+    pub(crate) fn workload_event(&mut self, name: &str, event: WorkloadEvent) {
+        let Some(e) = self.workloads.get_mut(name) else {
+            return;
+        };
+        let before = e.machine.state().name();
+        let mut cmds = Vec::new();
+        e.machine.handle_with_context(&event, &mut cmds);
+        let after = e.machine.state().name();
+        let reason = e.machine.state().reason();
+        if let State::Running { .. } = e.machine.state() {
+            if before != "running" {
+                e.started_at = Some(Instant::now());
+            }
+        }
+        if before != after {
+            self.record_transition(format!("workload/{name}"), before, after, reason);
+        }
+        for c in cmds {
+            self.exec(name, c);
+        }
+        self.update_problem(name);
+        if after == "removed" {
+            self.workloads.remove(name);
+            self.device_event(DeviceEvent::ProblemCleared {
+                key: format!("workload/{name}"),
+            });
+        } else if after == "pending" && before != "pending" {
+            self.admit(name);
+        }
+    }
+
+    /// A failed workload is a device problem until it leaves that state.
+    fn update_problem(&mut self, name: &str) {
+        let Some(e) = self.workloads.get(name) else {
+            return;
+        };
+        let key = format!("workload/{name}");
+        let event = match e.machine.state() {
+            State::Failed { reason } => DeviceEvent::ProblemRaised {
+                key,
+                reason: format!("workload {name} failed: {reason}"),
+            },
+            _ => DeviceEvent::ProblemCleared { key },
+        };
+        self.device_event(event);
+    }
+
+    fn exec(&mut self, name: &str, cmd: WorkloadCommand) {
+        let store = self.store.clone();
+        let tx = self.tx.clone();
+        let grace = self.settings.stop_timeout;
+        let Some(e) = self.workloads.get_mut(name) else {
+            return;
+        };
+        match cmd {
+            WorkloadCommand::Start => {
+                e.run += 1;
+                e.adopted = None;
+                e.usage = None;
+                e.last_cpu = None;
+                let Some(spec) = e.spec.clone() else {
+                    return;
+                };
+                let op = start_op(
+                    spec,
+                    e.cgroup.clone(),
+                    store,
+                    tx,
+                    e.run,
+                    e.machine.inner().restarts,
+                );
+                let _ = e.lane.try_send(op);
+            }
+            WorkloadCommand::Stop => {
+                let (cg, run, n) = (e.cgroup.clone(), e.run, name.to_string());
+                let _ = e.lane.try_send(Box::new(move || {
+                    if let Err(err) = cg.stop_all(grace) {
+                        error!(workload = %n, "stopping: {err}");
+                    }
+                    let _ = tx.send_blocking(Event::Workload {
+                        name: n,
+                        run,
+                        event: WorkloadEvent::StopCompleted,
+                    });
+                }));
+            }
+            WorkloadCommand::Cleanup => {
+                let (cg, n) = (e.cgroup.clone(), name.to_string());
+                let _ = e.lane.try_send(Box::new(move || {
+                    if let Err(err) = cg.remove() {
+                        error!(workload = %n, "removing its cgroup: {err}");
+                    }
+                    if let Err(err) = store.remove_record(&n) {
+                        error!(workload = %n, "removing its record: {err}");
+                    }
+                }));
+            }
+            WorkloadCommand::ScheduleRetry(delay) => {
+                e.retry_token += 1;
+                let token = e.retry_token;
+                super::sources::after(
+                    tx,
+                    delay,
+                    Event::RetryDue {
+                        name: name.to_string(),
+                        token,
+                    },
+                );
+            }
+            WorkloadCommand::Report {
+                warn,
+                reason,
+                message,
+            } => self.report(warn, reason, format!("workload {name}: {message}")),
+        }
+    }
+
+    /// An adopted process (no waiter) was found gone by the sampler.
+    pub(crate) fn adopted_exited(&mut self, name: &str) {
+        let Some(e) = self.workloads.get_mut(name) else {
+            return;
+        };
+        if e.adopted.take().is_none() {
+            return;
+        }
+        let oom = e.cgroup.oom_kills() > e.oom_baseline;
+        let ran_for = e.started_at.map_or(Duration::ZERO, |t| t.elapsed());
+        self.workload_event(
+            name,
+            WorkloadEvent::Exited(ExitInfo {
+                code: None,
+                signal: None,
+                oom_killed: oom,
+                ran_for,
+            }),
+        );
+    }
+
+    pub(crate) fn sample_targets(&self) -> Vec<Target> {
+        self.workloads
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e.machine.state(),
+                    State::Running { .. } | State::Starting {} | State::Stopping { .. }
+                )
+            })
+            .map(|(n, e)| Target {
+                name: n.clone(),
+                cgroup: e.cgroup.clone(),
+                adopted: e.adopted,
+            })
+            .collect()
+    }
+
+    /// Over budget: evict the lowest-priority running workload, newest first among equals.
+    pub(crate) fn shed_load(&mut self) {
+        let victim = self
+            .workloads
+            .iter()
+            .filter(|(_, e)| matches!(e.machine.state(), State::Running { .. }))
+            .min_by_key(|(_, e)| {
+                (
+                    e.spec.as_ref().map_or(0, |s| s.priority),
+                    std::cmp::Reverse(e.admitted_seq),
+                )
+            })
+            .map(|(n, _)| n.clone());
+        match victim {
+            Some(name) => {
+                let (mem, cpu) = self.used;
+                let budget = self.budget();
+                let reason = format!(
+                    "device over budget (memory {} of {}, cpu {cpu}m of {}m): lowest priority",
+                    crate::units::Bytes(mem),
+                    crate::units::Bytes(budget.memory_bytes),
+                    budget.cpu_millicores
+                );
+                self.workload_event(&name, WorkloadEvent::Evict { reason });
+            }
+            None => warn!("over budget, but no running workload is left to evict"),
+        }
+    }
+
+    pub(crate) fn readmit(&mut self) {
+        let evicted: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|(_, e)| matches!(e.machine.state(), State::Evicted { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in evicted {
+            self.workload_event(&n, WorkloadEvent::Admit);
+        }
+    }
+}
+
+/// The blocking start of one run: cgroup, process, record, then a waiter for its exit.
+fn start_op(
+    spec: WorkloadSpec,
+    cgroup: WorkloadCgroup,
+    store: Store,
+    tx: Sender<Event>,
+    run: u64,
+    restarts: u32,
+) -> LaneOp {
+    Box::new(move || {
+        let name = spec.name.clone();
+        let send = |event| {
+            let _ = tx.send_blocking(Event::Workload {
+                name: name.clone(),
+                run,
+                event,
+            });
+        };
+        let started = match shell::start(&spec, &cgroup, &store.log_path(&name)) {
+            Ok(s) => s,
+            Err(e) => {
+                return send(WorkloadEvent::StartFailed {
+                    error: e.to_string(),
+                })
+            }
+        };
+        let record = WorkloadRecord {
+            name: name.clone(),
+            kind: spec.kind.name().into(),
+            fingerprint: spec.fingerprint.clone(),
+            cgroup: cgroup.clone(),
+            pid: started.pid,
+            pid_start_ticks: started.start_ticks,
+            started_at_unix: unix_now(),
+            restarts,
+            oom_kills_at_start: started.oom_kills_at_start,
+        };
+        if let Err(e) = store.save_record(&record) {
+            // Not fatal for the run; only adoption after an agent restart needs it.
+            error!(workload = %name, "cannot persist its record: {e}");
+        }
+        send(WorkloadEvent::Started { pid: started.pid });
+        let (pid, ticks) = (started.pid, started.start_ticks);
+        let baseline = started.oom_kills_at_start;
+        let mut child = started.child;
+        let waiter_tx = tx.clone();
+        let waiter_name = name.clone();
+        let t0 = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name(format!("wait-{pid}"))
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                use std::os::unix::process::ExitStatusExt;
+                let status = child.wait();
+                let oom = cgroup.oom_kills() > baseline;
+                let (code, signal) = match status {
+                    Ok(s) => (s.code(), s.signal()),
+                    Err(_) => (None, None),
+                };
+                let _ = waiter_tx.send_blocking(Event::Workload {
+                    name: waiter_name,
+                    run,
+                    event: WorkloadEvent::Exited(ExitInfo {
+                        code,
+                        signal,
+                        oom_killed: oom,
+                        ran_for: t0.elapsed(),
+                    }),
+                });
+            });
+        if let Err(e) = spawned {
+            warn!(workload = %name, "no waiter thread ({e}): watching pid {pid} by sampling");
+            let _ = tx.send_blocking(Event::Unwatched {
+                name,
+                run,
+                pid,
+                ticks,
+            });
+        }
+    })
+}

@@ -1,0 +1,111 @@
+//! `device-worker-ng run`: wires the sources, the controller and the control socket together.
+
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::cgroup::{self, Hierarchy, Layout};
+use crate::config::{Inputs, Settings};
+use crate::controller::{sources, Controller, Event, EVENT_CAPACITY};
+use crate::status::socket;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cgroups: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("{0}")]
+    Socket(#[from] socket::SocketError),
+    #[error("state directory: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Detects the cgroup layout and prepares the agent's subtree.
+pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> {
+    let layout = cgroup::detect()?;
+    let delegated = match &layout {
+        Layout::Unified { root } => {
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+            cgroup::delegated_v2_base(root, &own)
+        }
+        _ => None,
+    };
+    let h = Hierarchy::new(layout, &settings.cgroup_root, delegated);
+    h.setup()?;
+    Ok(h)
+}
+
+pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
+    let hierarchy = hierarchy(&settings)?;
+    info!(
+        layout = hierarchy.layout.name(),
+        base = %hierarchy.base_display().display(),
+        "cgroup hierarchy ready"
+    );
+    let store = Store::open(&settings.state_dir)?;
+    let listener = socket::bind(&settings.control_socket)?;
+    let (tx, rx) = async_channel::bounded(EVENT_CAPACITY);
+    sources::signals(tx.clone()).map_err(DaemonError::Signals)?;
+    if let Some(p) = &settings.desired_state {
+        sources::watch_file(tx.clone(), p);
+    }
+    let socket_path = settings.control_socket.clone();
+    let mut controller = Controller::new(settings, inputs, store, hierarchy, tx.clone());
+    smol::block_on(async move {
+        let server = smol::spawn(serve(listener, tx.clone()));
+        controller.boot();
+        let (state, reason) = controller.device_state();
+        crate::notify::notify(&format!("READY=1\nSTATUS={state}: {reason}"));
+        info!("agent ready");
+        controller.run(rx).await;
+        drop(server);
+    });
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+async fn serve(listener: smol::net::unix::UnixListener, tx: async_channel::Sender<Event>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                smol::spawn(answer(stream, tx.clone())).detach();
+            }
+            Err(e) => {
+                error!("control socket: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: smol::net::unix::UnixStream, tx: async_channel::Sender<Event>) {
+    use smol::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 64];
+    let read = smol::future::or(async { stream.read(&mut buf).await.ok() }, async {
+        smol::Timer::after(Duration::from_secs(5)).await;
+        None
+    })
+    .await;
+    let Some(n) = read else { return };
+    let request = String::from_utf8_lossy(&buf[..n]);
+    if request.trim() != "status" {
+        let _ = stream.write_all(b"{\"error\":\"unknown request\"}\n").await;
+        return;
+    }
+    let (reply_tx, reply_rx) = async_channel::bounded(1);
+    if tx.send(Event::Status(reply_tx)).await.is_err() {
+        return;
+    }
+    let Ok(snap) = reply_rx.recv().await else {
+        return;
+    };
+    match serde_json::to_vec(&snap) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            let _ = stream.write_all(&bytes).await;
+        }
+        Err(e) => warn!("status: {e}"),
+    }
+}

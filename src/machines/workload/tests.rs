@@ -1,0 +1,247 @@
+use super::*;
+use crate::machines::Row;
+
+/// The workload machine's transitions that do something; every other pair is ignored.
+const EXPECTED: &str = "
+pending                Admit                            starting     Start
+pending                Invalidate                       failed       Cleanup
+pending                Remove                           removed      Cleanup
+starting               Started                          running
+starting               StartFailed[retries-left]        backoff      Report(Failed),ScheduleRetry
+starting               StartFailed[limit-reached]       failed       Report(Broken)
+starting               Update                           stopping     Stop
+starting               Invalidate                       failed       Cleanup
+starting               Evict                            stopping     Stop
+starting               Remove                           stopping     Stop
+running                Exited[success,Always]           backoff      ScheduleRetry
+running                Exited[success,OnFailure|Never]  stopped
+running                Exited[failure,retries-left]     backoff      Report(Failed),ScheduleRetry
+running                Exited[oom,retries-left]         backoff      Report(Failed),ScheduleRetry
+running                Exited[failure,limit-reached]    failed       Report(Broken)
+running                Exited[failure,Never]            failed       Report(Failed)
+running                Update                           stopping     Stop
+running                Invalidate                       failed       Cleanup
+running                Evict                            stopping     Report(Evicted),Stop
+running                Remove                           stopping     Stop
+stopping[restart]      Invalidate                       failed       Cleanup
+stopping[restart]      StopCompleted                    starting     Start
+stopping[remove]       Invalidate                       failed       Cleanup
+stopping[remove]       StopCompleted                    removed
+stopping[evict]        Invalidate                       failed       Cleanup
+stopping[evict]        StopCompleted                    evicted
+backoff                Hold                             pending
+backoff                RetryDue                         starting     Start
+backoff                Update                           starting     Start
+backoff                Invalidate                       failed       Cleanup
+backoff                Remove                           removed      Cleanup
+stopped                Update                           starting     Start
+stopped                Invalidate                       failed       Cleanup
+stopped                Remove                           removed      Cleanup
+failed                 Update                           pending
+failed                 Invalidate                       failed       Cleanup
+failed                 Remove                           removed      Cleanup
+evicted                Admit                            starting     Start
+evicted                Invalidate                       failed       Cleanup
+evicted                Remove                           removed      Cleanup
+";
+
+/// Checks the computed table against the expected one: every listed row must match exactly, and
+/// every (state, event) pair not listed must leave the state unchanged and emit nothing.
+fn check(expected: &str, computed: &[Row], states: usize, events: usize) {
+    assert_eq!(
+        computed.len(),
+        states * events,
+        "every (state, event) pair is computed"
+    );
+    let mut listed = std::collections::BTreeMap::new();
+    for line in expected.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let cmds: Vec<String> = f
+            .get(3)
+            .map(|c| c.split(',').map(String::from).collect())
+            .unwrap_or_default();
+        assert!(
+            listed
+                .insert(
+                    (f[0].to_string(), f[1].to_string()),
+                    (f[2].to_string(), cmds)
+                )
+                .is_none(),
+            "duplicate expected row {line}"
+        );
+    }
+    let mut seen = 0;
+    for r in computed {
+        match listed.get(&(r.from.clone(), r.event.clone())) {
+            Some((to, cmds)) => {
+                seen += 1;
+                assert_eq!(
+                    (&r.to, &r.commands),
+                    (to, cmds),
+                    "{} --{}-->",
+                    r.from,
+                    r.event
+                );
+            }
+            None => {
+                let bare = r.from.split('[').next().unwrap();
+                assert!(
+                    r.to == bare && r.commands.is_empty(),
+                    "{} --{}--> {} {:?} is not in the expected table",
+                    r.from,
+                    r.event,
+                    r.to,
+                    r.commands
+                );
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        listed.len(),
+        "every expected row names a real (state, event) pair"
+    );
+}
+
+#[test]
+fn transition_table_covers_every_pair() {
+    check(
+        EXPECTED,
+        &transition_table(),
+        sample_states().len(),
+        sample_events().len(),
+    );
+}
+
+#[test]
+fn diagram_file_matches_the_code() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/state-diagrams/workload.md");
+    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    let generated =
+        crate::machines::diagram_document("Workload machine", "pending", &transition_table());
+    assert!(
+        on_disk == generated,
+        "state-diagrams/workload.md is stale: run `cargo run --example state-diagrams`"
+    );
+}
+
+fn run_machine(
+    shared: WorkloadMachine,
+    events: &[WorkloadEvent],
+) -> (Machine, Vec<WorkloadCommand>) {
+    let mut cmds = Vec::new();
+    let mut m = machine_in(shared, State::pending("new".into()), &mut cmds);
+    for e in events {
+        m.handle_with_context(e, &mut cmds);
+    }
+    (m, cmds)
+}
+
+fn crash(secs: u64) -> WorkloadEvent {
+    WorkloadEvent::Exited(ExitInfo {
+        code: Some(137),
+        signal: None,
+        oom_killed: true,
+        ran_for: Duration::from_secs(secs),
+    })
+}
+
+#[test]
+fn oom_loop_backs_off_exponentially_then_breaks() {
+    let policy = BackoffPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(4),
+        multiplier: 2.0,
+        max_failures: 3,
+        reset_after: Duration::from_secs(60),
+    };
+    let mut events = vec![WorkloadEvent::Admit];
+    for _ in 0..4 {
+        events.push(WorkloadEvent::Started { pid: 1 });
+        events.push(crash(1));
+        events.push(WorkloadEvent::RetryDue);
+    }
+    let (m, cmds) = run_machine(WorkloadMachine::new(RestartPolicy::Always, policy), &events);
+    let delays: Vec<Duration> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            WorkloadCommand::ScheduleRetry(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        delays,
+        vec![
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            Duration::from_secs(4)
+        ]
+    );
+    assert_eq!(m.state().name(), "failed");
+    assert!(
+        m.state()
+            .reason()
+            .starts_with("broken: 4 consecutive failures"),
+        "{}",
+        m.state().reason()
+    );
+    assert!(m.state().reason().contains("OOMKilled"));
+    assert_eq!(m.inner().oom_kills, 4);
+    assert_eq!(m.inner().restarts, 4);
+}
+
+#[test]
+fn a_long_run_resets_the_failure_count() {
+    let policy = BackoffPolicy {
+        max_failures: 1,
+        ..BackoffPolicy::default()
+    };
+    let events = [
+        WorkloadEvent::Admit,
+        WorkloadEvent::Started { pid: 1 },
+        crash(1),
+        WorkloadEvent::RetryDue,
+        WorkloadEvent::Started { pid: 2 },
+        crash(3600),
+    ];
+    let (m, _) = run_machine(WorkloadMachine::new(RestartPolicy::Always, policy), &events);
+    assert_eq!(m.state().name(), "backoff", "{}", m.state().reason());
+    assert_eq!(m.inner().failures, 1);
+}
+
+#[test]
+fn update_of_a_running_workload_restarts_it_after_the_stop() {
+    let (m, cmds) = run_machine(
+        WorkloadMachine::new(RestartPolicy::Always, BackoffPolicy::default()),
+        &[
+            WorkloadEvent::Admit,
+            WorkloadEvent::Started { pid: 5 },
+            WorkloadEvent::Update,
+            WorkloadEvent::Exited(ExitInfo {
+                code: None,
+                signal: Some(15),
+                oom_killed: false,
+                ran_for: Duration::ZERO,
+            }),
+            WorkloadEvent::StopCompleted,
+        ],
+    );
+    assert_eq!(m.state().name(), "starting");
+    assert_eq!(
+        cmds,
+        vec![
+            WorkloadCommand::Start,
+            WorkloadCommand::Stop,
+            WorkloadCommand::Start
+        ]
+    );
+}
+
+#[test]
+fn heartbeat_statuses_use_the_swagger_enum() {
+    for (_, s) in sample_states() {
+        assert!(["deploying", "running", "crashed", "stopped"].contains(&s.heartbeat_status()));
+    }
+    assert_eq!(State::running(1).heartbeat_status(), "running");
+    assert_eq!(State::backoff("x".into()).heartbeat_status(), "crashed");
+}

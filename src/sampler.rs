@@ -1,0 +1,107 @@
+//! The resource sampler: reads every workload cgroup's counters and the device totals.
+//! Runs on a blocking thread each SAMPLE_INTERVAL; the controller turns counters into rates.
+
+use std::time::Instant;
+
+use crate::cgroup::{Counters, WorkloadCgroup};
+use crate::drivers::process;
+
+/// What the sampler is asked to look at for one workload.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub cgroup: WorkloadCgroup,
+    /// An adopted process the agent cannot wait(2) for: checked for liveness instead.
+    pub adopted: Option<(i32, u64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadSample {
+    pub name: String,
+    pub counters: Option<Counters>,
+    /// `Some(false)` when an adopted process has gone.
+    pub adopted_alive: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceTotals {
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub cpus: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub at: Instant,
+    pub workloads: Vec<WorkloadSample>,
+    pub device: DeviceTotals,
+}
+
+pub fn sample(targets: &[Target]) -> Report {
+    let workloads = targets
+        .iter()
+        .map(|t| WorkloadSample {
+            name: t.name.clone(),
+            counters: t.cgroup.counters().ok(),
+            adopted_alive: t
+                .adopted
+                .map(|(pid, ticks)| process::is_same_process(pid, ticks)),
+        })
+        .collect();
+    Report {
+        at: Instant::now(),
+        workloads,
+        device: device_totals(),
+    }
+}
+
+pub fn device_totals() -> DeviceTotals {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let (total, available) = parse_meminfo(&meminfo);
+    DeviceTotals {
+        memory_total_bytes: total,
+        memory_available_bytes: available,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+    }
+}
+
+/// (MemTotal, MemAvailable) in bytes.
+pub fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// CPU use in millicores between two cumulative readings.
+pub fn millicores(prev_ns: u64, now_ns: u64, elapsed: std::time::Duration) -> u64 {
+    let secs = elapsed.as_secs_f64();
+    if secs <= 0.0 || now_ns < prev_ns {
+        return 0;
+    }
+    ((now_ns - prev_ns) as f64 / 1e6 / secs).round() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn meminfo_fields() {
+        let t = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(t), (24576000 * 1024, 20000000 * 1024));
+        assert_eq!(parse_meminfo(""), (0, 0));
+    }
+
+    #[test]
+    fn millicores_from_cpu_time() {
+        assert_eq!(millicores(0, 500_000_000, Duration::from_secs(1)), 500);
+        assert_eq!(millicores(0, 2_000_000_000, Duration::from_secs(1)), 2000);
+        assert_eq!(millicores(10, 5, Duration::from_secs(1)), 0);
+    }
+}

@@ -1,0 +1,252 @@
+//! The status snapshot: what `device-worker-ng status` shows, served by the daemon on the
+//! control socket as JSON and rendered as a table by the client.
+
+pub mod socket;
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Limits;
+use crate::units::Bytes;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub agent: AgentInfo,
+    pub device: DeviceInfo,
+    pub budget: BudgetInfo,
+    pub workloads: Vec<WorkloadInfo>,
+    /// Most recent last.
+    pub transitions: Vec<TransitionInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub cgroup_layout: String,
+    pub cgroup_base: String,
+    pub state_dir: String,
+    pub desired_state: Option<String>,
+    pub server: Option<String>,
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceInfo {
+    pub state: String,
+    pub reason: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct BudgetInfo {
+    pub memory_total_bytes: u64,
+    pub memory_reserved_bytes: u64,
+    pub memory_budget_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub cpu_total_millicores: u64,
+    pub cpu_reserved_millicores: u64,
+    pub cpu_budget_millicores: u64,
+    pub cpu_used_millicores: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub cpu_millicores: u64,
+    pub pids: u64,
+    pub oom_kills: u64,
+    pub cpu_throttled_periods: u64,
+    pub pids_max_events: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkloadInfo {
+    pub name: String,
+    pub kind: String,
+    pub state: String,
+    pub reason: String,
+    pub heartbeat_status: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub oom_kills: u32,
+    pub priority: i32,
+    pub limits: Limits,
+    pub usage: Option<Usage>,
+    pub cgroup: Option<String>,
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TransitionInfo {
+    pub at_unix: u64,
+    pub machine: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+/// `HH:MM:SS` UTC of a unix time (no time-zone database on small devices).
+pub fn clock(unix: u64) -> String {
+    let s = unix % 86400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+        s => format!("{}d{:02}h", s / 86400, s / 3600 % 24),
+    }
+}
+
+fn opt_bytes(v: Option<u64>) -> String {
+    v.map_or("-".into(), |b| Bytes(b).to_string())
+}
+
+fn opt_millis(v: Option<u64>) -> String {
+    v.map_or("-".into(), |m| format!("{m}m"))
+}
+
+/// Renders aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let last = cells.len() - 1;
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{:w$}  ", c, w = widths[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect(), &mut out);
+    for r in rows {
+        line(r.clone(), &mut out);
+    }
+    out
+}
+
+impl Snapshot {
+    /// The human-readable form of `device-worker-ng status`.
+    pub fn render(&self) -> String {
+        let a = &self.agent;
+        let b = &self.budget;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "device-worker-ng {}  pid {}  up {}  rss {}  cgroup {} ({})",
+            a.version,
+            a.pid,
+            duration(a.uptime_seconds),
+            opt_bytes(a.rss_bytes),
+            a.cgroup_layout,
+            a.cgroup_base
+        );
+        let source = match (&a.server, &a.desired_state) {
+            (Some(s), _) => format!("server {s}"),
+            (None, Some(f)) => format!("serverless, desired state {f}"),
+            (None, None) => "serverless, no desired state".into(),
+        };
+        let _ = writeln!(out, "source   {source}");
+        let _ = writeln!(
+            out,
+            "device   {}: {}",
+            self.device.state, self.device.reason
+        );
+        let _ = writeln!(
+            out,
+            "budget   memory {} used of {} ({} total - {} reserved)   cpu {}m used of {}m ({}m - {}m)",
+            Bytes(b.memory_used_bytes),
+            Bytes(b.memory_budget_bytes),
+            Bytes(b.memory_total_bytes),
+            Bytes(b.memory_reserved_bytes),
+            b.cpu_used_millicores,
+            b.cpu_budget_millicores,
+            b.cpu_total_millicores,
+            b.cpu_reserved_millicores
+        );
+        out.push('\n');
+        if self.workloads.is_empty() {
+            out.push_str("no workloads\n");
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .workloads
+                .iter()
+                .map(|w| {
+                    let u = w.usage.clone().unwrap_or_default();
+                    let used = w.usage.is_some();
+                    vec![
+                        w.name.clone(),
+                        w.kind.clone(),
+                        w.state.clone(),
+                        w.pid.map_or("-".into(), |p| p.to_string()),
+                        w.restarts.to_string(),
+                        w.oom_kills.to_string(),
+                        format!(
+                            "{}/{}",
+                            if used {
+                                Bytes(u.memory_bytes).to_string()
+                            } else {
+                                "-".into()
+                            },
+                            opt_bytes(w.limits.memory_bytes)
+                        ),
+                        format!(
+                            "{}/{}",
+                            if used {
+                                format!("{}m", u.cpu_millicores)
+                            } else {
+                                "-".into()
+                            },
+                            opt_millis(w.limits.cpu_millicores)
+                        ),
+                        format!(
+                            "{}/{}",
+                            if used { u.pids.to_string() } else { "-".into() },
+                            w.limits.pids.map_or("-".into(), |p| p.to_string())
+                        ),
+                        w.reason.clone(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &[
+                    "WORKLOAD", "KIND", "STATE", "PID", "RESTARTS", "OOM", "MEMORY", "CPU", "PIDS",
+                    "REASON",
+                ],
+                &rows,
+            ));
+        }
+        if !self.transitions.is_empty() {
+            out.push_str("\nrecent transitions (UTC)\n");
+            let start = self.transitions.len().saturating_sub(10);
+            for t in &self.transitions[start..] {
+                let _ = writeln!(
+                    out,
+                    "  {}  {:<20} {} -> {}  {}",
+                    clock(t.at_unix),
+                    t.machine,
+                    t.from,
+                    t.to,
+                    t.reason
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! The desired state: the `workloads` of a device-configuration message (PROTOCOL §4.1, §4.3),
+//! from the server or from the local desired-state file (serverless mode, same shape).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::shell::{parse_resources, RawShell};
+use super::{
+    fingerprint, BackoffPolicy, ShellSpec, SpecError, WorkloadKind, WorkloadSpec, PRIORITY_KEY,
+};
+use crate::config::is_rfc1123_name;
+
+/// One workload as the wire carries it (fields the core does not use are kept verbatim in
+/// `extra`, so the desired state round-trips).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DesiredWorkload {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// device-worker-ng extension (PROTOCOL §7): `pod` (default), `shell`, `k8s`/`microshift`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub specification: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// The `retry` extension (PROTOCOL §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Retry {
+    #[serde(default)]
+    pub backoff: Option<String>,
+    #[serde(default, rename = "periodSeconds")]
+    pub period_seconds: Option<f64>,
+    #[serde(default, rename = "initialIntervalSeconds")]
+    pub initial_interval_seconds: Option<f64>,
+    #[serde(default, rename = "randomizationFactor")]
+    pub randomization_factor: Option<f64>,
+    #[serde(default)]
+    pub multiplier: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DesiredState {
+    /// Absent when empty on the wire (`omitempty`, PROTOCOL §4.1).
+    #[serde(default)]
+    pub workloads: Vec<DesiredWorkload>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DesiredError {
+    #[error("desired state {path}: {why}")]
+    Unreadable { path: String, why: String },
+    #[error("desired state {path}: {why}")]
+    Malformed { path: String, why: String },
+}
+
+/// Largest desired-state file accepted (a runaway file must not eat the agent's memory).
+pub const MAX_DESIRED_BYTES: u64 = 4 << 20;
+
+pub fn load_desired_file(path: &Path) -> Result<DesiredState, DesiredError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| DesiredError::Unreadable {
+        path: shown.clone(),
+        why: crate::config::io_why(&e),
+    })?;
+    if meta.len() > MAX_DESIRED_BYTES {
+        return Err(DesiredError::Malformed {
+            path: shown,
+            why: format!(
+                "{} bytes is over the {} byte cap",
+                meta.len(),
+                MAX_DESIRED_BYTES
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| DesiredError::Unreadable {
+        path: shown.clone(),
+        why: crate::config::io_why(&e),
+    })?;
+    parse_desired(&text).map_err(|why| DesiredError::Malformed { path: shown, why })
+}
+
+/// Parses YAML or JSON (JSON is YAML); an empty document is an empty desired state.
+pub fn parse_desired(text: &str) -> Result<DesiredState, String> {
+    if text.trim().is_empty() {
+        return Ok(DesiredState::default());
+    }
+    serde_yaml::from_str::<Option<DesiredState>>(text)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
+}
+
+/// Agent-wide defaults a spec falls back to.
+#[derive(Debug, Clone)]
+pub struct SpecDefaults {
+    pub workload_user: String,
+    pub backoff: BackoffPolicy,
+}
+
+impl DesiredState {
+    /// Validates every workload on its own: one bad workload does not spoil the others.
+    /// Duplicate names keep the first and reject the rest.
+    pub fn validate(&self, defaults: &SpecDefaults) -> Vec<Result<WorkloadSpec, SpecError>> {
+        let mut seen = BTreeSet::new();
+        self.workloads
+            .iter()
+            .map(|w| {
+                if !seen.insert(w.name.clone()) {
+                    return Err(SpecError {
+                        workload: w.name.clone(),
+                        field: "name".into(),
+                        why: "duplicate name in the desired state".into(),
+                    });
+                }
+                w.to_spec(defaults)
+            })
+            .collect()
+    }
+}
+
+impl DesiredWorkload {
+    pub fn to_spec(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
+        let err = |field: &str, why: String| SpecError {
+            workload: self.name.clone(),
+            field: field.to_string(),
+            why,
+        };
+        if !is_rfc1123_name(&self.name) || self.name.len() > 63 {
+            return Err(err(
+                "name",
+                "must be a lowercase RFC 1123 name of at most 63 characters".into(),
+            ));
+        }
+        let kind = match self.kind.as_deref().unwrap_or("pod") {
+            "shell" => WorkloadKind::Shell,
+            "pod" => WorkloadKind::Pod,
+            "k8s" | "microshift" => WorkloadKind::K8s,
+            other => {
+                return Err(err(
+                    "kind",
+                    format!("unknown kind '{other}' (pod, shell, k8s)"),
+                ))
+            }
+        };
+        let priority = match self
+            .labels
+            .get(PRIORITY_KEY)
+            .or_else(|| self.annotations.get(PRIORITY_KEY))
+        {
+            None => 0,
+            Some(p) => p
+                .trim()
+                .parse::<i32>()
+                .map_err(|_| err(PRIORITY_KEY, format!("'{p}' is not a whole number")))?,
+        };
+        let mut backoff = defaults.backoff;
+        if let Some(r) = &self.retry {
+            apply_retry(&mut backoff, r).map_err(|why| err("retry", why))?;
+        }
+        let fp_input = serde_json::to_vec(self).unwrap_or_default();
+        match kind {
+            WorkloadKind::Shell => {
+                let raw: RawShell = serde_yaml::from_str(&self.specification)
+                    .map_err(|e| err("specification", e.to_string()))?;
+                if raw.command.is_empty() || raw.command[0].is_empty() {
+                    return Err(err("specification.command", "must name a program".into()));
+                }
+                if !raw.command[0].starts_with('/') {
+                    return Err(err(
+                        "specification.command",
+                        format!("'{}' must be an absolute path", raw.command[0]),
+                    ));
+                }
+                let limits = parse_resources("limits", &raw.resources.limits)
+                    .map_err(|(f, why)| err(&format!("specification.{f}"), why))?;
+                let requests = parse_resources("requests", &raw.resources.requests)
+                    .map_err(|(f, why)| err(&format!("specification.{f}"), why))?;
+                if let Some(d) = &raw.working_dir {
+                    if !d.is_absolute() {
+                        return Err(err("specification.workingDir", "must be absolute".into()));
+                    }
+                }
+                let mut command = raw.command;
+                command.extend(raw.args);
+                Ok(WorkloadSpec {
+                    name: self.name.clone(),
+                    kind,
+                    shell: Some(ShellSpec {
+                        command,
+                        env: raw.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                        working_dir: raw.working_dir,
+                        user: raw.user.or_else(|| Some(defaults.workload_user.clone())),
+                    }),
+                    limits,
+                    requests,
+                    restart: raw.restart_policy.unwrap_or_default(),
+                    backoff,
+                    priority,
+                    labels: self.labels.clone(),
+                    fingerprint: fingerprint(&fp_input),
+                })
+            }
+            WorkloadKind::Pod | WorkloadKind::K8s => Err(err(
+                "kind",
+                format!(
+                    "kind '{}' has no driver on this agent yet (supported: shell)",
+                    kind.name()
+                ),
+            )),
+        }
+    }
+}
+
+fn apply_retry(b: &mut BackoffPolicy, r: &Retry) -> Result<(), String> {
+    let secs = |v: f64, what: &str| {
+        if v.is_finite() && v > 0.0 && v < 86400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("{what} must be between 0 and 86400 seconds"))
+        }
+    };
+    match r.backoff.as_deref() {
+        Some("constantBackoff") => {
+            let p = secs(
+                r.period_seconds.unwrap_or(b.initial.as_secs_f64()),
+                "periodSeconds",
+            )?;
+            b.initial = p;
+            b.max = p;
+            b.multiplier = 1.0;
+        }
+        Some("exponentialBackoff") | None => {
+            if let Some(i) = r.initial_interval_seconds {
+                b.initial = secs(i, "initialIntervalSeconds")?;
+                b.max = b.max.max(b.initial);
+            }
+            if let Some(m) = r.multiplier {
+                if !(1.0..=100.0).contains(&m) {
+                    return Err("multiplier must be between 1 and 100".into());
+                }
+                b.multiplier = m;
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "unknown backoff '{other}' (constantBackoff, exponentialBackoff)"
+            ))
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Workloads: the desired state's shape (PROTOCOL §4.3 plus the device-worker-ng `kind`),
+//! validated into [`WorkloadSpec`]s the drivers can run.
+
+mod desired;
+mod shell;
+
+pub use desired::{
+    load_desired_file, parse_desired, DesiredError, DesiredState, DesiredWorkload, Retry,
+    SpecDefaults,
+};
+pub use shell::ShellSpec;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// Exponential backoff between restarts, capped, "broken" after too many consecutive failures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BackoffPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub max_failures: u32,
+    /// A run at least this long resets the failure count.
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            max_failures: 5,
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// Delay before the restart that follows the `failure`-th consecutive failure (1-based).
+    pub fn delay(&self, failure: u32) -> Duration {
+        let exp = failure.saturating_sub(1).min(64) as i32;
+        let secs = self.initial.as_secs_f64() * self.multiplier.powi(exp);
+        Duration::from_secs_f64(secs.min(self.max.as_secs_f64()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    Shell,
+    Pod,
+    K8s,
+}
+
+impl WorkloadKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkloadKind::Shell => "shell",
+            WorkloadKind::Pod => "pod",
+            WorkloadKind::K8s => "k8s",
+        }
+    }
+}
+
+/// A validated workload, ready for a driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub kind: WorkloadKind,
+    pub shell: Option<ShellSpec>,
+    pub limits: Limits,
+    pub requests: Limits,
+    pub restart: RestartPolicy,
+    pub backoff: BackoffPolicy,
+    /// Higher runs first and is evicted last (label or annotation `device-worker-ng/priority`).
+    pub priority: i32,
+    pub labels: BTreeMap<String, String>,
+    /// Fingerprint of everything that requires a restart when it changes.
+    pub fingerprint: String,
+}
+
+/// Why a workload of the desired state was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("workload '{workload}': {field}: {why}")]
+pub struct SpecError {
+    pub workload: String,
+    pub field: String,
+    pub why: String,
+}
+
+/// FNV-1a 64: a fingerprint that is stable across agent versions and Rust releases (it is
+/// persisted, and a changed fingerprint restarts the workload).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The label/annotation that carries a workload's priority.
+pub const PRIORITY_KEY: &str = "device-worker-ng/priority";
+
+#[cfg(test)]
+mod tests;
