@@ -47,7 +47,11 @@ impl Controller {
                     let has_cgroup = e.spec.is_some();
                     WorkloadInfo {
                         name: name.clone(),
-                        kind: e.kind.clone(),
+                        kind: if e.spec.is_some() {
+                            e.kind.name().into()
+                        } else {
+                            "-".into()
+                        },
                         state: st.name().into(),
                         reason: st.reason(),
                         heartbeat_status: st.heartbeat_status().into(),

@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::{unix_now, Controller, Event};
 use crate::cgroup::WorkloadCgroup;
-use crate::drivers::{process, shell};
+use crate::drivers::{self, process};
 use crate::machines::device::DeviceEvent;
 use crate::machines::workload::{
     self, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
@@ -17,7 +17,7 @@ use crate::machines::workload::{
 use crate::sampler::Target;
 use crate::status::Usage;
 use crate::store::{Store, WorkloadRecord};
-use crate::workload::{DesiredState, SpecDefaults, SpecError, WorkloadSpec};
+use crate::workload::{DesiredState, SpecDefaults, SpecError, WorkloadKind, WorkloadSpec};
 
 /// A blocking operation on one workload; a workload's operations run one at a time, in order,
 /// so a stop always sees what an earlier start has spawned.
@@ -38,7 +38,8 @@ fn spawn_lane() -> Sender<LaneOp> {
 pub struct Entry {
     /// `None` when the desired spec is invalid.
     pub spec: Option<WorkloadSpec>,
-    pub kind: String,
+    /// Kind of the last valid spec (what stop and cleanup must undo).
+    pub kind: WorkloadKind,
     pub machine: workload::Machine,
     pub cgroup: WorkloadCgroup,
     lane: Sender<LaneOp>,
@@ -157,7 +158,7 @@ impl Controller {
         let machine = workload::machine_in(shared, State::Running { pid: rec.pid }, &mut cmds);
         let name = spec.name.clone();
         let entry = Entry {
-            kind: spec.kind.name().into(),
+            kind: spec.kind.clone(),
             cgroup: rec.cgroup.clone(),
             spec: Some(spec),
             machine,
@@ -224,7 +225,7 @@ impl Controller {
         &mut self,
         spec: Option<WorkloadSpec>,
         name: &str,
-        kind: String,
+        kind: WorkloadKind,
         state: State,
     ) -> Vec<WorkloadCommand> {
         let (restart, backoff) = spec
@@ -258,7 +259,7 @@ impl Controller {
         let name = spec.name.clone();
         match self.workloads.get_mut(&name) {
             None => {
-                let kind = spec.kind.name().to_string();
+                let kind = spec.kind.clone();
                 self.new_entry(
                     Some(spec),
                     &name,
@@ -280,7 +281,7 @@ impl Controller {
                 if !changed {
                     return;
                 }
-                e.kind = spec.kind.name().to_string();
+                e.kind = spec.kind.clone();
                 e.spec = Some(spec);
                 self.workload_event(&name, WorkloadEvent::Update);
                 self.admit(&name);
@@ -295,7 +296,7 @@ impl Controller {
                 self.new_entry(
                     None,
                     name,
-                    "-".into(),
+                    WorkloadKind::Shell,
                     State::Failed {
                         reason: format!("invalid spec: {reason}"),
                     },
@@ -403,9 +404,10 @@ impl Controller {
                 let _ = e.lane.try_send(op);
             }
             WorkloadCommand::Stop => {
-                let (cg, run, n) = (e.cgroup.clone(), e.run, name.to_string());
+                let (cg, run, n, kind) =
+                    (e.cgroup.clone(), e.run, name.to_string(), e.kind.clone());
                 let _ = e.lane.try_send(Box::new(move || {
-                    if let Err(err) = cg.stop_all(grace) {
+                    if let Err(err) = drivers::stop(&kind, &cg, grace) {
                         error!(workload = %n, "stopping: {err}");
                     }
                     let _ = tx.send_blocking(Event::Workload {
@@ -416,9 +418,9 @@ impl Controller {
                 }));
             }
             WorkloadCommand::Cleanup => {
-                let (cg, n) = (e.cgroup.clone(), name.to_string());
+                let (cg, n, kind) = (e.cgroup.clone(), name.to_string(), e.kind.clone());
                 let _ = e.lane.try_send(Box::new(move || {
-                    if let Err(err) = cg.remove() {
+                    if let Err(err) = drivers::cleanup(&kind, &cg) {
                         error!(workload = %n, "removing its cgroup: {err}");
                     }
                     if let Err(err) = store.remove_record(&n) {
@@ -544,7 +546,7 @@ fn start_op(
                 event,
             });
         };
-        let started = match shell::start(&spec, &cgroup, &store.log_path(&name)) {
+        let started = match drivers::start(&spec, &cgroup, &store.log_path(&name)) {
             Ok(s) => s,
             Err(e) => {
                 return send(WorkloadEvent::StartFailed {
@@ -570,7 +572,7 @@ fn start_op(
         send(WorkloadEvent::Started { pid: started.pid });
         let (pid, ticks) = (started.pid, started.start_ticks);
         let baseline = started.oom_kills_at_start;
-        let mut child = started.child;
+        let waiter = started.waiter;
         let waiter_tx = tx.clone();
         let waiter_name = name.clone();
         let t0 = Instant::now();
@@ -578,19 +580,14 @@ fn start_op(
             .name(format!("wait-{pid}"))
             .stack_size(64 * 1024)
             .spawn(move || {
-                use std::os::unix::process::ExitStatusExt;
-                let status = child.wait();
+                let end = waiter.wait();
                 let oom = cgroup.oom_kills() > baseline;
-                let (code, signal) = match status {
-                    Ok(s) => (s.code(), s.signal()),
-                    Err(_) => (None, None),
-                };
                 let _ = waiter_tx.send_blocking(Event::Workload {
                     name: waiter_name,
                     run,
                     event: WorkloadEvent::Exited(ExitInfo {
-                        code,
-                        signal,
+                        code: end.code,
+                        signal: end.signal,
                         oom_killed: oom,
                         ran_for: t0.elapsed(),
                     }),

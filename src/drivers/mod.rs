@@ -1,5 +1,104 @@
 //! Drivers run workloads. Each call is blocking and runs on a workload's lane (a blocking
-//! thread, one command at a time per workload), never on the controller task.
+//! thread, one command at a time per workload), never on the controller task. The controller
+//! only calls [`start`], [`stop`] and [`cleanup`], which dispatch on the workload's kind.
 
 pub mod process;
 pub mod shell;
+
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use crate::cgroup::{CgroupError, WorkloadCgroup};
+use crate::workload::{WorkloadKind, WorkloadSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Shell(#[from] shell::ShellError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("kind '{0}' has no driver on this agent")]
+    Unsupported(&'static str),
+}
+
+/// How one run's end is awaited (on a waiter thread).
+pub enum Waiter {
+    /// Our own child process: wait(2) gives its exit status.
+    Child(Child),
+    /// A driver-specific blocking wait (e.g. a container runtime's own wait call).
+    Blocking(Box<dyn FnOnce() -> RunEnd + Send>),
+}
+
+/// How a run ended, as far as the driver can tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunEnd {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl Waiter {
+    pub fn wait(self) -> RunEnd {
+        match self {
+            Waiter::Child(mut c) => {
+                use std::os::unix::process::ExitStatusExt;
+                match c.wait() {
+                    Ok(s) => RunEnd {
+                        code: s.code(),
+                        signal: s.signal(),
+                    },
+                    Err(_) => RunEnd::default(),
+                }
+            }
+            Waiter::Blocking(f) => f(),
+        }
+    }
+}
+
+/// A started run.
+pub struct Started {
+    /// The process the agent watches (adoption after an agent restart goes by pid + ticks).
+    pub pid: i32,
+    pub start_ticks: u64,
+    pub oom_kills_at_start: u64,
+    pub waiter: Waiter,
+}
+
+/// Starts one run of the workload inside `cgroup` with its limits applied.
+pub fn start(
+    spec: &WorkloadSpec,
+    cgroup: &WorkloadCgroup,
+    log_path: &Path,
+) -> Result<Started, DriverError> {
+    match spec.kind {
+        WorkloadKind::Shell => {
+            let s = shell::start(spec, cgroup, log_path)?;
+            Ok(Started {
+                pid: s.pid,
+                start_ticks: s.start_ticks,
+                oom_kills_at_start: s.oom_kills_at_start,
+                waiter: Waiter::Child(s.child),
+            })
+        }
+        WorkloadKind::Pod => Err(DriverError::Unsupported("pod")),
+        WorkloadKind::K8s => Err(DriverError::Unsupported("k8s")),
+    }
+}
+
+/// Stops every process of the workload (SIGTERM, `grace`, SIGKILL).
+pub fn stop(
+    kind: &WorkloadKind,
+    cgroup: &WorkloadCgroup,
+    grace: Duration,
+) -> Result<(), DriverError> {
+    match kind {
+        WorkloadKind::Shell | WorkloadKind::Pod | WorkloadKind::K8s => Ok(cgroup.stop_all(grace)?),
+    }
+}
+
+/// Removes everything the workload left: its cgroup (emptied first) and driver resources.
+pub fn cleanup(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Result<(), DriverError> {
+    match kind {
+        WorkloadKind::Shell | WorkloadKind::Pod | WorkloadKind::K8s => Ok(cgroup.remove()?),
+    }
+}
