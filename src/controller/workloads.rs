@@ -469,14 +469,13 @@ impl Controller {
         );
     }
 
+    /// Every workload with a cgroup (counters stay readable between runs, e.g. the pids.events
+    /// of a fork bomb that died before the next tick).
     pub(crate) fn sample_targets(&self) -> Vec<Target> {
         self.workloads
             .iter()
             .filter(|(_, e)| {
-                matches!(
-                    e.machine.state(),
-                    State::Running { .. } | State::Starting {} | State::Stopping { .. }
-                )
+                e.spec.is_some() && !matches!(e.machine.state(), State::Pending { .. })
             })
             .map(|(n, e)| Target {
                 name: n.clone(),

@@ -261,11 +261,18 @@ impl WorkloadMachine {
     }
 
     #[state(superstate = "present", entry_action = "enter_stopping")]
-    fn stopping(after: &mut AfterStop, event: &WorkloadEvent) -> Outcome<State> {
+    fn stopping(
+        after: &mut AfterStop,
+        event: &WorkloadEvent,
+        context: &mut Vec<WorkloadCommand>,
+    ) -> Outcome<State> {
         match event {
             WorkloadEvent::StopCompleted => match after {
                 AfterStop::Restart => Transition(State::starting()),
-                AfterStop::Remove => Transition(State::removed()),
+                AfterStop::Remove => {
+                    context.push(WorkloadCommand::Cleanup);
+                    Transition(State::removed())
+                }
                 AfterStop::Evict(reason) => Transition(State::evicted(reason.clone())),
             },
             // The process ending is what a stop waits for; the driver reports StopCompleted.

@@ -26,7 +26,7 @@ running                Remove                           stopping     Stop
 stopping[restart]      Invalidate                       failed       Cleanup
 stopping[restart]      StopCompleted                    starting     Start
 stopping[remove]       Invalidate                       failed       Cleanup
-stopping[remove]       StopCompleted                    removed
+stopping[remove]       StopCompleted                    removed      Cleanup
 stopping[evict]        Invalidate                       failed       Cleanup
 stopping[evict]        StopCompleted                    evicted
 backoff                Hold                             pending

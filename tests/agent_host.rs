@@ -1,0 +1,278 @@
+//! The whole agent on this host's real cgroups (v1 on CI's machines): limits enforced, OOM
+//! noticed and restarted with backoff, adoption after SIGKILL, clean removal. Root only.
+
+#[path = "support/agent.rs"]
+mod agent;
+
+use std::time::Duration;
+
+use agent::Agent;
+
+fn shell(name: &str, command: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    kind: shell\n    specification: |\n      command: [\"/bin/sh\", \"-c\", {command:?}]\n      user: root\n{extra}"
+    )
+}
+
+fn desired(workloads: &[String]) -> String {
+    format!("workloads:\n{}", workloads.join(""))
+}
+
+/// Holds 200 MB in a shell variable (`tr` turns the NULs, which sh would drop, into x).
+const HOG: &str = "echo allocating; big=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived";
+
+#[test]
+fn memory_hog_is_oom_killed_and_restarted_with_backoff() {
+    require_root_cgroups!("memory_hog_is_oom_killed_and_restarted_with_backoff");
+    let mut a = Agent::new(&desired(&[shell(
+        "hog",
+        HOG,
+        "      resources:\n        limits: {memory: 32Mi}\n",
+    )]));
+    a.start();
+    let s = a.wait_for("hog OOM-killed three times", Duration::from_secs(30), |s| {
+        Agent::workload(s, "hog").is_some_and(|w| w.oom_kills >= 3)
+    });
+    let w = Agent::workload(&s, "hog").unwrap();
+    assert!(w.restarts >= 3, "{w:?}");
+    assert_eq!(
+        a.cgroup_file("hog", "memory.limit_in_bytes")
+            .parse::<u64>()
+            .ok()
+            .or_else(|| a.cgroup_file("hog", "memory.max").parse().ok()),
+        Some(32 << 20)
+    );
+    // The reasons name the OOM kill and the delays grow (200ms, 400ms, 800ms...).
+    let reasons: Vec<&str> = s
+        .transitions
+        .iter()
+        .filter(|t| t.machine == "workload/hog" && t.to == "backoff")
+        .map(|t| t.reason.as_str())
+        .collect();
+    assert!(reasons.len() >= 3, "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.starts_with("OOMKilled")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[0].contains("in 0.2s") && reasons[1].contains("in 0.4s"),
+        "{reasons:?}"
+    );
+    assert!(a.log().contains("OOMKilled"), "reported in the log");
+}
+
+#[test]
+fn cpu_hog_is_throttled() {
+    require_root_cgroups!("cpu_hog_is_throttled");
+    let mut a = Agent::new(&desired(&[shell(
+        "spin",
+        "while :; do :; done",
+        "      resources:\n        limits: {cpu: 100m}\n",
+    )]));
+    a.start();
+    let s = a.wait_for("spin throttled", Duration::from_secs(20), |s| {
+        Agent::workload(s, "spin")
+            .and_then(|w| w.usage.as_ref())
+            .is_some_and(|u| u.cpu_throttled_periods >= 5 && u.cpu_millicores > 0)
+    });
+    let u = Agent::workload(&s, "spin").unwrap().usage.clone().unwrap();
+    // 100m = 10 ms per 100 ms period; the sampler's figure must be near that, far below a core.
+    assert!(u.cpu_millicores <= 200, "{u:?}");
+    let quota = a.cgroup_file("spin", "cpu.cfs_quota_us");
+    let max = a.cgroup_file("spin", "cpu.max");
+    assert!(
+        quota == "10000" || max == "10000 100000",
+        "quota {quota:?} max {max:?}"
+    );
+}
+
+#[test]
+fn fork_bomb_is_stopped_by_the_pids_limit() {
+    require_root_cgroups!("fork_bomb_is_stopped_by_the_pids_limit");
+    let mut a = Agent::new(&desired(&[shell(
+        "bomb",
+        "for i in $(seq 60); do sleep 30 & done; wait",
+        "      resources:\n        limits: {pids: 10}\n",
+    )]));
+    a.start();
+    let s = a.wait_for("pids limit hit", Duration::from_secs(20), |s| {
+        Agent::workload(s, "bomb")
+            .and_then(|w| w.usage.as_ref())
+            .is_some_and(|u| u.pids_max_events > 0)
+    });
+    let u = Agent::workload(&s, "bomb").unwrap().usage.clone().unwrap();
+    assert!(u.pids <= 10, "{u:?}");
+    assert!(a.cgroup_procs("bomb").len() <= 10);
+    assert_eq!(a.cgroup_file("bomb", "pids.max"), "10");
+}
+
+#[test]
+fn killed_agent_restarts_and_adopts_without_duplicates() {
+    require_root_cgroups!("killed_agent_restarts_and_adopts_without_duplicates");
+    let mut a = Agent::new(&desired(&[shell("sleeper", "sleep 600", "")]));
+    a.start();
+    let s = a.wait_for("sleeper running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "sleeper").is_some_and(|w| w.state == "running")
+    });
+    let pid = Agent::workload(&s, "sleeper").unwrap().pid.unwrap();
+    a.kill9();
+    assert!(
+        a.cgroup_procs("sleeper").contains(&pid),
+        "survives the agent"
+    );
+    a.start();
+    let s = a.wait_for("sleeper adopted", Duration::from_secs(10), |s| {
+        Agent::workload(s, "sleeper").is_some_and(|w| w.state == "running")
+    });
+    let w = Agent::workload(&s, "sleeper").unwrap();
+    assert_eq!(w.pid, Some(pid), "same pid after the restart");
+    assert_eq!(w.restarts, 0);
+    assert!(s.transitions.iter().any(|t| t.reason.contains("adopted")));
+    // The shell and its sleep: no second copy was started.
+    std::thread::sleep(Duration::from_millis(500));
+    let procs = a.cgroup_procs("sleeper");
+    assert!(procs.contains(&pid) && procs.len() <= 2, "{procs:?}");
+    // And the adopted process is still watched: when it dies, the agent restarts it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = a.wait_for(
+        "restarted after the adopted process died",
+        Duration::from_secs(15),
+        |s| {
+            Agent::workload(s, "sleeper")
+                .is_some_and(|w| w.state == "running" && w.pid != Some(pid))
+        },
+    );
+    assert_eq!(Agent::workload(&s, "sleeper").unwrap().restarts, 1);
+}
+
+#[test]
+fn removed_workload_leaves_no_cgroup_and_others_are_untouched() {
+    require_root_cgroups!("removed_workload_leaves_no_cgroup_and_others_are_untouched");
+    let keep = shell("keep", "sleep 600", "");
+    let mut a = Agent::new(&desired(&[keep.clone(), shell("gone", "sleep 600", "")]));
+    a.start();
+    let s = a.wait_for("both running", Duration::from_secs(10), |s| {
+        s.workloads.iter().filter(|w| w.state == "running").count() == 2
+    });
+    let keep_pid = Agent::workload(&s, "keep").unwrap().pid;
+    let gone_cg = a.hierarchy().workload("gone");
+    assert!(gone_cg.exists());
+    a.set_desired(&desired(&[keep]));
+    a.wait_for("gone removed", Duration::from_secs(10), |s| {
+        Agent::workload(s, "gone").is_none()
+    });
+    let start = std::time::Instant::now();
+    while gone_cg.exists() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!gone_cg.exists(), "cgroup deleted");
+    assert!(
+        !a.state_dir().join("workloads/gone.json").exists(),
+        "record deleted"
+    );
+    let s = a.status();
+    assert_eq!(
+        Agent::workload(&s, "keep").unwrap().pid,
+        keep_pid,
+        "keep untouched"
+    );
+}
+
+#[test]
+fn bad_input_is_rejected_and_the_rest_keeps_running() {
+    require_root_cgroups!("bad_input_is_rejected_and_the_rest_keeps_running");
+    let good = shell("good", "sleep 600", "");
+    let bad = "  - name: bad\n    kind: shell\n    specification: |\n      command: [relative]\n"
+        .to_string();
+    let mut a = Agent::new(&desired(&[good.clone(), bad]));
+    a.start();
+    let s = a.wait_for("good running, bad failed", Duration::from_secs(10), |s| {
+        Agent::workload(s, "good").is_some_and(|w| w.state == "running")
+            && Agent::workload(s, "bad").is_some_and(|w| w.state == "failed")
+    });
+    let bad = Agent::workload(&s, "bad").unwrap();
+    assert!(
+        bad.reason.contains("specification.command"),
+        "{}",
+        bad.reason
+    );
+    assert_eq!(s.device.state, "degraded");
+    let pid = Agent::workload(&s, "good").unwrap().pid;
+
+    // A malformed file: rejected as a whole, the last good state keeps running.
+    a.set_desired("workloads: [unclosed\n");
+    let s = a.wait_for("rejection visible", Duration::from_secs(10), |s| {
+        s.device
+            .problems
+            .iter()
+            .any(|p| p.contains("desired state"))
+    });
+    assert_eq!(Agent::workload(&s, "good").unwrap().pid, pid);
+
+    // Fixed again: the problem clears and the device recovers.
+    a.set_desired(&desired(&[good]));
+    let s = a.wait_for("recovered", Duration::from_secs(10), |s| {
+        s.device.state == "reconciling"
+    });
+    assert_eq!(
+        Agent::workload(&s, "good").unwrap().pid,
+        pid,
+        "never restarted"
+    );
+    assert!(Agent::workload(&s, "bad").is_none());
+}
+
+#[test]
+fn status_table_and_json_from_a_running_agent() {
+    require_root_cgroups!("status_table_and_json_from_a_running_agent");
+    let mut a = Agent::new(&desired(&[shell(
+        "web",
+        "sleep 600",
+        "      resources:\n        limits: {memory: 64Mi, cpu: 250m, pids: 20}\n",
+    )]));
+    a.start();
+    a.wait_for("web running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "web").is_some_and(|w| w.state == "running" && w.usage.is_some())
+    });
+    let out = a
+        .command()
+        .args(["status", "--socket"])
+        .arg(a.socket())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("device   reconciling"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{table}"));
+    for cell in ["shell", "running", "/64.0Mi", "/250m", "/20"] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+    let out = a
+        .command()
+        .args(["status", "--json", "--socket"])
+        .arg(a.socket())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device"]["state"], "reconciling");
+    assert_eq!(v["workloads"][0]["name"], "web");
+    assert_eq!(v["workloads"][0]["limits"]["memory_bytes"], 64 << 20);
+    assert_eq!(v["workloads"][0]["heartbeat_status"], "running");
+    assert!(v["agent"]["uptime_seconds"].is_u64());
+
+    // SIGTERM: the agent exits cleanly, the workload keeps running, the socket is gone.
+    let st = a.terminate().unwrap();
+    assert!(st.success(), "{st:?}");
+    assert!(!a.socket().exists());
+    assert!(
+        !a.cgroup_procs("web").is_empty(),
+        "workload survives a graceful stop"
+    );
+}

@@ -1,0 +1,238 @@
+//! Runs the real `device-worker-ng` binary for integration tests: its own state dir, control
+//! socket, desired-state file and cgroup subtree, all removed again on drop.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use device_worker_ng::cgroup::{self, Hierarchy};
+use device_worker_ng::status::{socket, Snapshot, WorkloadInfo};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+
+/// Why a root-only test cannot run here, if it cannot.
+pub fn root_cgroups_missing() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root".into());
+    }
+    if let Err(e) = cgroup::detect() {
+        return Some(format!("no usable cgroup hierarchy: {e}"));
+    }
+    None
+}
+
+#[macro_export]
+macro_rules! require_root_cgroups {
+    ($test:expr) => {
+        if let Some(why) = crate::agent::root_cgroups_missing() {
+            eprintln!("SKIPPED: {}: {why} (CI runs as root: see .ci/run)", $test);
+            return;
+        }
+    };
+}
+
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub cgroup_root: String,
+    pub child: Option<Child>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// Prepares (does not start) an agent with `desired` as its desired-state file.
+    pub fn new(desired: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("dwng-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("desired.yaml"), desired).unwrap();
+        let cgroup_root = format!(
+            "device-worker-ng-test-{}",
+            dir.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches("dwng-test-")
+        )
+        .to_lowercase();
+        Agent {
+            dir,
+            cgroup_root,
+            child: None,
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn desired_path(&self) -> PathBuf {
+        self.dir.path().join("desired.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Atomically replaces the desired-state file (the agent watches it).
+    pub fn set_desired(&self, text: &str) {
+        let tmp = self.dir.path().join(".desired.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.desired_path()).unwrap();
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("EDGE_DEVICE_STATE_DIR", self.state_dir())
+            .env("EDGE_DEVICE_CONTROL_SOCKET", self.socket())
+            .env("EDGE_DEVICE_DESIRED_STATE", self.desired_path())
+            .env("EDGE_DEVICE_CGROUP_ROOT", &self.cgroup_root)
+            .env("EDGE_DEVICE_LOG_LEVEL", "debug")
+            .env("EDGE_DEVICE_RESTART_BACKOFF_INITIAL", "200ms")
+            .env("EDGE_DEVICE_RESTART_BACKOFF_MAX", "2s")
+            .env("EDGE_DEVICE_STOP_TIMEOUT", "2s");
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts the agent and waits until it answers `status`.
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = self
+            .command()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_for("agent answers status", Duration::from_secs(10), |_| true);
+    }
+
+    pub fn try_status(&self) -> Option<Snapshot> {
+        socket::request_status(&self.socket()).ok().map(|(s, _)| s)
+    }
+
+    pub fn status(&self) -> Snapshot {
+        self.try_status()
+            .unwrap_or_else(|| panic!("agent does not answer; log:\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Polls the status until `pred` holds; panics with the last status and the log if not.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(s) = self.try_status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out after {timeout:?} waiting for: {what}\nlast status: {}\nagent log:\n{}",
+            last.map(|s| s.render()).unwrap_or_else(|| "none".into()),
+            self.log()
+        );
+    }
+
+    pub fn workload<'a>(s: &'a Snapshot, name: &str) -> Option<&'a WorkloadInfo> {
+        s.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// SIGKILL: the agent gets no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    pub fn hierarchy(&self) -> Hierarchy {
+        Hierarchy::new(cgroup::detect().unwrap(), &self.cgroup_root, None)
+    }
+
+    pub fn cgroup_procs(&self, workload: &str) -> Vec<i32> {
+        self.hierarchy()
+            .workload(workload)
+            .pids()
+            .unwrap_or_default()
+    }
+
+    pub fn cgroup_file(&self, workload: &str, file: &str) -> String {
+        let cg = self.hierarchy().workload(workload);
+        let dirs: Vec<PathBuf> = match &cg {
+            cgroup::WorkloadCgroup::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => {
+                vec![memory.clone(), cpu.clone(), cpuacct.clone(), pids.clone()]
+            }
+            cgroup::WorkloadCgroup::V2 { dir } => vec![dir.clone()],
+        };
+        dirs.iter()
+            .map(|d| d.join(file))
+            .find(|p| p.exists())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = self.hierarchy().remove_all();
+    }
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
