@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod drivers;
+pub mod flotta;
 pub mod logging;
 pub mod machines;
 pub mod notify;
