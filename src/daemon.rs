@@ -6,12 +6,16 @@ use tracing::{error, info, warn};
 
 use crate::cgroup::{self, Hierarchy, Layout};
 use crate::config::{Inputs, Settings};
+use crate::controller::server::ServerSession;
 use crate::controller::{sources, Controller, Event, EVENT_CAPACITY};
 use crate::status::socket;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A configuration problem found at start-up (exit 78, like the settings' own errors).
+    #[error("configuration error: {0}")]
+    Config(String),
     #[error("cgroups: {0}")]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{0}")]
@@ -45,6 +49,15 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         "cgroup hierarchy ready"
     );
     let store = Store::open(&settings.state_dir)?;
+    let server = match &settings.server {
+        Some(url) => {
+            let s = ServerSession::open(&settings, url)
+                .map_err(|e| DaemonError::Config(e.to_string()))?;
+            info!(server = %url, device = %s.device_id, "talking to the Flotta edge API");
+            Some(s)
+        }
+        None => None,
+    };
     let listener = socket::bind(&settings.control_socket)?;
     let (tx, rx) = async_channel::bounded(EVENT_CAPACITY);
     sources::signals(tx.clone()).map_err(DaemonError::Signals)?;
@@ -52,7 +65,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         sources::watch_file(tx.clone(), p);
     }
     let socket_path = settings.control_socket.clone();
-    let mut controller = Controller::new(settings, inputs, store, hierarchy, tx.clone());
+    let mut controller = Controller::new(settings, inputs, store, hierarchy, tx.clone(), server);
     smol::block_on(async move {
         let server = smol::spawn(serve(listener, tx.clone()));
         controller.boot();

@@ -58,6 +58,10 @@ fn main() -> ExitCode {
             logging::init(settings.log_level);
             match daemon::run(settings, inputs) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ daemon::DaemonError::Config(_)) => {
+                    tracing::error!("{e}");
+                    config_error(e)
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("device-worker-ng: {e}");

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::cgroup::{Counters, WorkloadCgroup};
+use crate::cgroup::{CounterReader, Counters, WorkloadCgroup};
 use crate::drivers::process;
 
 /// What the sampler is asked to look at for one workload.
@@ -37,22 +37,48 @@ pub struct Report {
     pub device: DeviceTotals,
 }
 
-pub fn sample(targets: &[Target]) -> Report {
+pub fn sample(targets: &[Target], reader: &mut CounterReader) -> Report {
     let workloads = targets
         .iter()
         .map(|t| WorkloadSample {
             name: t.name.clone(),
-            counters: t.cgroup.counters().ok(),
+            counters: t.cgroup.counters_with(reader).ok(),
             adopted_alive: t
                 .adopted
                 .map(|(pid, ticks)| process::is_same_process(pid, ticks)),
         })
         .collect();
+    reader.sweep();
     Report {
         at: Instant::now(),
         workloads,
         device: device_totals(),
     }
+}
+
+/// The sampler thread: samples whenever the controller hands it the current targets (once
+/// per SAMPLE_INTERVAL) and sends the report back. It keeps the counter files open between
+/// rounds, which is most of its cost.
+pub fn spawn(
+    events: async_channel::Sender<crate::controller::Event>,
+) -> std::io::Result<async_channel::Sender<Vec<Target>>> {
+    let (tx, rx) = async_channel::bounded::<Vec<Target>>(1);
+    std::thread::Builder::new()
+        .name("sampler".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let mut reader = CounterReader::cached();
+            while let Ok(targets) = rx.recv_blocking() {
+                let report = sample(&targets, &mut reader);
+                if events
+                    .send_blocking(crate::controller::Event::Sampled(report))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 pub fn device_totals() -> DeviceTotals {

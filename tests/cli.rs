@@ -33,7 +33,8 @@ fn configuration_errors_exit_78_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
     std::fs::write(&cfg, "LOG_LEVEL: info\nSAMPLE_INTERVAL: often\n").unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["--config", "/nonexistent.yaml", "run"],
             vec![],

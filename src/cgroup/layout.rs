@@ -66,9 +66,7 @@ pub fn detect_from(
         let mp = PathBuf::from(unescape(mp));
         match fstype {
             Some("cgroup2") => {
-                if v2.is_none() {
-                    v2 = Some(mp)
-                }
+                v2.get_or_insert(mp);
             }
             Some("cgroup") => {
                 for o in opts.split(',') {

@@ -8,7 +8,7 @@
 mod files;
 mod layout;
 
-pub use files::{parse_flat_keyed, read_u64};
+pub use files::{parse_flat_keyed, read_u64, CounterReader};
 pub use layout::{detect, detect_from, Layout, V1Mounts};
 
 use std::path::{Path, PathBuf};
@@ -201,6 +201,11 @@ impl WorkloadCgroup {
 
     /// Reads the usage counters. Missing optional files read as 0 (older kernels lack some).
     pub fn counters(&self) -> Result<Counters, CgroupError> {
+        self.counters_with(&mut CounterReader::direct())
+    }
+
+    /// [`WorkloadCgroup::counters`] through a (caching) reader.
+    pub fn counters_with(&self, r: &mut CounterReader) -> Result<Counters, CgroupError> {
         Ok(match self {
             WorkloadCgroup::V1 {
                 memory,
@@ -208,26 +213,28 @@ impl WorkloadCgroup {
                 cpuacct,
                 pids,
             } => Counters {
-                memory_bytes: read_u64(&memory.join("memory.usage_in_bytes"))?,
-                cpu_ns: read_u64(&cpuacct.join("cpuacct.usage"))?,
-                pids: read_u64(&pids.join("pids.current"))?,
-                oom_kills: self.oom_kills(),
-                cpu_throttled_periods: files::keyed(&cpu.join("cpu.stat"), "nr_throttled")
+                memory_bytes: r.read_u64(&memory.join("memory.usage_in_bytes"))?,
+                cpu_ns: r.read_u64(&cpuacct.join("cpuacct.usage"))?,
+                pids: r.read_u64(&pids.join("pids.current"))?,
+                oom_kills: r
+                    .keyed(&memory.join("memory.oom_control"), "oom_kill")
                     .unwrap_or(0),
-                pids_max_events: files::keyed(&pids.join("pids.events"), "max").unwrap_or(0),
+                cpu_throttled_periods: r.keyed(&cpu.join("cpu.stat"), "nr_throttled").unwrap_or(0),
+                pids_max_events: r.keyed(&pids.join("pids.events"), "max").unwrap_or(0),
             },
             WorkloadCgroup::V2 { dir } => {
                 let stat = dir.join("cpu.stat");
-                let text = std::fs::read_to_string(&stat).map_err(io_err(&stat))?;
-                let kv = parse_flat_keyed(&text);
+                let kv = parse_flat_keyed(r.read(&stat).map_err(io_err(&stat))?);
                 let get = |k: &str| kv.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
+                let (cpu_ns, cpu_throttled_periods) =
+                    (get("usage_usec") * 1000, get("nr_throttled"));
                 Counters {
-                    memory_bytes: read_u64(&dir.join("memory.current"))?,
-                    cpu_ns: get("usage_usec") * 1000,
-                    pids: read_u64(&dir.join("pids.current"))?,
-                    oom_kills: self.oom_kills(),
-                    cpu_throttled_periods: get("nr_throttled"),
-                    pids_max_events: files::keyed(&dir.join("pids.events"), "max").unwrap_or(0),
+                    memory_bytes: r.read_u64(&dir.join("memory.current"))?,
+                    cpu_ns,
+                    pids: r.read_u64(&dir.join("pids.current"))?,
+                    oom_kills: r.keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
+                    cpu_throttled_periods,
+                    pids_max_events: r.keyed(&dir.join("pids.events"), "max").unwrap_or(0),
                 }
             }
         })

@@ -276,3 +276,29 @@ fn cpu_quota_has_a_floor() {
     assert_eq!(cpu_quota_us(250), 25_000);
     assert_eq!(cpu_quota_us(1), 1000);
 }
+
+#[test]
+fn cached_reader_sees_fresh_content_and_sweeps_closed_files() {
+    let t = tempfile::tempdir().unwrap();
+    let a = t.path().join("a");
+    let b = t.path().join("b");
+    std::fs::write(&a, "1\n").unwrap();
+    std::fs::write(&b, "max\n").unwrap();
+    let mut r = CounterReader::cached();
+    assert_eq!(r.read_u64(&a).unwrap(), 1);
+    assert_eq!(r.read_u64(&b).unwrap(), u64::MAX);
+    // Same inode, new content (as cgroupfs regenerates on every read at offset 0).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&a)
+        .unwrap();
+    std::fs::write(&a, "12345\n").unwrap();
+    assert_eq!(r.read_u64(&a).unwrap(), 12345);
+    r.sweep();
+    assert_eq!(r.open_files(), 2);
+    assert_eq!(r.read_u64(&a).unwrap(), 12345);
+    r.sweep();
+    assert_eq!(r.open_files(), 1, "b was not read in the last round");
+    assert!(r.read_u64(&t.path().join("missing")).is_err());
+}

@@ -27,6 +27,7 @@ enum Kind {
     Cpu,
     Count,
     DeviceId,
+    Fraction,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             Kind::Cpu => "a cpu quantity like 250m or 0.5",
             Kind::Count => "a whole number",
             Kind::DeviceId => "a lowercase RFC 1123 name",
+            Kind::Fraction => "a fraction between 0 and 1 like 0.75 or 75%",
         }
     }
 }
@@ -101,6 +103,12 @@ pub const KEYS: &[KeySpec] = &[
         Path,
         None,
         "runtime dir for rootless podman workloads"
+    ),
+    key!(
+        "ROOTLESS_USER",
+        Text,
+        None,
+        "unprivileged user that `rootless: true` pod workloads run as"
     ),
     key!(
         "KUBECONFIG",
@@ -191,6 +199,36 @@ pub const KEYS: &[KeySpec] = &[
         Duration,
         Some("10s"),
         "grace between SIGTERM and SIGKILL when stopping a workload"
+    ),
+    key!(
+        "POLL_INTERVAL",
+        Duration,
+        Some("5s"),
+        "how often the configuration and control messages are fetched (plus jitter)"
+    ),
+    key!(
+        "SERVER_TIMEOUT",
+        Duration,
+        Some("10s"),
+        "timeout of one request to the server"
+    ),
+    key!(
+        "SERVER_OUTAGE_THRESHOLD",
+        Duration,
+        Some("2m"),
+        "how long the server may be unreachable before the device reports degraded"
+    ),
+    key!(
+        "CERT_RENEW_AT",
+        Fraction,
+        Some("0.75"),
+        "renew the device certificate after this fraction of its lifetime"
+    ),
+    key!(
+        "MAX_MESSAGE_SIZE",
+        Memory,
+        Some("1Mi"),
+        "largest message accepted from the server"
     ),
 ];
 
@@ -288,6 +326,11 @@ pub struct Settings {
     pub restart_backoff_max: Duration,
     pub restart_max_failures: u32,
     pub stop_timeout: Duration,
+    pub poll_interval: Duration,
+    pub server_timeout: Duration,
+    pub server_outage_threshold: Duration,
+    pub cert_renew_at: f64,
+    pub max_message_size: u64,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -391,6 +434,7 @@ enum Value {
     Level(LogLevel),
     Duration(Duration),
     Quantity(u64),
+    Fraction(f64),
 }
 
 fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
@@ -445,6 +489,18 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
                 return Err(wrong());
             }
             Value::Text(raw.to_string())
+        }
+        Kind::Fraction => {
+            let t = raw.trim();
+            let v = match t.strip_suffix('%') {
+                Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+                None => t.parse::<f64>(),
+            }
+            .map_err(|_| wrong())?;
+            if !(v > 0.0 && v < 1.0) {
+                return Err(wrong());
+            }
+            Value::Fraction(v)
         }
     })
 }
@@ -546,6 +602,11 @@ impl Settings {
             restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
             restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
             stop_timeout: take.duration("STOP_TIMEOUT"),
+            poll_interval: take.duration("POLL_INTERVAL"),
+            server_timeout: take.duration("SERVER_TIMEOUT"),
+            server_outage_threshold: take.duration("SERVER_OUTAGE_THRESHOLD"),
+            cert_renew_at: take.fraction("CERT_RENEW_AT"),
+            max_message_size: take.quantity("MAX_MESSAGE_SIZE"),
             sources,
         })
     }
@@ -621,6 +682,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Duration(d)) => d,
             _ => Duration::from_secs(1),
+        }
+    }
+    fn fraction(&mut self, k: &str) -> f64 {
+        match self.0.remove(k) {
+            Some(Value::Fraction(f)) => f,
+            _ => 0.75,
         }
     }
     fn quantity(&mut self, k: &str) -> u64 {

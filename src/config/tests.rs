@@ -230,3 +230,16 @@ fn rfc1123_names() {
     assert!(!is_rfc1123_name("edge_1"));
     assert!(!is_rfc1123_name(""));
 }
+
+#[test]
+fn readme_documents_every_key() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for k in KEYS {
+        assert!(
+            readme.contains(&format!("| `{}` |", k.name)),
+            "README.md's configuration table lacks {}",
+            k.name
+        );
+    }
+}

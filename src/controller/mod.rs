@@ -3,6 +3,7 @@
 //! [`Event`]s into one bounded channel. Machines decide; the controller executes their commands
 //! through the drivers on blocking lanes and feeds the results back as events.
 
+pub mod server;
 mod snapshot;
 pub mod sources;
 mod workloads;
@@ -57,6 +58,8 @@ pub enum Event {
     },
     Status(Sender<Snapshot>),
     WatchdogTick,
+    /// The Flotta session: timers and request results.
+    Server(server::ServerEvent),
 }
 
 pub fn unix_now() -> u64 {
@@ -79,6 +82,13 @@ pub struct Controller {
     last_sample: Option<Instant>,
     used: (u64, u64),
     pressure: PressureTracker,
+    sampler: Option<Sender<Vec<sampler::Target>>>,
+    /// The Flotta session; `None` in serverless mode.
+    pub(crate) server: Option<server::ServerSession>,
+    /// Events for the server, kept until a heartbeat carrying them is acknowledged.
+    pub(crate) outbox: crate::store::Outbox,
+    /// Lane for writes to STATE_DIR that must not block the controller.
+    pub(crate) persist: Sender<workloads::LaneOp>,
     /// Events for the heartbeat outbox (kept in memory until the protocol lands).
     pub(crate) reports: VecDeque<(bool, String, String)>,
 }
@@ -92,8 +102,16 @@ impl Controller {
         store: Store,
         hierarchy: Hierarchy,
         tx: Sender<Event>,
+        server: Option<server::ServerSession>,
     ) -> Controller {
+        let outbox = if server.is_some() {
+            store.load_outbox()
+        } else {
+            Default::default()
+        };
         Controller {
+            server,
+            outbox,
             settings,
             inputs,
             store,
@@ -108,6 +126,8 @@ impl Controller {
             used: (0, 0),
             pressure: PressureTracker::new(3, 10, 0.9),
             reports: VecDeque::new(),
+            sampler: None,
+            persist: workloads::spawn_lane(),
         }
     }
 
@@ -145,6 +165,11 @@ impl Controller {
         } else {
             info!(reason = %reason, "{message}");
         }
+        if self.server.is_some() {
+            self.outbox
+                .push(warn_level, reason.clone(), message.clone(), unix_now());
+            self.persist_outbox();
+        }
         if self.reports.len() == 1000 {
             self.reports.pop_front();
         }
@@ -178,9 +203,7 @@ impl Controller {
                         self.workload_event(&n, WorkloadEvent::Remove);
                     }
                 }
-                DeviceCommand::Enrol => {
-                    warn!("enrolment requested, but this agent has no server protocol yet")
-                }
+                DeviceCommand::Enrol => self.enrol(),
             }
         }
     }
@@ -189,18 +212,24 @@ impl Controller {
         self.device.inner().problems.values().cloned().collect()
     }
 
+    pub(crate) fn device_heartbeat(&self) -> Option<&'static str> {
+        self.device.state().heartbeat_status()
+    }
+
     pub fn device_state(&self) -> (&'static str, String) {
         (self.device.state().name(), self.device.state().reason())
     }
 
     /// Boots the machines: adopts or starts what the desired state asks for.
     pub fn boot(&mut self) {
-        let serverless = self.settings.server.is_none();
+        let serverless = self.server.is_none();
+        let has_certificate = self.server.as_ref().is_some_and(|s| s.has_certificate());
         self.device_event(DeviceEvent::Boot {
             serverless,
-            has_certificate: false,
+            has_certificate,
         });
         self.adopt_and_reconcile();
+        self.start_server();
     }
 
     fn on_sampled(&mut self, report: sampler::Report) {
@@ -282,6 +311,10 @@ impl Controller {
 
     /// Runs the loop until shutdown.
     pub async fn run(mut self, rx: Receiver<Event>) {
+        match sampler::spawn(self.tx.clone()) {
+            Ok(s) => self.sampler = Some(s),
+            Err(e) => error!("cannot start the sampler thread: {e}; no usage figures"),
+        }
         let _ = self.tx.try_send(Event::SampleTick);
         if let Some(iv) = crate::notify::watchdog_interval() {
             sources::every(self.tx.clone(), iv, || Event::WatchdogTick);
@@ -296,13 +329,10 @@ impl Controller {
                 Event::Reload => self.reload(),
                 Event::DesiredStateChanged => self.reload_desired(),
                 Event::SampleTick => {
-                    let targets = self.sample_targets();
-                    let tx = self.tx.clone();
-                    smol::spawn(async move {
-                        let report = smol::unblock(move || sampler::sample(&targets)).await;
-                        let _ = tx.send(Event::Sampled(report)).await;
-                    })
-                    .detach();
+                    // A full queue means the sampler is still busy with the last round: skip.
+                    if let Some(s) = &self.sampler {
+                        let _ = s.try_send(self.sample_targets());
+                    }
                     sources::after(
                         self.tx.clone(),
                         self.settings.sample_interval,
@@ -341,6 +371,7 @@ impl Controller {
                     let _ = reply.try_send(snap);
                 }
                 Event::WatchdogTick => crate::notify::notify("WATCHDOG=1"),
+                Event::Server(ev) => self.on_server_event(ev),
             }
         }
     }

@@ -39,6 +39,10 @@ impl Controller {
                 cpu_budget_millicores: budget.cpu_millicores,
                 cpu_used_millicores: self.used.1,
             },
+            server: self
+                .server
+                .as_ref()
+                .map(|s| s.info(self.outbox.events.len())),
             workloads: self
                 .workloads
                 .iter()

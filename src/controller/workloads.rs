@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::{unix_now, Controller, Event};
 use crate::cgroup::WorkloadCgroup;
-use crate::drivers::{self, process};
+use crate::drivers;
 use crate::machines::device::DeviceEvent;
 use crate::machines::workload::{
     self, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
@@ -21,9 +21,9 @@ use crate::workload::{DesiredState, SpecDefaults, SpecError, WorkloadKind, Workl
 
 /// A blocking operation on one workload; a workload's operations run one at a time, in order,
 /// so a stop always sees what an earlier start has spawned.
-type LaneOp = Box<dyn FnOnce() + Send>;
+pub(crate) type LaneOp = Box<dyn FnOnce() + Send>;
 
-fn spawn_lane() -> Sender<LaneOp> {
+pub(crate) fn spawn_lane() -> Sender<LaneOp> {
     let (tx, rx) = async_channel::unbounded::<LaneOp>();
     smol::spawn(async move {
         while let Ok(op) = rx.recv().await {
@@ -70,7 +70,11 @@ impl Controller {
     }
 
     /// The desired state from its source; on error the last accepted one (persisted).
+    /// With a server, the source is the last configuration accepted from it.
     fn load_desired(&mut self) -> Option<DesiredState> {
+        if self.server.is_some() {
+            return self.store.load_desired();
+        }
         let Some(path) = self.settings.desired_state.clone() else {
             return Some(DesiredState::default());
         };
@@ -94,6 +98,9 @@ impl Controller {
     }
 
     pub(crate) fn reload_desired(&mut self) {
+        if self.server.is_some() {
+            return;
+        }
         if let Some(d) = self.load_desired() {
             self.reconcile(&d);
         }
@@ -102,9 +109,9 @@ impl Controller {
     /// First reconciliation after start: adopt what still runs from an earlier agent, clean up
     /// what is no longer wanted, start the rest.
     pub(crate) fn adopt_and_reconcile(&mut self) {
-        let desired = match self.load_desired() {
-            Some(d) => d,
-            None => self.store.load_desired().unwrap_or_default(),
+        let (desired, persisted) = match self.load_desired() {
+            Some(d) => (d, true),
+            None => (self.store.load_desired().unwrap_or_default(), false),
         };
         let specs = desired.validate(&self.defaults());
         let mut known = BTreeSet::new();
@@ -121,8 +128,9 @@ impl Controller {
                 .iter()
                 .filter_map(|s| s.as_ref().ok())
                 .find(|s| s.name == rec.name);
-            let alive = process::is_same_process(rec.pid, rec.pid_start_ticks)
-                && rec.cgroup.pids().is_ok_and(|p| p.contains(&rec.pid));
+            let alive = WorkloadKind::from_name(&rec.kind).is_some_and(|k| {
+                drivers::still_running(&k, &rec.cgroup, rec.pid, rec.pid_start_ticks)
+            });
             match spec {
                 Some(spec) if alive && spec.fingerprint == rec.fingerprint => {
                     info!(workload = %rec.name, pid = rec.pid, "adopting the running workload");
@@ -148,7 +156,9 @@ impl Controller {
                 }
             }
         }
-        self.apply_specs(&desired, specs);
+        // With a server and nothing persisted yet, the first configuration is still to come.
+        let applied = persisted || self.server.is_none();
+        self.apply_specs(&desired, specs, applied);
     }
 
     fn adopt(&mut self, spec: WorkloadSpec, rec: &WorkloadRecord) {
@@ -193,13 +203,22 @@ impl Controller {
     /// Converges the workloads to a desired state (apply only on change).
     pub(crate) fn reconcile(&mut self, desired: &DesiredState) {
         let specs = desired.validate(&self.defaults());
-        self.apply_specs(desired, specs);
+        self.apply_specs(desired, specs, true);
     }
 
-    fn apply_specs(&mut self, desired: &DesiredState, specs: Vec<Result<WorkloadSpec, SpecError>>) {
-        if let Err(e) = self.store.save_desired(desired) {
-            error!("cannot persist the desired state: {e}");
-        }
+    fn apply_specs(
+        &mut self,
+        desired: &DesiredState,
+        specs: Vec<Result<WorkloadSpec, SpecError>>,
+        applied: bool,
+    ) {
+        // Persisted off the controller task (fsync), in order, on the store's own lane.
+        let (store, copy) = (self.store.clone(), desired.clone());
+        let _ = self.persist.try_send(Box::new(move || {
+            if let Err(e) = store.save_desired(&copy) {
+                error!("cannot persist the desired state: {e}");
+            }
+        }));
         let wanted: BTreeSet<String> = desired.workloads.iter().map(|w| w.name.clone()).collect();
         let present: Vec<String> = self.workloads.keys().cloned().collect();
         for name in present {
@@ -218,7 +237,9 @@ impl Controller {
                 }
             }
         }
-        self.device_event(DeviceEvent::DesiredStateApplied);
+        if applied {
+            self.device_event(DeviceEvent::DesiredStateApplied);
+        }
     }
 
     fn new_entry(
@@ -580,7 +601,7 @@ fn start_op(
             .stack_size(64 * 1024)
             .spawn(move || {
                 let end = waiter.wait();
-                let oom = cgroup.oom_kills() > baseline;
+                let oom = cgroup.oom_kills() > baseline || end.oom_killed;
                 let _ = waiter_tx.send_blocking(Event::Workload {
                     name: waiter_name,
                     run,

@@ -2,6 +2,7 @@
 //! thread, one command at a time per workload), never on the controller task. The controller
 //! only calls [`start`], [`stop`] and [`cleanup`], which dispatch on the workload's kind.
 
+pub mod podman;
 pub mod process;
 pub mod shell;
 
@@ -16,6 +17,8 @@ use crate::workload::{WorkloadKind, WorkloadSpec};
 pub enum DriverError {
     #[error("{0}")]
     Shell(#[from] shell::ShellError),
+    #[error("{0}")]
+    Podman(#[from] podman::PodmanError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
     #[error("kind '{0}' has no driver on this agent")]
@@ -35,6 +38,9 @@ pub enum Waiter {
 pub struct RunEnd {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// The driver saw an OOM kill the workload cgroup's own counter does not show (cgroup v1
+    /// counts a kill only in the victim's cgroup, e.g. a pod container's, below the workload's).
+    pub oom_killed: bool,
 }
 
 impl Waiter {
@@ -46,6 +52,7 @@ impl Waiter {
                     Ok(s) => RunEnd {
                         code: s.code(),
                         signal: s.signal(),
+                        oom_killed: false,
                     },
                     Err(_) => RunEnd::default(),
                 }
@@ -62,6 +69,8 @@ pub struct Started {
     pub start_ticks: u64,
     pub oom_kills_at_start: u64,
     pub waiter: Waiter,
+    /// Something the operator must know about this run (e.g. limits podman cannot enforce).
+    pub notice: Option<String>,
 }
 
 /// Starts one run of the workload inside `cgroup` with its limits applied.
@@ -78,9 +87,19 @@ pub fn start(
                 start_ticks: s.start_ticks,
                 oom_kills_at_start: s.oom_kills_at_start,
                 waiter: Waiter::Child(s.child),
+                notice: None,
             })
         }
-        WorkloadKind::Pod => Err(DriverError::Unsupported("pod")),
+        WorkloadKind::Pod => {
+            let s = podman::start(spec, cgroup, log_path)?;
+            Ok(Started {
+                pid: s.pid,
+                start_ticks: s.start_ticks,
+                oom_kills_at_start: s.oom_kills_at_start,
+                waiter: Waiter::Blocking(s.waiter),
+                notice: s.notice,
+            })
+        }
         WorkloadKind::K8s => Err(DriverError::Unsupported("k8s")),
     }
 }
@@ -92,13 +111,27 @@ pub fn stop(
     grace: Duration,
 ) -> Result<(), DriverError> {
     match kind {
-        WorkloadKind::Shell | WorkloadKind::Pod | WorkloadKind::K8s => Ok(cgroup.stop_all(grace)?),
+        WorkloadKind::Pod => Ok(podman::stop(cgroup, grace)?),
+        WorkloadKind::Shell | WorkloadKind::K8s => Ok(cgroup.stop_all(grace)?),
     }
 }
 
 /// Removes everything the workload left: its cgroup (emptied first) and driver resources.
 pub fn cleanup(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Result<(), DriverError> {
     match kind {
-        WorkloadKind::Shell | WorkloadKind::Pod | WorkloadKind::K8s => Ok(cgroup.remove()?),
+        WorkloadKind::Pod => Ok(podman::cleanup(cgroup)?),
+        WorkloadKind::Shell | WorkloadKind::K8s => Ok(cgroup.remove()?),
+    }
+}
+
+/// Whether a recorded run (after an agent restart) is still the workload's: the same process,
+/// inside the workload's cgroup (a pod's processes are in podman's cgroups below it).
+pub fn still_running(kind: &WorkloadKind, cgroup: &WorkloadCgroup, pid: i32, ticks: u64) -> bool {
+    if !process::is_same_process(pid, ticks) {
+        return false;
+    }
+    match kind {
+        WorkloadKind::Pod => podman::in_subtree(cgroup, pid),
+        WorkloadKind::Shell | WorkloadKind::K8s => cgroup.pids().is_ok_and(|p| p.contains(&pid)),
     }
 }

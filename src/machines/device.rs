@@ -61,6 +61,8 @@ pub enum DeviceCommand {
 pub struct DeviceMachine {
     /// Open problems by key; the degraded reason lists them.
     pub problems: BTreeMap<String, String>,
+    /// A desired state has been applied since the last (re-)registration.
+    pub configured: bool,
 }
 
 impl DeviceMachine {
@@ -86,7 +88,11 @@ impl DeviceMachine {
     /// Where normal operation goes given the open problems.
     fn healthy_or_degraded(&self) -> State {
         if self.problems.is_empty() {
-            State::reconciling()
+            if self.configured {
+                State::reconciling()
+            } else {
+                State::enrolled()
+            }
         } else {
             State::degraded(self.summary())
         }
@@ -132,10 +138,13 @@ impl DeviceMachine {
     #[state(superstate = "operational")]
     fn enrolled(&mut self, event: &DeviceEvent) -> Outcome<State> {
         match event {
-            DeviceEvent::DesiredStateApplied => Transition(self.healthy_or_degraded()),
+            DeviceEvent::DesiredStateApplied => {
+                self.configured = true;
+                Transition(self.healthy_or_degraded())
+            }
             DeviceEvent::ProblemRaised { .. } | DeviceEvent::ProblemCleared { .. } => {
                 self.record(event);
-                Handled
+                Transition(self.healthy_or_degraded())
             }
             _ => Super,
         }
@@ -155,10 +164,14 @@ impl DeviceMachine {
     #[state(superstate = "operational")]
     fn degraded(&mut self, reason: &mut String, event: &DeviceEvent) -> Outcome<State> {
         match event {
+            DeviceEvent::DesiredStateApplied => {
+                self.configured = true;
+                Handled
+            }
             DeviceEvent::ProblemRaised { .. } | DeviceEvent::ProblemCleared { .. } => {
                 self.record(event);
                 if self.problems.is_empty() {
-                    Transition(State::reconciling())
+                    Transition(self.healthy_or_degraded())
                 } else {
                     *reason = self.summary();
                     Handled
@@ -201,7 +214,11 @@ impl DeviceMachine {
 
     /// Handles what every state after registration handles the same way.
     #[superstate]
-    fn operational(event: &DeviceEvent, context: &mut Vec<DeviceCommand>) -> Outcome<State> {
+    fn operational(
+        &mut self,
+        event: &DeviceEvent,
+        context: &mut Vec<DeviceCommand>,
+    ) -> Outcome<State> {
         match event {
             DeviceEvent::BudgetExceeded { reason } => {
                 context.push(DeviceCommand::Report {
@@ -212,6 +229,7 @@ impl DeviceMachine {
                 Transition(State::over_budget(reason.clone()))
             }
             DeviceEvent::Disconnect => {
+                self.configured = false;
                 context.push(DeviceCommand::WipeWorkloads);
                 Transition(State::registering(
                     "disconnected by the server: waiting for a restart or re-enrolment".into(),
@@ -266,8 +284,13 @@ pub fn new_machine() -> Machine {
 
 pub fn sample_states() -> Vec<(String, DeviceMachine, State)> {
     let none = DeviceMachine::default();
+    let configured = DeviceMachine {
+        configured: true,
+        ..DeviceMachine::default()
+    };
     let one = DeviceMachine {
         problems: [("server".to_string(), "server unreachable".to_string())].into(),
+        configured: true,
     };
     vec![
         (
@@ -276,7 +299,11 @@ pub fn sample_states() -> Vec<(String, DeviceMachine, State)> {
             State::registering("starting".into()),
         ),
         ("enrolled".into(), none.clone(), State::enrolled()),
-        ("reconciling".into(), none.clone(), State::reconciling()),
+        (
+            "reconciling".into(),
+            configured.clone(),
+            State::reconciling(),
+        ),
         (
             "degraded[problem]".into(),
             one.clone(),
@@ -284,7 +311,7 @@ pub fn sample_states() -> Vec<(String, DeviceMachine, State)> {
         ),
         (
             "over-budget".into(),
-            none.clone(),
+            configured,
             State::over_budget("memory".into()),
         ),
         (

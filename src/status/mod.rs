@@ -15,6 +15,9 @@ pub struct Snapshot {
     pub agent: AgentInfo,
     pub device: DeviceInfo,
     pub budget: BudgetInfo,
+    /// The Flotta session; absent in serverless mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerInfo>,
     pub workloads: Vec<WorkloadInfo>,
     /// Most recent last.
     pub transitions: Vec<TransitionInfo>,
@@ -38,6 +41,20 @@ pub struct DeviceInfo {
     pub state: String,
     pub reason: String,
     pub problems: Vec<String>,
+}
+
+/// What `status` shows about the server side.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServerInfo {
+    pub url: String,
+    pub device_id: String,
+    pub registration: String,
+    pub last_contact_unix: Option<u64>,
+    pub certificate_expires_unix: Option<i64>,
+    pub certificate_unproven: bool,
+    pub applied_version: String,
+    pub outbox_length: usize,
+    pub heartbeat_period_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

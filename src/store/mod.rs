@@ -5,6 +5,7 @@
 //! STATE_DIR/workloads/<name>.json   what runs where (cgroup, pid), for adoption after a restart
 //! STATE_DIR/logs/<name>.log         stdout/stderr of shell workloads
 //! STATE_DIR/desired.json            the last accepted desired state
+//! STATE_DIR/outbox.json             events not yet acknowledged by the server
 //! ```
 
 use std::io::Write;
@@ -77,6 +78,50 @@ pub struct WorkloadRecord {
     pub oom_kills_at_start: u64,
 }
 
+/// An event for the server, kept until a heartbeat carrying it was acknowledged with 200.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    pub id: u64,
+    pub warn: bool,
+    pub reason: String,
+    pub message: String,
+    pub at_unix: u64,
+}
+
+/// The durable outbox (STATE_DIR/outbox.json).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbox {
+    pub next_id: u64,
+    pub events: Vec<OutboxEvent>,
+    /// Events dropped because the outbox was full (oldest first).
+    pub dropped: u64,
+}
+
+/// Most events kept while the server is unreachable.
+pub const OUTBOX_CAPACITY: usize = 1000;
+
+impl Outbox {
+    pub fn push(&mut self, warn: bool, reason: String, message: String, at_unix: u64) {
+        if self.events.len() >= OUTBOX_CAPACITY {
+            self.events.remove(0);
+            self.dropped += 1;
+        }
+        self.next_id += 1;
+        self.events.push(OutboxEvent {
+            id: self.next_id,
+            warn,
+            reason,
+            message,
+            at_unix,
+        });
+    }
+
+    /// Forgets the events a heartbeat delivered.
+    pub fn acknowledge(&mut self, up_to_id: u64) {
+        self.events.retain(|e| e.id > up_to_id);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
@@ -134,6 +179,23 @@ impl Store {
     pub fn load_desired(&self) -> Option<crate::workload::DesiredState> {
         let bytes = std::fs::read(self.desired_path()).ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+
+    fn outbox_path(&self) -> PathBuf {
+        self.dir.join("outbox.json")
+    }
+
+    /// The events not yet acknowledged by the server (a corrupt file starts a new outbox).
+    pub fn load_outbox(&self) -> Outbox {
+        std::fs::read(self.outbox_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save_outbox(&self, o: &Outbox) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(o).unwrap_or_default();
+        write_atomic(&self.outbox_path(), &bytes, 0o600)
     }
 
     /// Every record; a corrupt one is reported (and skipped by the caller), never fatal.
@@ -205,6 +267,29 @@ mod tests {
         s.remove_record("a").unwrap();
         s.remove_record("a").unwrap();
         assert_eq!(s.load_records().len(), 2);
+    }
+
+    #[test]
+    fn outbox_survives_a_restart_and_acknowledges_by_id() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(t.path()).unwrap();
+        let mut o = s.load_outbox();
+        o.push(true, "Failed".into(), "a".into(), 1);
+        o.push(false, "Started".into(), "b".into(), 2);
+        s.save_outbox(&o).unwrap();
+        let mut o = Store::open(t.path()).unwrap().load_outbox();
+        assert_eq!(o.events.len(), 2);
+        o.acknowledge(1);
+        assert_eq!(o.events[0].message, "b");
+        o.push(false, "x".into(), "c".into(), 3);
+        assert_eq!(o.events[1].id, 3, "ids keep growing");
+        for i in 0..OUTBOX_CAPACITY {
+            o.push(false, "x".into(), i.to_string(), 4);
+        }
+        assert_eq!(o.events.len(), OUTBOX_CAPACITY);
+        assert_eq!(o.dropped, 2);
+        std::fs::write(t.path().join("outbox.json"), b"{garbage").unwrap();
+        assert_eq!(s.load_outbox(), Outbox::default());
     }
 
     #[test]

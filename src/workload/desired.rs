@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::pod::{parse_pod, PodInput};
 use super::shell::{parse_resources, RawShell};
 use super::{
     fingerprint, BackoffPolicy, ShellSpec, SpecError, WorkloadKind, WorkloadSpec, PRIORITY_KEY,
@@ -31,8 +32,36 @@ pub struct DesiredWorkload {
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// Whole ConfigMap YAML documents, appended to the pod manifest (PROTOCOL §4.3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configmaps: Vec<String>,
+    #[serde(
+        default,
+        rename = "imageRegistries",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub image_registries: Option<ImageRegistries>,
+    /// device-worker-ng extension (PROTOCOL §7): run the pod with rootless podman.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootless: Option<bool>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// `imageRegistries` (PROTOCOL §4.3): the raw `.dockerconfigjson`, not base64.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ImageRegistries {
+    #[serde(default, rename = "authFile", skip_serializing_if = "Option::is_none")]
+    pub auth_file: Option<String>,
+}
+
+/// One entry of the configuration's `secrets` (PROTOCOL §4.4): `data` is a JSON string that
+/// maps each key to the base64 of its value; it becomes a podman secret as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DesiredSecret {
+    pub name: String,
+    #[serde(default)]
+    pub data: String,
 }
 
 /// The `retry` extension (PROTOCOL §7).
@@ -55,6 +84,9 @@ pub struct DesiredState {
     /// Absent when empty on the wire (`omitempty`, PROTOCOL §4.1).
     #[serde(default)]
     pub workloads: Vec<DesiredWorkload>,
+    /// Absent when empty on the wire (`omitempty`, PROTOCOL §4.1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<DesiredSecret>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -211,12 +243,47 @@ impl DesiredWorkload {
                     priority,
                     labels: self.labels.clone(),
                     fingerprint: fingerprint(&fp_input),
+                    pod: None,
                 })
             }
-            WorkloadKind::Pod | WorkloadKind::K8s => Err(err(
+            WorkloadKind::Pod => {
+                let parsed = parse_pod(&PodInput {
+                    name: &self.name,
+                    specification: &self.specification,
+                    labels: &self.labels,
+                    annotations: &self.annotations,
+                    configmaps: &self.configmaps,
+                    auth_file: self
+                        .image_registries
+                        .as_ref()
+                        .and_then(|r| r.auth_file.as_deref())
+                        .filter(|a| !a.trim().is_empty()),
+                    rootless: self.rootless.unwrap_or(false),
+                })
+                .map_err(|(f, why)| err(&f, why))?;
+                // Redeploy only when what podman sees changes (PROTOCOL §4.5): the rendered
+                // manifest, the auth file, rootless; plus the agent's own restart settings.
+                let mut fp = parsed.data.manifest.clone().into_bytes();
+                fp.extend(parsed.data.auth_file.as_deref().unwrap_or("").as_bytes());
+                fp.extend(format!("\0{}\0{:?}", parsed.data.rootless, backoff).as_bytes());
+                Ok(WorkloadSpec {
+                    name: self.name.clone(),
+                    kind,
+                    shell: None,
+                    limits: parsed.limits,
+                    requests: parsed.requests,
+                    restart: parsed.restart,
+                    backoff,
+                    priority,
+                    labels: self.labels.clone(),
+                    fingerprint: fingerprint(&fp),
+                    pod: Some(parsed.data),
+                })
+            }
+            WorkloadKind::K8s => Err(err(
                 "kind",
                 format!(
-                    "kind '{}' has no driver on this agent yet (supported: shell)",
+                    "kind '{}' has no driver on this agent yet (supported: shell, pod)",
                     kind.name()
                 ),
             )),

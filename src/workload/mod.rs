@@ -2,12 +2,14 @@
 //! validated into [`WorkloadSpec`]s the drivers can run.
 
 mod desired;
+mod pod;
 mod shell;
 
 pub use desired::{
-    load_desired_file, parse_desired, DesiredError, DesiredState, DesiredWorkload, Retry,
-    SpecDefaults,
+    load_desired_file, parse_desired, DesiredError, DesiredSecret, DesiredState, DesiredWorkload,
+    ImageRegistries, Retry, SpecDefaults,
 };
+pub use pod::{PodSpecData, DEFAULT_POD_PIDS, POD_MEMORY_OVERHEAD, WORKLOAD_LABEL};
 pub use shell::ShellSpec;
 
 use std::collections::BTreeMap;
@@ -73,6 +75,16 @@ impl WorkloadKind {
             WorkloadKind::K8s => "k8s",
         }
     }
+
+    /// The kind of a [`name`](Self::name) (as persisted in workload records).
+    pub fn from_name(name: &str) -> Option<WorkloadKind> {
+        match name {
+            "shell" => Some(WorkloadKind::Shell),
+            "pod" => Some(WorkloadKind::Pod),
+            "k8s" => Some(WorkloadKind::K8s),
+            _ => None,
+        }
+    }
 }
 
 /// A validated workload, ready for a driver.
@@ -81,6 +93,7 @@ pub struct WorkloadSpec {
     pub name: String,
     pub kind: WorkloadKind,
     pub shell: Option<ShellSpec>,
+    pub pod: Option<PodSpecData>,
     pub limits: Limits,
     pub requests: Limits,
     pub restart: RestartPolicy,

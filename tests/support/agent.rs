@@ -26,7 +26,7 @@ pub fn root_cgroups_missing() -> Option<String> {
 #[macro_export]
 macro_rules! require_root_cgroups {
     ($test:expr) => {
-        if let Some(why) = crate::agent::root_cgroups_missing() {
+        if let Some(why) = $crate::agent::root_cgroups_missing() {
             eprintln!("SKIPPED: {}: {why} (CI runs as root: see .ci/run)", $test);
             return;
         }

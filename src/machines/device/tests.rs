@@ -9,6 +9,7 @@ registering            Boot[no-certificate]             registering  Enrol
 registering            Registered                       enrolled
 enrolled               IdentityLost                     registering  Enrol
 enrolled               DesiredStateApplied              reconciling
+enrolled               ProblemRaised                    degraded
 enrolled               BudgetExceeded                   over-budget  Report(OverBudget),ShedLoad
 enrolled               Disconnect                       registering  WipeWorkloads
 reconciling            IdentityLost                     registering  Enrol

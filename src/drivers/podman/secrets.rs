@@ -1,0 +1,129 @@
+//! The configuration's `secrets` (PROTOCOL §4.4) as podman secrets: named as the Flotta
+//! secret, content exactly its `data` (a JSON object of base64 values, which `kube play`
+//! resolves for `secretKeyRef`/`secretRef`). Reconciled like the official agent does: create,
+//! update (remove + create: podman 4.3 has no `secret update`) and remove the ones no longer
+//! listed. Only secrets the agent created are ever removed: they carry a label, and the
+//! fingerprints of their content are kept in `<state_dir>/pods/secrets.json`.
+//!
+//! The controller calls [`sync`] with the whole desired list whenever the desired state is
+//! applied, before starting or restarting pods (a pod reads its secrets at creation).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::{podman_for, settings, Podman, PodmanError};
+use crate::workload::{fingerprint, DesiredSecret};
+
+/// Label on the podman secrets the agent manages.
+pub const MANAGED_LABEL: &str = "device-worker-ng/managed=true";
+
+/// What one [`sync`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SecretsReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+    /// (secret, podman's message) of secrets that could not be written.
+    pub failed: Vec<(String, String)>,
+}
+
+fn ledger_path(rootless: bool) -> PathBuf {
+    let file = if rootless {
+        "secrets-rootless.json"
+    } else {
+        "secrets.json"
+    };
+    settings().state_dir.join("pods").join(file)
+}
+
+fn load_ledger(rootless: bool) -> BTreeMap<String, String> {
+    std::fs::read(ledger_path(rootless))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_ledger(rootless: bool, l: &BTreeMap<String, String>) -> Result<(), PodmanError> {
+    let p = ledger_path(rootless);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(super::io(d))?;
+    }
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(l).unwrap_or_default())
+        .map_err(super::io(&tmp))?;
+    std::fs::rename(&tmp, &p).map_err(super::io(&p))
+}
+
+/// Makes root's podman secrets (and the rootless user's, when one is configured) match
+/// `desired`. One failing secret does not stop the others.
+pub fn sync(desired: &[DesiredSecret]) -> Result<SecretsReport, PodmanError> {
+    let mut report = sync_one(&Podman::rootful(), false, desired)?;
+    if settings().rootless_user.is_some() {
+        let r = sync_one(&podman_for(true)?, true, desired)?;
+        report.failed.extend(r.failed);
+    }
+    Ok(report)
+}
+
+fn sync_one(
+    podman: &Podman,
+    rootless: bool,
+    desired: &[DesiredSecret],
+) -> Result<SecretsReport, PodmanError> {
+    let mut ledger = load_ledger(rootless);
+    let existing: Vec<String> = podman
+        .run(&["secret", "ls", "--format", "{{.Name}}"])?
+        .stdout
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut report = SecretsReport::default();
+    for s in desired {
+        let fp = fingerprint(s.data.as_bytes());
+        let exists = existing.contains(&s.name);
+        if exists && ledger.get(&s.name) == Some(&fp) {
+            continue;
+        }
+        if exists {
+            let _ = podman.run(&["secret", "rm", &s.name]);
+        }
+        match podman.run_with(
+            &["secret", "create", "--label", MANAGED_LABEL, &s.name, "-"],
+            Some(s.data.as_bytes()),
+            None,
+            super::cli::CALL_TIMEOUT,
+        ) {
+            Ok(_) => {
+                ledger.insert(s.name.clone(), fp);
+                if exists {
+                    report.updated.push(s.name.clone())
+                } else {
+                    report.created.push(s.name.clone())
+                }
+            }
+            Err(e) => {
+                ledger.remove(&s.name);
+                report.failed.push((s.name.clone(), e.to_string()));
+            }
+        }
+    }
+    let wanted: Vec<&str> = desired.iter().map(|s| s.name.as_str()).collect();
+    let stale: Vec<String> = ledger
+        .keys()
+        .filter(|n| !wanted.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    for name in stale {
+        if existing.contains(&name) {
+            if let Err(e) = podman.run(&["secret", "rm", &name]) {
+                report.failed.push((name.clone(), e.to_string()));
+                continue;
+            }
+        }
+        ledger.remove(&name);
+        report.removed.push(name);
+    }
+    save_ledger(rootless, &ledger)?;
+    Ok(report)
+}
