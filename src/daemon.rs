@@ -49,6 +49,11 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         "cgroup hierarchy ready"
     );
     let store = Store::open(&settings.state_dir)?;
+    crate::drivers::podman::configure(crate::drivers::podman::PodmanSettings {
+        state_dir: settings.state_dir.clone(),
+        rootless_user: settings.rootless_user.clone(),
+        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
+    });
     let server = match &settings.server {
         Some(url) => {
             let s = ServerSession::open(&settings, url)

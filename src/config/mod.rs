@@ -331,6 +331,7 @@ pub struct Settings {
     pub server_outage_threshold: Duration,
     pub cert_renew_at: f64,
     pub max_message_size: u64,
+    pub rootless_user: Option<String>,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -607,6 +608,7 @@ impl Settings {
             server_outage_threshold: take.duration("SERVER_OUTAGE_THRESHOLD"),
             cert_renew_at: take.fraction("CERT_RENEW_AT"),
             max_message_size: take.quantity("MAX_MESSAGE_SIZE"),
+            rootless_user: take.text("ROOTLESS_USER"),
             sources,
         })
     }

@@ -60,6 +60,12 @@ pub enum Event {
     WatchdogTick,
     /// The Flotta session: timers and request results.
     Server(server::ServerEvent),
+    /// A driver's notice about a run (e.g. limits it cannot enforce).
+    Notice {
+        name: String,
+        run: u64,
+        message: String,
+    },
 }
 
 pub fn unix_now() -> u64 {
@@ -83,6 +89,8 @@ pub struct Controller {
     used: (u64, u64),
     pressure: PressureTracker,
     sampler: Option<Sender<Vec<sampler::Target>>>,
+    /// The desired state's secrets, for drivers that consume them.
+    pub(crate) secrets: std::sync::Arc<Vec<crate::workload::DesiredSecret>>,
     /// The Flotta session; `None` in serverless mode.
     pub(crate) server: Option<server::ServerSession>,
     /// Events for the server, kept until a heartbeat carrying them is acknowledged.
@@ -110,6 +118,7 @@ impl Controller {
             Default::default()
         };
         Controller {
+            secrets: Default::default(),
             server,
             outbox,
             settings,
@@ -372,6 +381,18 @@ impl Controller {
                 }
                 Event::WatchdogTick => crate::notify::notify("WATCHDOG=1"),
                 Event::Server(ev) => self.on_server_event(ev),
+                Event::Notice { name, run, message } => {
+                    if let Some(e) = self.workloads.get_mut(&name).filter(|e| e.run == run) {
+                        if e.notice.as_ref() != Some(&message) {
+                            e.notice = Some(message.clone());
+                            self.report(
+                                true,
+                                "Notice".into(),
+                                format!("workload {name}: {message}"),
+                            );
+                        }
+                    }
+                }
             }
         }
     }

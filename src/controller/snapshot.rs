@@ -66,6 +66,7 @@ impl Controller {
                         limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
                         usage: e.usage.clone(),
                         cgroup: has_cgroup.then(|| e.cgroup.display_path().display().to_string()),
+                        notice: e.notice.clone(),
                         log: has_cgroup.then(|| self.store.log_path(name).display().to_string()),
                     }
                 })

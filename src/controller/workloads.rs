@@ -2,6 +2,7 @@
 //! agent restart, and executing the workload machines' commands through the drivers.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_channel::Sender;
@@ -17,7 +18,9 @@ use crate::machines::workload::{
 use crate::sampler::Target;
 use crate::status::Usage;
 use crate::store::{Store, WorkloadRecord};
-use crate::workload::{DesiredState, SpecDefaults, SpecError, WorkloadKind, WorkloadSpec};
+use crate::workload::{
+    DesiredSecret, DesiredState, SpecDefaults, SpecError, WorkloadKind, WorkloadSpec,
+};
 
 /// A blocking operation on one workload; a workload's operations run one at a time, in order,
 /// so a stop always sees what an earlier start has spawned.
@@ -53,6 +56,8 @@ pub struct Entry {
     pub usage: Option<Usage>,
     pub last_cpu: Option<(u64, Instant)>,
     pub admitted_seq: u64,
+    /// What the driver said the operator must know about the current run.
+    pub notice: Option<String>,
 }
 
 impl Controller {
@@ -140,8 +145,11 @@ impl Controller {
                     if alive {
                         info!(workload = %rec.name, "running workload is no longer desired as it is: stopping it");
                     }
-                    if let Err(e) = rec.cgroup.remove() {
-                        warn!(workload = %rec.name, "cleaning up its cgroup: {e}");
+                    // The driver undoes what it created (a pod's containers live in child
+                    // cgroups that only `kube down` removes), then the cgroup goes.
+                    let kind = WorkloadKind::from_name(&rec.kind).unwrap_or(WorkloadKind::Shell);
+                    if let Err(e) = drivers::cleanup(&kind, &rec.cgroup) {
+                        warn!(workload = %rec.name, "cleaning up: {e}");
                     }
                     let _ = self.store.remove_record(&rec.name);
                 }
@@ -151,8 +159,13 @@ impl Controller {
         for name in self.hierarchy.existing_workloads() {
             if !known.contains(&name) && !self.workloads.contains_key(&name) {
                 warn!(workload = %name, "removing an orphaned workload cgroup");
-                if let Err(e) = self.hierarchy.workload(&name).remove() {
-                    warn!(workload = %name, "{e}");
+                let cg = self.hierarchy.workload(&name);
+                // No record says what it was: a plain cgroup, or a pod whose containers
+                // keep child cgroups busy.
+                if let Err(e) = drivers::cleanup(&WorkloadKind::Shell, &cg) {
+                    if let Err(e2) = drivers::cleanup(&WorkloadKind::Pod, &cg) {
+                        warn!(workload = %name, "{e}; as a pod: {e2}");
+                    }
                 }
             }
         }
@@ -181,6 +194,7 @@ impl Controller {
             usage: None,
             last_cpu: None,
             admitted_seq: self.next_seq(),
+            notice: None,
         };
         self.workloads.insert(name.clone(), entry);
         self.record_transition(
@@ -219,6 +233,29 @@ impl Controller {
                 error!("cannot persist the desired state: {e}");
             }
         }));
+        if desired.secrets != *self.secrets {
+            // Secrets no longer listed are removed now; listed ones are (re)written here and,
+            // to be sure they exist when a pod is created, again by each pod start.
+            let had_secrets = !self.secrets.is_empty();
+            self.secrets = Arc::new(desired.secrets.clone());
+            let uses_pods = had_secrets
+                || !self.secrets.is_empty()
+                || self.workloads.values().any(|e| e.kind == WorkloadKind::Pod);
+            if uses_pods {
+                let copy = self.secrets.clone();
+                let _ =
+                    self.persist.try_send(Box::new(move || {
+                        match drivers::podman::secrets::sync(&copy) {
+                            Ok(r) => {
+                                for (name, why) in r.failed {
+                                    error!(secret = %name, "cannot write the podman secret: {why}");
+                                }
+                            }
+                            Err(e) => error!("syncing podman secrets: {e}"),
+                        }
+                    }));
+            }
+        }
         let wanted: BTreeSet<String> = desired.workloads.iter().map(|w| w.name.clone()).collect();
         let present: Vec<String> = self.workloads.keys().cloned().collect();
         for name in present {
@@ -271,6 +308,7 @@ impl Controller {
             usage: None,
             last_cpu: None,
             admitted_seq: self.next_seq(),
+            notice: None,
         };
         self.workloads.insert(name.to_string(), entry);
         cmds
@@ -400,6 +438,7 @@ impl Controller {
 
     fn exec(&mut self, name: &str, cmd: WorkloadCommand) {
         let store = self.store.clone();
+        let secrets = self.secrets.clone();
         let tx = self.tx.clone();
         let grace = self.settings.stop_timeout;
         let Some(e) = self.workloads.get_mut(name) else {
@@ -421,6 +460,7 @@ impl Controller {
                     tx,
                     e.run,
                     e.machine.inner().restarts,
+                    secrets,
                 );
                 let _ = e.lane.try_send(op);
             }
@@ -556,6 +596,7 @@ fn start_op(
     tx: Sender<Event>,
     run: u64,
     restarts: u32,
+    secrets: Arc<Vec<DesiredSecret>>,
 ) -> LaneOp {
     Box::new(move || {
         let name = spec.name.clone();
@@ -566,7 +607,7 @@ fn start_op(
                 event,
             });
         };
-        let started = match drivers::start(&spec, &cgroup, &store.log_path(&name)) {
+        let started = match drivers::start(&spec, &cgroup, &store.log_path(&name), &secrets) {
             Ok(s) => s,
             Err(e) => {
                 return send(WorkloadEvent::StartFailed {
@@ -590,6 +631,13 @@ fn start_op(
             error!(workload = %name, "cannot persist its record: {e}");
         }
         send(WorkloadEvent::Started { pid: started.pid });
+        if let Some(notice) = started.notice.clone() {
+            let _ = tx.send_blocking(Event::Notice {
+                name: name.clone(),
+                run,
+                message: notice,
+            });
+        }
         let (pid, ticks) = (started.pid, started.start_ticks);
         let baseline = started.oom_kills_at_start;
         let waiter = started.waiter;

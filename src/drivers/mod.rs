@@ -11,7 +11,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use crate::cgroup::{CgroupError, WorkloadCgroup};
-use crate::workload::{WorkloadKind, WorkloadSpec};
+use crate::workload::{DesiredSecret, WorkloadKind, WorkloadSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -74,10 +74,13 @@ pub struct Started {
 }
 
 /// Starts one run of the workload inside `cgroup` with its limits applied.
+/// `secrets` is the desired state's `secrets` list (PROTOCOL §4.4): drivers that consume them
+/// make sure they exist, as listed, before the workload starts.
 pub fn start(
     spec: &WorkloadSpec,
     cgroup: &WorkloadCgroup,
     log_path: &Path,
+    secrets: &[DesiredSecret],
 ) -> Result<Started, DriverError> {
     match spec.kind {
         WorkloadKind::Shell => {
@@ -91,6 +94,13 @@ pub fn start(
             })
         }
         WorkloadKind::Pod => {
+            // A pod reads its secrets when it is created.
+            let report = podman::secrets::sync(secrets)?;
+            if let Some((name, why)) = report.failed.first() {
+                return Err(DriverError::Podman(podman::PodmanError::Unexpected(
+                    format!("secret {name}: {why}"),
+                )));
+            }
             let s = podman::start(spec, cgroup, log_path)?;
             Ok(Started {
                 pid: s.pid,

@@ -94,6 +94,9 @@ pub struct WorkloadInfo {
     pub usage: Option<Usage>,
     pub cgroup: Option<String>,
     pub log: Option<String>,
+    /// What the driver said the operator must know (e.g. limits not enforced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -57,6 +57,10 @@ fn save_ledger(rootless: bool, l: &BTreeMap<String, String>) -> Result<(), Podma
 /// Makes root's podman secrets (and the rootless user's, when one is configured) match
 /// `desired`. One failing secret does not stop the others.
 pub fn sync(desired: &[DesiredSecret]) -> Result<SecretsReport, PodmanError> {
+    // Pod starts (on their lanes) and the controller's sync may run at once: one at a time,
+    // so the ledger is never read and written concurrently.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut report = sync_one(&Podman::rootful(), false, desired)?;
     if settings().rootless_user.is_some() {
         let r = sync_one(&podman_for(true)?, true, desired)?;

@@ -1,0 +1,192 @@
+//! `pod` workloads through the whole agent: configuration from the mTLS Flotta test server,
+//! podman running the pod under the agent's cgroup, heartbeats, adoption, crash loops,
+//! removal. Root and podman only (CI installs podman: .ci/run).
+
+#[path = "support/agent.rs"]
+mod agent;
+#[path = "support/flotta_server.rs"]
+mod flotta_server;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agent::Agent;
+use device_worker_ng::flotta::messages::{DeviceConfigurationMessage, WorkloadState};
+use flotta_server::{FlottaTestServer, ServerOptions};
+use serde_json::json;
+
+const ID: &str = "edge-pod";
+const IMAGE: &str = "localhost/dwng-busybox:test";
+
+fn missing() -> Option<String> {
+    if let Some(why) = agent::root_cgroups_missing() {
+        return Some(why);
+    }
+    if Command::new("podman").arg("--version").output().is_err() {
+        return Some("podman is not installed".into());
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/build-image.sh");
+    match Command::new("sh").arg(script).status() {
+        Ok(s) if s.success() => None,
+        _ => Some(format!("cannot build {IMAGE}")),
+    }
+}
+
+fn pod_config(name: &str, script: &str) -> DeviceConfigurationMessage {
+    let spec = format!(
+        "containers:\n- name: app\n  image: {IMAGE}\n  command: [\"sh\", \"-c\", {script:?}]\n  env:\n  - name: PASSWORD\n    valueFrom:\n      secretKeyRef: {{name: db-creds, key: password}}\n  resources:\n    limits: {{memory: 64Mi, cpu: 250m}}\n"
+    );
+    serde_json::from_value(json!({
+        "configuration": {"heartbeat": {"hardware_profile": {}, "period_seconds": 1}, "mounts": []},
+        "workloads": [{"name": name, "namespace": "default", "specification": spec}],
+        "secrets": [{"name": "db-creds", "data": "{\"password\":\"c2VjcmV0\"}"}]
+    }))
+    .unwrap()
+}
+
+fn pod_exists(name: &str) -> bool {
+    Command::new("podman")
+        .args(["pod", "exists", name])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+struct PodGuard(&'static str);
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["pod", "rm", "-f", self.0])
+            .output();
+        let _ = Command::new("podman")
+            .args(["secret", "rm", "db-creds"])
+            .output();
+    }
+}
+
+#[test]
+fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
+    if let Some(why) = missing() {
+        eprintln!("SKIPPED: pod_from_the_server_runs_is_reported_adopted_and_removed: {why} (CI installs it: see .ci/run)");
+        return;
+    }
+    let _guard = PodGuard("e2e-web");
+    let server = FlottaTestServer::start(ServerOptions {
+        auto_approve_after: Some(1),
+        ..ServerOptions::default()
+    });
+    server.set_configuration(ID, pod_config("e2e-web", "echo pw=$PASSWORD; sleep 600"));
+    let mut a = Agent::new("workloads: []\n");
+    for (k, v) in [
+        ("EDGE_DEVICE_SERVER", server.url()),
+        (
+            "EDGE_DEVICE_CA_ROOT",
+            server.ca_path().display().to_string(),
+        ),
+        (
+            "EDGE_DEVICE_CERT",
+            server.register_cert_path().display().to_string(),
+        ),
+        (
+            "EDGE_DEVICE_KEY",
+            server.register_key_path().display().to_string(),
+        ),
+        ("EDGE_DEVICE_DEVICE_ID", ID.to_string()),
+        ("EDGE_DEVICE_POLL_INTERVAL", "300ms".into()),
+    ] {
+        a.extra_env.push((k.to_string(), v));
+    }
+    a.start();
+    let s = a.wait_for("pod running", Duration::from_secs(60), |s| {
+        Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running")
+    });
+    let w = Agent::workload(&s, "e2e-web").unwrap();
+    assert_eq!(w.kind, "pod");
+    let pid = w.pid.unwrap();
+    assert!(pod_exists("e2e-web"));
+    // The pod's processes are inside the agent's workload cgroup: the sampler measures them.
+    a.wait_for("pod usage sampled", Duration::from_secs(10), |s| {
+        Agent::workload(s, "e2e-web")
+            .and_then(|w| w.usage.clone())
+            .is_some_and(|u| u.pids > 0 && u.memory_bytes > 0)
+    });
+    // The secret reached the container.
+    let logs = Command::new("podman")
+        .args(["logs", "e2e-web-app"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("pw=secret"),
+        "{logs:?}"
+    );
+    wait(
+        "heartbeat reports the pod running",
+        Duration::from_secs(15),
+        || {
+            server.heartbeats().iter().any(|(_, hb)| {
+                hb.workloads
+                    .iter()
+                    .any(|w| w.name == "e2e-web" && w.status == WorkloadState::Running)
+            })
+        },
+    );
+
+    // An agent restart adopts the pod instead of recreating it.
+    assert!(a.terminate().unwrap().success());
+    a.start();
+    a.wait_for("pod adopted", Duration::from_secs(20), |s| {
+        Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid == Some(pid))
+    });
+
+    // Removed from the configuration: kube down, nothing left.
+    server.set_configuration(ID, {
+        let mut c = pod_config("x", "true");
+        c.workloads.clear();
+        c
+    });
+    a.wait_for("pod removed", Duration::from_secs(30), |s| {
+        Agent::workload(s, "e2e-web").is_none()
+    });
+    wait("podman pod gone", Duration::from_secs(20), || {
+        !pod_exists("e2e-web")
+    });
+}
+
+#[test]
+fn crash_looping_pod_is_marked_broken() {
+    if let Some(why) = missing() {
+        eprintln!(
+            "SKIPPED: crash_looping_pod_is_marked_broken: {why} (CI installs it: see .ci/run)"
+        );
+        return;
+    }
+    let _guard = PodGuard("e2e-crash");
+    let c = pod_config("e2e-crash", "echo failing; exit 3");
+    let desired = json!({"workloads": c.workloads, "secrets": c.secrets});
+    let mut a = Agent::new(&serde_yaml::to_string(&desired).unwrap());
+    a.extra_env
+        .push(("EDGE_DEVICE_RESTART_MAX_FAILURES".into(), "2".into()));
+    a.start();
+    let s = a.wait_for("broken", Duration::from_secs(90), |s| {
+        Agent::workload(s, "e2e-crash").is_some_and(|w| w.state == "failed")
+    });
+    let w = Agent::workload(&s, "e2e-crash").unwrap();
+    assert!(
+        w.reason.starts_with("broken: 3 consecutive failures"),
+        "{}",
+        w.reason
+    );
+    assert!(w.reason.contains("code 3"), "{}", w.reason);
+    assert_eq!(s.device.state, "degraded");
+}
