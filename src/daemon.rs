@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::cgroup::{self, Hierarchy, Layout};
+use crate::cgroup::{self, Hierarchy};
 use crate::config::{Inputs, Settings};
 use crate::controller::server::ServerSession;
 use crate::controller::{sources, Controller, Event, EVENT_CAPACITY};
@@ -27,16 +27,16 @@ pub enum DaemonError {
 }
 
 /// Detects the cgroup layout and prepares the agent's subtree.
+///
+/// On cgroup v2 the workloads live in a top-level subtree (`/sys/fs/cgroup/<CGROUP_ROOT>`),
+/// not inside the agent's own (systemd service) cgroup: once a cgroup enables controllers for
+/// its children it may hold no processes itself, and systemd (before 254's
+/// `DelegateSubgroup=`) must put a restarted agent's main process right there, so a restart
+/// with surviving workloads would fail with EBUSY. Outside the unit, `systemctl restart`
+/// and package upgrades leave the workloads alone and the new agent adopts them.
 pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> {
     let layout = cgroup::detect()?;
-    let delegated = match &layout {
-        Layout::Unified { root } => {
-            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-            cgroup::delegated_v2_base(root, &own)
-        }
-        _ => None,
-    };
-    let h = Hierarchy::new(layout, &settings.cgroup_root, delegated);
+    let h = Hierarchy::new(layout, &settings.cgroup_root, None);
     h.setup()?;
     Ok(h)
 }
@@ -54,6 +54,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
     });
+    crate::drivers::k8s::configure(settings.kubeconfig.clone());
     let server = match &settings.server {
         Some(url) => {
             let s = ServerSession::open(&settings, url)

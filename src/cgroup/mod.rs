@@ -348,8 +348,8 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    /// The hierarchy for `root_name` (e.g. `device-worker-ng`) in the detected layout. On
-    /// cgroup v2 under a systemd service with `Delegate=yes`, the agent's own cgroup is the base.
+    /// The hierarchy for `root_name` (e.g. `device-worker-ng`) in the detected layout;
+    /// `base` overrides where the v2 subtree lives (tests).
     pub fn new(layout: Layout, root_name: &str, delegated_base: Option<PathBuf>) -> Self {
         let base = match (&layout, delegated_base) {
             (Layout::Unified { .. }, Some(b)) => b,
@@ -387,6 +387,18 @@ impl Hierarchy {
     pub fn setup(&self) -> Result<(), CgroupError> {
         match &self.layout {
             Layout::Unified { .. } => {
+                // The parent must offer the controllers to the base (the root always may).
+                if let Some(parent) = self.base.parent() {
+                    let offered = std::fs::read_to_string(self.base.join("cgroup.controllers"))
+                        .or_else(|_| std::fs::read_to_string(parent.join("cgroup.subtree_control")))
+                        .unwrap_or_default();
+                    if !["memory", "cpu", "pids"]
+                        .iter()
+                        .all(|c| offered.split_whitespace().any(|o| o == *c))
+                    {
+                        enable_v2_controllers(parent)?;
+                    }
+                }
                 let workloads = self.base.join("workloads");
                 std::fs::create_dir_all(&workloads).map_err(io_err(&workloads))?;
                 let procs = self.base.join("cgroup.procs");
@@ -465,21 +477,6 @@ fn enable_v2_controllers(dir: &Path) -> Result<(), CgroupError> {
         )));
     }
     files::write(&dir.join("cgroup.subtree_control"), &wanted.join(" "))
-}
-
-/// The agent's own cgroup v2 path when it runs as a systemd service (which delegates its
-/// subtree with `Delegate=yes`): `/proc/self/cgroup` line `0::/system.slice/x.service`.
-pub fn delegated_v2_base(root: &Path, proc_self_cgroup: &str) -> Option<PathBuf> {
-    let rel = proc_self_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))?
-        .trim();
-    let rel = rel.strip_suffix("/agent").unwrap_or(rel);
-    if rel.ends_with(".service") {
-        Some(root.join(rel.trim_start_matches('/')))
-    } else {
-        None
-    }
 }
 
 #[cfg(test)]

@@ -250,28 +250,6 @@ fn hierarchy_paths() {
 }
 
 #[test]
-fn delegated_base_only_for_services() {
-    let root = Path::new("/sys/fs/cgroup");
-    assert_eq!(
-        delegated_v2_base(root, "0::/system.slice/device-worker-ng.service\n"),
-        Some(PathBuf::from(
-            "/sys/fs/cgroup/system.slice/device-worker-ng.service"
-        ))
-    );
-    assert_eq!(
-        delegated_v2_base(root, "0::/system.slice/device-worker-ng.service/agent\n"),
-        Some(PathBuf::from(
-            "/sys/fs/cgroup/system.slice/device-worker-ng.service"
-        ))
-    );
-    assert_eq!(
-        delegated_v2_base(root, "0::/user.slice/session-1.scope\n"),
-        None
-    );
-    assert_eq!(delegated_v2_base(root, "0::/\n"), None);
-}
-
-#[test]
 fn cpu_quota_has_a_floor() {
     assert_eq!(cpu_quota_us(250), 25_000);
     assert_eq!(cpu_quota_us(1), 1000);

@@ -1,0 +1,541 @@
+//! The packages: what packaging/ ships, checked the way a distribution would, and the .deb
+//! installed in a real systemd guest.
+//!
+//! * `packaged_config_documents_every_key`, `unit_has_the_settings_the_agent_relies_on`:
+//!   plain file checks (the packaged config lists every key of `config::KEYS` with its default
+//!   and loads; the unit carries Type=notify, no Delegate=, KillMode=process, the config-error
+//!   exit code in RestartPreventExitStatus=, ...).
+//! * `systemd_analyze_verifies_the_unit`: `systemd-analyze verify` (works without systemd
+//!   running as PID 1).
+//! * `deb_package_passes_lintian`, `rpm_package_passes_rpmlint`: build the release binary
+//!   (separate target dir `<target>/packaging`, so the nested cargo does not wait for the
+//!   outer one's lock), `cargo deb` and `cargo generate-rpm`, then lintian / rpmlint: no
+//!   errors (warnings are printed).
+//! * `deb_installs_and_runs_in_systemd_guest`: `tests/vm/systemd/guest.sh` boots Debian 12 +
+//!   systemd 252 (cgroup v2) under qemu TCG, installs the .deb with dpkg and runs
+//!   `tests/vm/systemd/probe` (~2-3 min with a cached rootfs; DWNG_SKIP_VM=1 skips it).
+//!
+//! Missing root or tools make a test print `SKIPPED: ... (CI installs it: see .ci/run)` on
+//! stderr (visible despite libtest's capture) and return.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG, KEYS};
+
+const UNIT: &str = "packaging/device-worker-ng.service";
+const CONFIG: &str = "packaging/config.yaml";
+
+/// PASS lines the systemd guest probe must print (prefixes; tests/vm/systemd/probe).
+const GUEST_PASSES: &[&str] = &[
+    "PASS install:",
+    "PASS enabled:",
+    "PASS active:",
+    "PASS notify:",
+    "PASS status:",
+    "PASS agent_cgroup:",
+    "PASS user_and_state:",
+    "PASS bad_config_no_restart:",
+    "PASS recovered_after_fix:",
+    "PASS ticker_running:",
+    "PASS hog_oom_killed:",
+    "PASS service_survives_oom:",
+    "PASS restart_keeps_workload:",
+    "PASS upgrade_keeps_workload:",
+    "PASS conffile_kept:",
+    "PASS remove:",
+    "PASS purge:",
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Loud skip notice that shows even when libtest captures the test's output.
+fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+}
+
+/// The skip reason for missing tools (or root).
+fn missing_msg(what: &[String]) -> String {
+    format!("missing {} (CI installs it: see .ci/run)", what.join(", "))
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+        line.split_whitespace().nth(2)?.parse::<u32>().ok()
+    }) == Some(0)
+}
+
+/// The `(missing tool, package)` pairs of `tools` that are not on PATH.
+fn missing(tools: &[(&str, &str)]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|(t, _)| !on_path(t))
+        .map(|(t, p)| {
+            if t == p {
+                t.to_string()
+            } else {
+                format!("{t} ({p})")
+            }
+        })
+        .collect()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    println!(
+        "$ {shown}\n  -> {:?} after {:.1} s",
+        out.status.code(),
+        started.elapsed().as_secs_f64()
+    );
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+// ---- plain file checks ----------------------------------------------------------------
+
+/// `KEY: value` lines of the packaged config, commented (`#KEY: value`) or not.
+fn config_entries(text: &str) -> BTreeMap<String, (bool, String)> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let (commented, rest) = match line.strip_prefix('#') {
+            Some(r) => (true, r),
+            None => (false, line),
+        };
+        let Some((key, value)) = rest.split_once(": ") else {
+            continue;
+        };
+        if KEYS.iter().any(|k| k.name == key) {
+            out.insert(key.to_string(), (commented, value.trim().to_string()));
+        }
+    }
+    out
+}
+
+fn load(path: &Path) -> Result<Settings, String> {
+    Settings::load(&Inputs {
+        file: Some(path.to_path_buf()),
+        env: Vec::new(),
+        flags: Vec::new(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn packaged_config_documents_every_key() {
+    let path = repo().join(CONFIG);
+    let text = fs::read_to_string(&path).expect("read packaging/config.yaml");
+    let entries = config_entries(&text);
+    for key in KEYS {
+        let Some((commented, value)) = entries.get(key.name) else {
+            panic!(
+                "{CONFIG} does not mention {} ({}): add it as a commented line",
+                key.name, key.doc
+            );
+        };
+        // A commented-out key shows the default the agent really uses.
+        if let (true, Some(default)) = (commented, key.default) {
+            assert_eq!(
+                value, default,
+                "{CONFIG}: #{} shows '{value}' but the default is '{default}'",
+                key.name
+            );
+        }
+    }
+    // The shipped file loads as is, and with every example uncommented.
+    load(&path).unwrap_or_else(|e| panic!("{CONFIG} as shipped: {e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let all = dir.path().join("all.yaml");
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(r) if KEYS.iter().any(|k| r.starts_with(&format!("{}: ", k.name))) => r,
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&all, uncommented).expect("write");
+    let s = load(&all).unwrap_or_else(|e| panic!("{CONFIG} with every key uncommented: {e}"));
+    assert_eq!(s.workload_user, "dwng", "the package's workload user");
+}
+
+/// `Key=value` settings of the unit (all values of repeated keys).
+fn unit_settings() -> BTreeMap<String, Vec<String>> {
+    let text = fs::read_to_string(repo().join(UNIT)).expect("read the unit");
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.starts_with('[') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            out.entry(k.trim().into())
+                .or_default()
+                .push(v.trim().into());
+        }
+    }
+    out
+}
+
+#[test]
+fn unit_has_the_settings_the_agent_relies_on() {
+    let s = unit_settings();
+    let one = |k: &str| -> String {
+        let v = s.get(k).unwrap_or_else(|| panic!("{UNIT}: no {k}="));
+        assert_eq!(v.len(), 1, "{UNIT}: {k}= set {} times", v.len());
+        v[0].clone()
+    };
+    assert_eq!(one("Type"), "notify");
+    assert!(!one("WatchdogSec").is_empty());
+    // No delegation: the workloads live in the agent's own top-level subtree (src/daemon.rs).
+    assert!(
+        !s.contains_key("Delegate"),
+        "{UNIT}: Delegate= would break restarts"
+    );
+    assert_eq!(one("KillMode"), "process");
+    assert_eq!(one("OOMPolicy"), "continue");
+    assert_eq!(one("Restart"), "on-failure");
+    let prevent = one("RestartPreventExitStatus");
+    assert!(
+        prevent
+            .split_whitespace()
+            .any(|c| c == EXIT_CONFIG.to_string()),
+        "{UNIT}: RestartPreventExitStatus={prevent} lacks the config-error exit code {EXIT_CONFIG}"
+    );
+    assert!(one("ExecStart")
+        .starts_with("/usr/bin/device-worker-ng --config /etc/device-worker-ng/config.yaml run"));
+    for (k, why) in [
+        ("ProtectControlGroups", "the agent writes cgroupfs"),
+        ("NoNewPrivileges", "workloads use setuid helpers"),
+        (
+            "ProtectSystem",
+            "a private mount namespace hides podman's mounts",
+        ),
+        (
+            "PrivateTmp",
+            "a private mount namespace hides podman's mounts",
+        ),
+    ] {
+        let on = s
+            .get(k)
+            .is_some_and(|v| v.iter().any(|x| x != "no" && x != "false"));
+        assert!(!on, "{UNIT}: {k}= breaks the agent: {why}");
+    }
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    let test = "systemd_analyze_verifies_the_unit";
+    let gone = missing(&[("systemd-analyze", "systemd")]);
+    if !gone.is_empty() {
+        return skip(test, &missing_msg(&gone));
+    }
+    // verify checks that ExecStart= exists: point it at this build's binary.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join("device-worker-ng.service");
+    let unit_text = fs::read_to_string(repo().join(UNIT)).expect("read the unit");
+    fs::write(
+        &unit,
+        unit_text.replace(
+            "/usr/bin/device-worker-ng",
+            env!("CARGO_BIN_EXE_device-worker-ng"),
+        ),
+    )
+    .expect("write");
+    let out = run(Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .env("SYSTEMD_LOG_COLOR", "0"));
+    let stderr = text(&out.stderr);
+    println!("{stderr}");
+    // Complaints about the host's own units (no systemd running here) are not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("device-worker-ng"))
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify {UNIT}: exit {:?}\n{}",
+        out.status.code(),
+        ours.join("\n")
+    );
+}
+
+// ---- packages ---------------------------------------------------------------------------
+
+struct Packages {
+    deb: PathBuf,
+    rpm: PathBuf,
+}
+
+/// Builds both packages once per test process; `Err` = why it could not (skip reason).
+fn packages() -> &'static Result<Packages, String> {
+    static BUILT: OnceLock<Result<Packages, String>> = OnceLock::new();
+    BUILT.get_or_init(build_packages)
+}
+
+fn build_packages() -> Result<Packages, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let has_sub = |sub: &str| on_path(&format!("cargo-{sub}"));
+    let mut gone = Vec::new();
+    if !has_sub("deb") {
+        gone.push("cargo-deb (cargo install --locked cargo-deb)".to_string());
+    }
+    if !has_sub("generate-rpm") {
+        gone.push("cargo-generate-rpm (cargo install --locked cargo-generate-rpm)".to_string());
+    }
+    if !gone.is_empty() {
+        return Err(missing_msg(&gone));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+        .join("packaging");
+    let outdir = target.join("packages");
+    let _ = fs::remove_dir_all(&outdir);
+    fs::create_dir_all(&outdir).map_err(|e| format!("create {}: {e}", outdir.display()))?;
+
+    let build = run(Command::new(&cargo)
+        .args(["build", "--release", "--bin", "device-worker-ng"])
+        .current_dir(repo())
+        .env("CARGO_TARGET_DIR", &target));
+    assert!(
+        build.status.success(),
+        "cargo build --release failed:\n{}",
+        text(&build.stderr)
+    );
+    let deb = run(Command::new(&cargo)
+        .args(["deb", "--no-build", "--fast", "-o"])
+        .arg(&outdir)
+        .current_dir(repo())
+        .env("CARGO_TARGET_DIR", &target));
+    assert!(
+        deb.status.success(),
+        "cargo deb failed:\n{}{}",
+        text(&deb.stdout),
+        text(&deb.stderr)
+    );
+    // cargo-generate-rpm reads the binary from target/release/ relative to the crate unless told.
+    let rpm = run(Command::new(&cargo)
+        .args(["generate-rpm", "--target-dir"])
+        .arg(&target)
+        .arg("-o")
+        .arg(&outdir)
+        .current_dir(repo()));
+    assert!(
+        rpm.status.success(),
+        "cargo generate-rpm failed:\n{}{}",
+        text(&rpm.stdout),
+        text(&rpm.stderr)
+    );
+    let find = |ext: &str| -> PathBuf {
+        fs::read_dir(&outdir)
+            .expect("read the package dir")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap_or_else(|| panic!("no .{ext} in {}", outdir.display()))
+    };
+    Ok(Packages {
+        deb: find("deb"),
+        rpm: find("rpm"),
+    })
+}
+
+/// Lines of a linter's output that are errors (`E:` in lintian's and rpmlint's formats).
+fn error_lines(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.contains(": E: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn deb_package_passes_lintian() {
+    let test = "deb_package_passes_lintian";
+    let gone = missing(&[("lintian", "lintian"), ("dpkg-deb", "dpkg")]);
+    if !gone.is_empty() {
+        return skip(test, &missing_msg(&gone));
+    }
+    let pkgs = match packages() {
+        Ok(p) => p,
+        Err(why) => return skip(test, why),
+    };
+    let listing = run(Command::new("dpkg-deb").arg("--contents").arg(&pkgs.deb));
+    let listing = text(&listing.stdout);
+    println!("{listing}");
+    let depends = run(Command::new("dpkg-deb")
+        .args(["--field"])
+        .arg(&pkgs.deb)
+        .arg("Depends"));
+    println!("Depends: {}", text(&depends.stdout));
+    for want in [
+        "./usr/bin/device-worker-ng",
+        "./usr/lib/systemd/system/device-worker-ng.service",
+        "./etc/device-worker-ng/config.yaml",
+        "./usr/lib/tmpfiles.d/device-worker-ng.conf",
+        "./usr/lib/sysusers.d/device-worker-ng.conf",
+        "./usr/libexec/device-worker-ng/stop-workloads",
+        "./usr/share/doc/device-worker-ng/README.md",
+    ] {
+        assert!(listing.contains(want), "the .deb lacks {want}");
+    }
+    let ctl = tempfile::tempdir().expect("tempdir");
+    let ok = run(Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&pkgs.deb)
+        .arg(ctl.path()));
+    assert!(ok.status.success());
+    let conffiles = fs::read_to_string(ctl.path().join("conffiles")).unwrap_or_default();
+    assert!(
+        conffiles.contains("/etc/device-worker-ng/config.yaml"),
+        "config.yaml is not a conffile: {conffiles:?}"
+    );
+    let postinst = fs::read_to_string(ctl.path().join("postinst")).unwrap_or_default();
+    println!("---- postinst ----\n{postinst}");
+    for want in [
+        "systemd-sysusers",
+        "deb-systemd-helper",
+        "deb-systemd-invoke",
+    ] {
+        assert!(postinst.contains(want), "postinst lacks {want}");
+    }
+
+    let out = run(Command::new("lintian")
+        .args(["--tag-display-limit", "0", "--info"])
+        .arg(&pkgs.deb));
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("---- lintian ----\n{report}");
+    let errors = error_lines(&report);
+    assert!(errors.is_empty(), "lintian errors:\n{}", errors.join("\n"));
+}
+
+#[test]
+fn rpm_package_passes_rpmlint() {
+    let test = "rpm_package_passes_rpmlint";
+    let gone = missing(&[("rpmlint", "rpmlint"), ("rpm", "rpm")]);
+    if !gone.is_empty() {
+        return skip(test, &missing_msg(&gone));
+    }
+    let pkgs = match packages() {
+        Ok(p) => p,
+        Err(why) => return skip(test, why),
+    };
+    let q = run(Command::new("rpm")
+        .args(["-qp", "--configfiles", "--scripts"])
+        .arg(&pkgs.rpm));
+    let q = text(&q.stdout);
+    println!("{q}");
+    assert!(
+        q.contains("/etc/device-worker-ng/config.yaml"),
+        "config.yaml is not a %config file"
+    );
+    for want in [
+        "postinstall scriptlet",
+        "preuninstall scriptlet",
+        "postuninstall scriptlet",
+    ] {
+        assert!(q.contains(want), "the .rpm lacks its {want}");
+    }
+    let out = run(Command::new("rpmlint")
+        .arg("-r")
+        .arg(repo().join("packaging/rpm/rpmlintrc"))
+        .arg(&pkgs.rpm));
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("---- rpmlint ----\n{report}");
+    let errors = error_lines(&report);
+    assert!(errors.is_empty(), "rpmlint errors:\n{}", errors.join("\n"));
+}
+
+#[test]
+fn deb_installs_and_runs_in_systemd_guest() {
+    let test = "deb_installs_and_runs_in_systemd_guest";
+    if std::env::var("DWNG_SKIP_VM").is_ok_and(|v| v == "1") {
+        return skip(test, "DWNG_SKIP_VM=1 is set");
+    }
+    let mut gone = missing(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("debootstrap", "debootstrap"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("gcc", "gcc"),
+        ("flock", "util-linux"),
+    ]);
+    if !is_root() {
+        return skip(
+            test,
+            "needs root: debootstrap, chroot (CI runs .ci/run as root)",
+        );
+    }
+    let kernel = fs::read_dir("/boot").ok().and_then(|rd| {
+        rd.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+    });
+    if kernel.is_none() {
+        gone.push("a kernel in /boot (linux-image-amd64)".into());
+    }
+    if !gone.is_empty() {
+        return skip(test, &missing_msg(&gone));
+    }
+    let pkgs = match packages() {
+        Ok(p) => p,
+        Err(why) => return skip(test, why),
+    };
+    let started = Instant::now();
+    let out = run(Command::new("bash")
+        .arg(repo().join("tests/vm/systemd/guest.sh"))
+        .arg(&pkgs.deb));
+    let console = text(&out.stdout);
+    println!(
+        "{console}\n---- guest.sh stderr ----\n{}",
+        text(&out.stderr)
+    );
+    println!(
+        "systemd guest: exit {:?} after {:.1} s",
+        out.status.code(),
+        started.elapsed().as_secs_f64()
+    );
+    let lines: Vec<&str> = console.lines().collect();
+    let fails: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("FAIL "))
+        .collect();
+    assert!(
+        fails.is_empty(),
+        "systemd guest: failed checks (the console above has the unit's journal):\n{}",
+        fails.join("\n")
+    );
+    for want in GUEST_PASSES {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "systemd guest: no line starting with {want:?}"
+        );
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "tests/vm/systemd/guest.sh exit status"
+    );
+}
