@@ -196,7 +196,23 @@ impl Controller {
             admitted_seq: self.next_seq(),
             notice: None,
         };
+        let kind = entry.kind.clone();
+        let cgroup = entry.cgroup.clone();
         self.workloads.insert(name.clone(), entry);
+        if kind == WorkloadKind::K8s {
+            // No local process to sample: the driver watches the Deployment instead.
+            if let Some(e) = self.workloads.get_mut(&name) {
+                e.adopted = None;
+            }
+            let watch = move || match drivers::adopted_waiter(&kind, &cgroup) {
+                Some(w) => w.wait(),
+                None => drivers::RunEnd::default(),
+            };
+            let cg = self.hierarchy.workload(&name);
+            if let Err(e) = spawn_waiter(self.tx.clone(), name.clone(), 1, watch, cg, u64::MAX) {
+                warn!(workload = %name, "cannot watch the adopted workload: {e}");
+            }
+        }
         self.record_transition(
             format!("workload/{name}"),
             "-",
@@ -588,6 +604,36 @@ impl Controller {
     }
 }
 
+/// A thread that waits for the end of one run and reports it as `Exited`.
+fn spawn_waiter(
+    tx: Sender<Event>,
+    name: String,
+    run: u64,
+    waiter: impl FnOnce() -> drivers::RunEnd + Send + 'static,
+    cgroup: WorkloadCgroup,
+    oom_baseline: u64,
+) -> std::io::Result<()> {
+    let t0 = Instant::now();
+    std::thread::Builder::new()
+        .name(format!("wait-{name}"))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let end = waiter();
+            let oom = cgroup.oom_kills() > oom_baseline || end.oom_killed;
+            let _ = tx.send_blocking(Event::Workload {
+                name,
+                run,
+                event: WorkloadEvent::Exited(ExitInfo {
+                    code: end.code,
+                    signal: end.signal,
+                    oom_killed: oom,
+                    ran_for: t0.elapsed(),
+                }),
+            });
+        })
+        .map(|_| ())
+}
+
 /// The blocking start of one run: cgroup, process, record, then a waiter for its exit.
 fn start_op(
     spec: WorkloadSpec,
@@ -640,27 +686,14 @@ fn start_op(
         }
         let (pid, ticks) = (started.pid, started.start_ticks);
         let baseline = started.oom_kills_at_start;
-        let waiter = started.waiter;
-        let waiter_tx = tx.clone();
-        let waiter_name = name.clone();
-        let t0 = Instant::now();
-        let spawned = std::thread::Builder::new()
-            .name(format!("wait-{pid}"))
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let end = waiter.wait();
-                let oom = cgroup.oom_kills() > baseline || end.oom_killed;
-                let _ = waiter_tx.send_blocking(Event::Workload {
-                    name: waiter_name,
-                    run,
-                    event: WorkloadEvent::Exited(ExitInfo {
-                        code: end.code,
-                        signal: end.signal,
-                        oom_killed: oom,
-                        ran_for: t0.elapsed(),
-                    }),
-                });
-            });
+        let spawned = spawn_waiter(
+            tx.clone(),
+            name.clone(),
+            run,
+            move || started.waiter.wait(),
+            cgroup,
+            baseline,
+        );
         if let Err(e) = spawned {
             warn!(workload = %name, "no waiter thread ({e}): watching pid {pid} by sampling");
             let _ = tx.send_blocking(Event::Unwatched {

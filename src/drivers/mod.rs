@@ -2,6 +2,7 @@
 //! thread, one command at a time per workload), never on the controller task. The controller
 //! only calls [`start`], [`stop`] and [`cleanup`], which dispatch on the workload's kind.
 
+pub mod k8s;
 pub mod podman;
 pub mod process;
 pub mod shell;
@@ -19,6 +20,8 @@ pub enum DriverError {
     Shell(#[from] shell::ShellError),
     #[error("{0}")]
     Podman(#[from] podman::PodmanError),
+    #[error("{0}")]
+    K8s(#[from] k8s::K8sError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
     #[error("kind '{0}' has no driver on this agent")]
@@ -110,7 +113,18 @@ pub fn start(
                 notice: s.notice,
             })
         }
-        WorkloadKind::K8s => Err(DriverError::Unsupported("k8s")),
+        // A Deployment has no local process: pid 0 and no cgroup of the agent; the run is
+        // its pod, watched through the API (drivers/k8s).
+        WorkloadKind::K8s => {
+            let s = k8s::driver().start(spec, secrets)?;
+            Ok(Started {
+                pid: 0,
+                start_ticks: 0,
+                oom_kills_at_start: 0,
+                waiter: Waiter::Blocking(s.waiter),
+                notice: s.notice,
+            })
+        }
     }
 }
 
@@ -122,7 +136,8 @@ pub fn stop(
 ) -> Result<(), DriverError> {
     match kind {
         WorkloadKind::Pod => Ok(podman::stop(cgroup, grace)?),
-        WorkloadKind::Shell | WorkloadKind::K8s => Ok(cgroup.stop_all(grace)?),
+        WorkloadKind::K8s => Ok(k8s::driver().stop(&podman::workload_name(cgroup), grace)?),
+        WorkloadKind::Shell => Ok(cgroup.stop_all(grace)?),
     }
 }
 
@@ -130,18 +145,40 @@ pub fn stop(
 pub fn cleanup(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Result<(), DriverError> {
     match kind {
         WorkloadKind::Pod => Ok(podman::cleanup(cgroup)?),
-        WorkloadKind::Shell | WorkloadKind::K8s => Ok(cgroup.remove()?),
+        WorkloadKind::K8s => {
+            k8s::driver().cleanup(&podman::workload_name(cgroup))?;
+            Ok(cgroup.remove()?)
+        }
+        WorkloadKind::Shell => Ok(cgroup.remove()?),
     }
 }
 
 /// Whether a recorded run (after an agent restart) is still the workload's: the same process,
 /// inside the workload's cgroup (a pod's processes are in podman's cgroups below it).
+/// A k8s workload has no process: the API answers (its Deployment exists and its pod runs or
+/// is being deployed).
 pub fn still_running(kind: &WorkloadKind, cgroup: &WorkloadCgroup, pid: i32, ticks: u64) -> bool {
+    if *kind == WorkloadKind::K8s {
+        return k8s::driver().still_running(&podman::workload_name(cgroup));
+    }
     if !process::is_same_process(pid, ticks) {
         return false;
     }
     match kind {
         WorkloadKind::Pod => podman::in_subtree(cgroup, pid),
         WorkloadKind::Shell | WorkloadKind::K8s => cgroup.pids().is_ok_and(|p| p.contains(&pid)),
+    }
+}
+
+/// A waiter for an adopted run that has no process to watch (a k8s workload's pod); `None`
+/// for kinds whose adopted process the sampler watches by pid.
+pub fn adopted_waiter(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Option<Waiter> {
+    match kind {
+        WorkloadKind::K8s => match k8s::driver().watcher(&podman::workload_name(cgroup)) {
+            Ok(w) => Some(Waiter::Blocking(w)),
+            // Nothing to watch: the run has ended.
+            Err(_) => Some(Waiter::Blocking(Box::new(RunEnd::default))),
+        },
+        WorkloadKind::Shell | WorkloadKind::Pod => None,
     }
 }

@@ -280,13 +280,78 @@ impl DesiredWorkload {
                     pod: Some(parsed.data),
                 })
             }
-            WorkloadKind::K8s => Err(err(
-                "kind",
-                format!(
-                    "kind '{}' has no driver on this agent yet (supported: shell, pod)",
-                    kind.name()
-                ),
-            )),
+            // A Deployment on the local Kubernetes API (drivers/k8s): the same PodSpec checks
+            // as a pod; Kubernetes enforces the limits, the requests count for the budget.
+            WorkloadKind::K8s => {
+                let auth_file = self
+                    .image_registries
+                    .as_ref()
+                    .and_then(|r| r.auth_file.as_deref())
+                    .filter(|a| !a.trim().is_empty());
+                let parsed = parse_pod(&PodInput {
+                    name: &self.name,
+                    specification: &self.specification,
+                    labels: &self.labels,
+                    annotations: &self.annotations,
+                    configmaps: &self.configmaps,
+                    auth_file,
+                    rootless: false,
+                })
+                .map_err(|(f, why)| err(&f, why))?;
+                if parsed.restart != super::RestartPolicy::Always {
+                    return Err(err(
+                        "specification.restartPolicy",
+                        "a k8s workload runs as a Deployment, whose pods restart Always".into(),
+                    ));
+                }
+                let namespace = self
+                    .namespace
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("default");
+                if !is_rfc1123_name(namespace) || namespace.len() > 63 || namespace.contains('.') {
+                    return Err(err(
+                        "namespace",
+                        format!("'{namespace}' is not a Kubernetes namespace name"),
+                    ));
+                }
+                let manifest = crate::drivers::k8s::objects::render(
+                    &parsed.data.manifest,
+                    namespace,
+                    &self.configmaps,
+                    auth_file,
+                )
+                .map_err(|(f, why)| err(&f, why))?;
+                let mut fp = manifest.clone().into_bytes();
+                fp.extend(format!("\0{backoff:?}").as_bytes());
+                // The agent's pod overhead and default pids limit are podman's, not these.
+                let limits = crate::cgroup::Limits {
+                    memory_bytes: parsed
+                        .limits
+                        .memory_bytes
+                        .map(|m| m.saturating_sub(super::POD_MEMORY_OVERHEAD)),
+                    cpu_millicores: parsed.limits.cpu_millicores,
+                    pids: None,
+                };
+                Ok(WorkloadSpec {
+                    name: self.name.clone(),
+                    kind,
+                    shell: None,
+                    limits,
+                    requests: parsed.requests,
+                    restart: parsed.restart,
+                    backoff,
+                    priority,
+                    labels: self.labels.clone(),
+                    fingerprint: fingerprint(&fp),
+                    pod: Some(super::PodSpecData {
+                        manifest,
+                        auth_file: parsed.data.auth_file,
+                        rootless: false,
+                        containers: parsed.data.containers,
+                    }),
+                })
+            }
         }
     }
 }
