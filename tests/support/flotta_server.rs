@@ -85,6 +85,9 @@ pub struct RequestRecord {
     /// `None` when the connection was dropped on purpose.
     pub status: Option<u16>,
     pub content_type: Option<String>,
+    /// HTTP bytes of the request (line, headers, body) and of the response.
+    pub request_bytes: usize,
+    pub response_bytes: usize,
 }
 
 /// Files of an issued client certificate.
@@ -118,6 +121,8 @@ struct State {
     faults: VecDeque<(Fault, usize)>,
     resource_version: u64,
     tls_failures: usize,
+    /// TLS connections completed (each one a full handshake with client certificate).
+    connections: usize,
 }
 
 struct Pki {
@@ -435,6 +440,11 @@ impl FlottaTestServer {
         self.shared.state().tls_failures
     }
 
+    /// TLS connections accepted with a completed handshake.
+    pub fn connections(&self) -> usize {
+        self.shared.state().connections
+    }
+
     /// Apply `fault` to the next `times` requests (queued after earlier faults).
     pub fn inject_fault(&self, fault: Fault, times: usize) {
         if times > 0 {
@@ -534,6 +544,8 @@ struct Request {
     target: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// Bytes of the request line and headers.
+    head_len: usize,
 }
 
 impl Request {
@@ -613,6 +625,7 @@ fn serve_connection(shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>, tcp: Tc
             return;
         }
     }
+    shared.state().connections += 1;
     let certs: Vec<CertificateDer<'static>> = stream
         .conn
         .peer_certificates()
@@ -680,6 +693,7 @@ fn read_request(r: &mut BufReader<TlsStream>, max_body: usize) -> io::Result<Opt
         target,
         headers,
         body: Vec::new(),
+        head_len: line.len() + header_bytes,
     };
     if req
         .header("transfer-encoding")
@@ -713,7 +727,7 @@ fn read_request(r: &mut BufReader<TlsStream>, max_body: usize) -> io::Result<Opt
     Ok(Some(req))
 }
 
-fn write_response(w: &mut TlsStream, resp: &Response) -> io::Result<()> {
+fn response_head(resp: &Response) -> String {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\n",
         resp.status,
@@ -727,7 +741,11 @@ fn write_response(w: &mut TlsStream, resp: &Response) -> io::Result<()> {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    w.write_all(head.as_bytes())?;
+    head
+}
+
+fn write_response(w: &mut TlsStream, resp: &Response) -> io::Result<()> {
+    w.write_all(response_head(resp).as_bytes())?;
     w.write_all(&resp.body)?;
     w.flush()
 }
@@ -851,6 +869,8 @@ fn handle(shared: &Shared, certs: &[CertificateDer<'_>], req: &Request) -> Optio
         client_cn: peer.cn.clone(),
         status: None,
         content_type: req.header("content-type").map(str::to_owned),
+        request_bytes: req.head_len + req.body.len(),
+        response_bytes: 0,
     };
 
     // Faults first: they model a broken server or network in front of it.
@@ -894,6 +914,7 @@ fn handle(shared: &Shared, certs: &[CertificateDer<'_>], req: &Request) -> Optio
     };
     let resp = resp.unwrap_or_else(|| dispatch(shared, certs, &peer, req, &path, &mut record));
     record.status = Some(resp.status);
+    record.response_bytes = response_head(&resp).len() + resp.body.len();
     shared.state().requests.push(record);
     Some(resp)
 }
