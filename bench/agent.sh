@@ -70,5 +70,7 @@ printf '\n%-58s %12s %10s\n' "measure" "value" "target"
 printf '%-58s %9s KiB %10s\n' "agent RSS with $N shell workloads running (VmRSS)" "$rss_kb" "8192 KiB"
 printf '%-58s %9s KiB %10s\n' "agent peak RSS (VmHWM)" "$hwm_kb" "-"
 printf '%-58s %10s %% %10s\n' "agent CPU, steady state, $N workloads, 1 s sampler (${STEADY}s)" "$cpu_pct" "0.5 %"
+per_wl=$(echo "scale=1; $cpu_pct / 100 * 1000000 / $N" | bc)
+printf '%-58s %9s us %10s\n' "agent CPU per workload per second (sampler and all)" "$per_wl" "-"
 printf '%-58s %9s us %10s\n' "desired-state change -> process running, median of 10" "$median" "50000 us"
 printf '%-58s %9s us %10s\n' "desired-state change -> process running, max of 10" "$max" "-"

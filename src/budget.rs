@@ -1,6 +1,9 @@
 //! The device budget: what workloads may use in total, and a tracker that turns usage samples
-//! into "exceeded" (sustained over a window) and "recovered" (under the low watermark for a
-//! hold time) signals, so one spike does not evict anything and recovery does not flap.
+//! into "exceeded" (over the budget for the whole window) and "recovered" (under the low
+//! watermark for the hold time) signals, so one spike does not evict anything and recovery
+//! does not flap.
+
+use std::time::{Duration, Instant};
 
 use crate::sampler::DeviceTotals;
 
@@ -17,6 +20,13 @@ impl Budget {
             cpu_millicores: (device.cpus * 1000).saturating_sub(reserved_cpu),
         }
     }
+
+    /// Usage at or above `fraction` of the budget (the sampler then samples faster, so a
+    /// breach is seen within a tenth of a second instead of a whole interval).
+    pub fn near(&self, memory: u64, cpu: u64, fraction: f64) -> bool {
+        memory as f64 >= self.memory_bytes as f64 * fraction
+            || cpu as f64 >= self.cpu_millicores as f64 * fraction
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,44 +35,54 @@ pub enum Pressure {
     Recovered,
 }
 
-/// Consecutive-sample hysteresis over the budget.
+/// Time-based hysteresis over the budget.
 #[derive(Debug, Clone)]
 pub struct PressureTracker {
-    /// Samples over the budget before it counts as exceeded.
-    pub window: u32,
-    /// Samples under the low watermark before it counts as recovered.
-    pub hold: u32,
+    /// Usage must stay over the budget this long before it counts as exceeded.
+    pub window: Duration,
+    /// Usage must stay under the low watermark this long before it counts as recovered.
+    pub hold: Duration,
     /// Low watermark as a fraction of the budget.
     pub low_watermark: f64,
-    over: u32,
-    under: u32,
+    over_since: Option<Instant>,
+    under_since: Option<Instant>,
     exceeded: bool,
 }
 
 impl PressureTracker {
-    pub fn new(window: u32, hold: u32, low_watermark: f64) -> Self {
+    pub fn new(window: Duration, hold: Duration, low_watermark: f64) -> Self {
         PressureTracker {
-            window: window.max(1),
-            hold: hold.max(1),
+            window,
+            hold,
             low_watermark,
-            over: 0,
-            under: 0,
+            over_since: None,
+            under_since: None,
             exceeded: false,
         }
     }
 
-    /// Feeds one sample; returns a signal when the pressure state changes (and again every
-    /// `window` samples while it stays exceeded, so the device keeps shedding load).
-    pub fn observe(&mut self, memory: u64, cpu: u64, budget: &Budget) -> Option<Pressure> {
+    pub fn is_exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    /// Feeds one sample taken at `now`; returns a signal when the pressure state changes (and
+    /// again every `window` while it stays exceeded, so the device keeps shedding load).
+    pub fn observe(
+        &mut self,
+        memory: u64,
+        cpu: u64,
+        budget: &Budget,
+        now: Instant,
+    ) -> Option<Pressure> {
         let over_mem = memory > budget.memory_bytes;
         let over_cpu = cpu > budget.cpu_millicores;
         let low = |used: u64, b: u64| (used as f64) < (b as f64) * self.low_watermark;
         let under = low(memory, budget.memory_bytes) && low(cpu, budget.cpu_millicores);
         if over_mem || over_cpu {
-            self.under = 0;
-            self.over += 1;
-            if self.over >= self.window {
-                self.over = 0;
+            self.under_since = None;
+            let since = *self.over_since.get_or_insert(now);
+            if now.duration_since(since) >= self.window {
+                self.over_since = Some(now);
                 self.exceeded = true;
                 let what = if over_mem {
                     format!(
@@ -79,16 +99,16 @@ impl PressureTracker {
                 return Some(Pressure::Exceeded(what));
             }
         } else {
-            self.over = 0;
+            self.over_since = None;
             if self.exceeded && under {
-                self.under += 1;
-                if self.under >= self.hold {
-                    self.under = 0;
+                let since = *self.under_since.get_or_insert(now);
+                if now.duration_since(since) >= self.hold {
+                    self.under_since = None;
                     self.exceeded = false;
                     return Some(Pressure::Recovered);
                 }
             } else {
-                self.under = 0;
+                self.under_since = None;
             }
         }
         None
@@ -110,6 +130,8 @@ mod tests {
         assert_eq!(b.memory_bytes, 768 << 20);
         assert_eq!(b.cpu_millicores, 1750);
         assert_eq!(Budget::of(&d, 2 << 30, 5000), Budget::default());
+        assert!(b.near(700 << 20, 0, 0.8));
+        assert!(!b.near(100 << 20, 100, 0.8));
     }
 
     #[test]
@@ -118,23 +140,41 @@ mod tests {
             memory_bytes: 100,
             cpu_millicores: 1000,
         };
-        let mut t = PressureTracker::new(3, 2, 0.9);
-        assert_eq!(t.observe(150, 0, &b), None);
-        assert_eq!(t.observe(50, 0, &b), None, "spike over");
-        assert_eq!(t.observe(150, 0, &b), None);
-        assert_eq!(t.observe(150, 0, &b), None);
-        assert!(matches!(t.observe(150, 0, &b), Some(Pressure::Exceeded(_))));
-        assert_eq!(
-            t.observe(95, 0, &b),
-            None,
-            "under budget but above the low watermark"
-        );
-        assert_eq!(t.observe(95, 0, &b), None);
-        assert_eq!(t.observe(80, 0, &b), None);
-        assert_eq!(t.observe(80, 0, &b), Some(Pressure::Recovered));
-        assert_eq!(t.observe(80, 0, &b), None);
+        let ms = |n: u64| Duration::from_millis(n);
+        let t0 = Instant::now();
+        let mut t = PressureTracker::new(ms(500), ms(1000), 0.9);
+        assert_eq!(t.observe(150, 0, &b, t0), None);
+        assert_eq!(t.observe(50, 0, &b, t0 + ms(100)), None, "spike over");
+        assert_eq!(t.observe(150, 0, &b, t0 + ms(200)), None);
+        assert_eq!(t.observe(150, 0, &b, t0 + ms(600)), None);
         assert!(matches!(
-            PressureTracker::new(1, 1, 0.9).observe(0, 2000, &b),
+            t.observe(150, 0, &b, t0 + ms(700)),
+            Some(Pressure::Exceeded(_))
+        ));
+        assert!(t.is_exceeded());
+        assert_eq!(t.observe(150, 0, &b, t0 + ms(800)), None);
+        assert!(
+            matches!(
+                t.observe(150, 0, &b, t0 + ms(1200)),
+                Some(Pressure::Exceeded(_))
+            ),
+            "still over after another window: shed more"
+        );
+        assert_eq!(
+            t.observe(95, 0, &b, t0 + ms(1300)),
+            None,
+            "above the low watermark"
+        );
+        assert_eq!(t.observe(80, 0, &b, t0 + ms(1400)), None);
+        assert_eq!(t.observe(80, 0, &b, t0 + ms(2000)), None);
+        assert_eq!(
+            t.observe(80, 0, &b, t0 + ms(2400)),
+            Some(Pressure::Recovered)
+        );
+        assert_eq!(t.observe(80, 0, &b, t0 + ms(3000)), None);
+        let mut c = PressureTracker::new(Duration::ZERO, ms(1), 0.9);
+        assert!(matches!(
+            c.observe(0, 2000, &b, t0),
             Some(Pressure::Exceeded(r)) if r.contains("cpu")
         ));
     }

@@ -22,4 +22,5 @@ pub mod sampler;
 pub mod status;
 pub mod store;
 pub mod units;
+pub mod variables;
 pub mod workload;

@@ -35,9 +35,23 @@ pub struct Report {
     pub at: Instant,
     pub workloads: Vec<WorkloadSample>,
     pub device: DeviceTotals,
+    /// Use of the file system holding STATE_DIR, in percent.
+    pub disk_percent: Option<f64>,
+    /// Processes on the device as a percentage of the kernel's pid_max.
+    pub pids_percent: f64,
+    /// Profile variables fed through the local input file (fresh ones only).
+    pub variables: std::collections::BTreeMap<String, crate::profiles::expr::Value>,
 }
 
-pub fn sample(targets: &[Target], reader: &mut CounterReader) -> Report {
+/// What the sampler thread reads besides the cgroups.
+#[derive(Debug, Clone)]
+pub struct SamplerConfig {
+    pub state_dir: std::path::PathBuf,
+    pub variables_file: std::path::PathBuf,
+    pub variables_ttl: std::time::Duration,
+}
+
+pub fn sample(targets: &[Target], reader: &mut CounterReader, config: &SamplerConfig) -> Report {
     let workloads = targets
         .iter()
         .map(|t| WorkloadSample {
@@ -53,7 +67,32 @@ pub fn sample(targets: &[Target], reader: &mut CounterReader) -> Report {
         at: Instant::now(),
         workloads,
         device: device_totals(),
+        disk_percent: disk_percent(&config.state_dir),
+        pids_percent: pids_percent(),
+        variables: crate::variables::read(&config.variables_file, config.variables_ttl),
     }
+}
+
+fn disk_percent(path: &std::path::Path) -> Option<f64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let total = st.blocks() as f64;
+    if total <= 0.0 {
+        return None;
+    }
+    Some((total - st.blocks_available() as f64) * 100.0 / total)
+}
+
+fn pids_percent() -> f64 {
+    let max: f64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768.0);
+    // /proc/loadavg's fourth field is "running/total" scheduling entities.
+    let total: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    total * 100.0 / max
 }
 
 /// The sampler thread: samples whenever the controller hands it the current targets (once
@@ -61,6 +100,7 @@ pub fn sample(targets: &[Target], reader: &mut CounterReader) -> Report {
 /// rounds, which is most of its cost.
 pub fn spawn(
     events: async_channel::Sender<crate::controller::Event>,
+    config: SamplerConfig,
 ) -> std::io::Result<async_channel::Sender<Vec<Target>>> {
     let (tx, rx) = async_channel::bounded::<Vec<Target>>(1);
     std::thread::Builder::new()
@@ -69,7 +109,7 @@ pub fn spawn(
         .spawn(move || {
             let mut reader = CounterReader::cached();
             while let Ok(targets) = rx.recv_blocking() {
-                let report = sample(&targets, &mut reader);
+                let report = sample(&targets, &mut reader, &config);
                 if events
                     .send_blocking(crate::controller::Event::Sampled(report))
                     .is_err()

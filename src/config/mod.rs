@@ -230,6 +230,36 @@ pub const KEYS: &[KeySpec] = &[
         Some("1Mi"),
         "largest message accepted from the server"
     ),
+    key!(
+        "VARIABLES_FILE",
+        Path,
+        Some("/run/device-worker-ng/variables.yaml"),
+        "root-only file of extra profile variables (NAME: value), read each sample"
+    ),
+    key!(
+        "VARIABLES_TTL",
+        Duration,
+        Some("1m"),
+        "variables from VARIABLES_FILE count as missing once the file is older than this"
+    ),
+    key!(
+        "BUDGET_WINDOW",
+        Duration,
+        Some("500ms"),
+        "workloads must use more than the budget this long before the lowest priority is evicted"
+    ),
+    key!(
+        "BUDGET_HOLD",
+        Duration,
+        Some("30s"),
+        "usage must stay under the low watermark this long before evicted workloads return"
+    ),
+    key!(
+        "BUDGET_LOW_WATERMARK",
+        Fraction,
+        Some("0.9"),
+        "fraction of the budget usage must fall under before evicted workloads may return"
+    ),
 ];
 
 /// Where a value came from, for error messages.
@@ -332,6 +362,11 @@ pub struct Settings {
     pub cert_renew_at: f64,
     pub max_message_size: u64,
     pub rootless_user: Option<String>,
+    pub variables_file: PathBuf,
+    pub variables_ttl: Duration,
+    pub budget_window: Duration,
+    pub budget_hold: Duration,
+    pub budget_low_watermark: f64,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -609,6 +644,11 @@ impl Settings {
             cert_renew_at: take.fraction("CERT_RENEW_AT"),
             max_message_size: take.quantity("MAX_MESSAGE_SIZE"),
             rootless_user: take.text("ROOTLESS_USER"),
+            variables_file: take.path("VARIABLES_FILE").unwrap_or_default(),
+            variables_ttl: take.duration("VARIABLES_TTL"),
+            budget_window: take.duration("BUDGET_WINDOW"),
+            budget_hold: take.duration("BUDGET_HOLD"),
+            budget_low_watermark: take.fraction("BUDGET_LOW_WATERMARK"),
             sources,
         })
     }

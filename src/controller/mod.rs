@@ -3,6 +3,7 @@
 //! [`Event`]s into one bounded channel. Machines decide; the controller executes their commands
 //! through the drivers on blocking lanes and feeds the results back as events.
 
+mod admission;
 pub mod server;
 mod snapshot;
 pub mod sources;
@@ -28,6 +29,9 @@ pub use workloads::Entry;
 
 /// Capacity of the event channel: producers wait (back-pressure) rather than grow memory.
 pub const EVENT_CAPACITY: usize = 1024;
+
+/// Sampling period while usage is near or over the budget.
+const FAST_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug)]
 pub enum Event {
@@ -60,6 +64,11 @@ pub enum Event {
     WatchdogTick,
     /// The Flotta session: timers and request results.
     Server(server::ServerEvent),
+    /// A cron workload's scheduled time has come.
+    CronDue {
+        name: String,
+        token: u64,
+    },
     /// A driver's notice about a run (e.g. limits it cannot enforce).
     Notice {
         name: String,
@@ -89,6 +98,8 @@ pub struct Controller {
     used: (u64, u64),
     pressure: PressureTracker,
     sampler: Option<Sender<Vec<sampler::Target>>>,
+    /// Profiles, their variables and the admission loop's state.
+    pub(crate) admission: admission::AdmissionState,
     /// The desired state's secrets, for drivers that consume them.
     pub(crate) secrets: std::sync::Arc<Vec<crate::workload::DesiredSecret>>,
     /// The Flotta session; `None` in serverless mode.
@@ -112,12 +123,18 @@ impl Controller {
         tx: Sender<Event>,
         server: Option<server::ServerSession>,
     ) -> Controller {
+        let pressure = PressureTracker::new(
+            settings.budget_window,
+            settings.budget_hold,
+            settings.budget_low_watermark,
+        );
         let outbox = if server.is_some() {
             store.load_outbox()
         } else {
             Default::default()
         };
         Controller {
+            admission: Default::default(),
             secrets: Default::default(),
             server,
             outbox,
@@ -133,7 +150,7 @@ impl Controller {
             totals: sampler::device_totals(),
             last_sample: None,
             used: (0, 0),
-            pressure: PressureTracker::new(3, 10, 0.9),
+            pressure,
             reports: VecDeque::new(),
             sampler: None,
             persist: workloads::spawn_lane(),
@@ -275,8 +292,11 @@ impl Controller {
             }
         }
         self.used = (mem, cpu);
+        self.native_variables(report.disk_percent, report.pids_percent);
+        self.fed_variables(report.variables);
+        self.reevaluate_profiles();
         let budget = self.budget();
-        if let Some(p) = self.pressure.observe(mem, cpu, &budget) {
+        if let Some(p) = self.pressure.observe(mem, cpu, &budget, report.at) {
             match p {
                 crate::budget::Pressure::Exceeded(reason) => {
                     self.device_event(DeviceEvent::BudgetExceeded { reason })
@@ -320,7 +340,12 @@ impl Controller {
 
     /// Runs the loop until shutdown.
     pub async fn run(mut self, rx: Receiver<Event>) {
-        match sampler::spawn(self.tx.clone()) {
+        let sampler_config = sampler::SamplerConfig {
+            state_dir: self.settings.state_dir.clone(),
+            variables_file: self.settings.variables_file.clone(),
+            variables_ttl: self.settings.variables_ttl,
+        };
+        match sampler::spawn(self.tx.clone(), sampler_config) {
             Ok(s) => self.sampler = Some(s),
             Err(e) => error!("cannot start the sampler thread: {e}; no usage figures"),
         }
@@ -342,11 +367,16 @@ impl Controller {
                     if let Some(s) = &self.sampler {
                         let _ = s.try_send(self.sample_targets());
                     }
-                    sources::after(
-                        self.tx.clone(),
-                        self.settings.sample_interval,
-                        Event::SampleTick,
-                    );
+                    // Near or over the budget, sample ten times a second: a breach is then acted on
+                    // within BUDGET_WINDOW plus 100 ms, not a whole interval later.
+                    let (mem, cpu) = self.used;
+                    let interval =
+                        if self.pressure.is_exceeded() || self.budget().near(mem, cpu, 0.8) {
+                            self.settings.sample_interval.min(FAST_SAMPLE_INTERVAL)
+                        } else {
+                            self.settings.sample_interval
+                        };
+                    sources::after(self.tx.clone(), interval, Event::SampleTick);
                 }
                 Event::Sampled(report) => self.on_sampled(report),
                 Event::Workload { name, run, event } => {
@@ -381,6 +411,7 @@ impl Controller {
                 }
                 Event::WatchdogTick => crate::notify::notify("WATCHDOG=1"),
                 Event::Server(ev) => self.on_server_event(ev),
+                Event::CronDue { name, token } => self.on_cron_due(&name, token),
                 Event::Notice { name, run, message } => {
                     if let Some(e) = self.workloads.get_mut(&name).filter(|e| e.run == run) {
                         if e.notice.as_ref() != Some(&message) {

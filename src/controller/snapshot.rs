@@ -39,6 +39,15 @@ impl Controller {
                 cpu_budget_millicores: budget.cpu_millicores,
                 cpu_used_millicores: self.used.1,
             },
+            profiles: crate::status::ProfilesInfo {
+                variables: self
+                    .admission
+                    .variables
+                    .iter()
+                    .map(|(k, v)| (k.clone(), format!("{v:.1}")))
+                    .collect(),
+                conditions: self.admission.evaluation.clone(),
+            },
             server: self
                 .server
                 .as_ref()

@@ -58,6 +58,14 @@ pub struct Entry {
     pub admitted_seq: u64,
     /// What the driver said the operator must know about the current run.
     pub notice: Option<String>,
+    /// Why an evicted workload waits (budget recovery, or its profiles).
+    pub hold: super::admission::Hold,
+    /// A cron workload's run is due (consumed by admission).
+    pub cron_due: bool,
+    pub cron_next: Option<std::time::SystemTime>,
+    pub cron_token: u64,
+    /// The cpu limit an active profile condition imposes (PROTOCOL §7 workload profiles).
+    pub profile_cpu_quota: Option<u64>,
 }
 
 impl Controller {
@@ -195,6 +203,11 @@ impl Controller {
             last_cpu: None,
             admitted_seq: self.next_seq(),
             notice: None,
+            hold: Default::default(),
+            cron_due: false,
+            cron_next: None,
+            cron_token: 0,
+            profile_cpu_quota: None,
         };
         let kind = entry.kind.clone();
         let cgroup = entry.cgroup.clone();
@@ -272,6 +285,13 @@ impl Controller {
                     }));
             }
         }
+        let profiles: Vec<crate::flotta::messages::DeviceProfile> = desired
+            .extra
+            .get("configuration")
+            .and_then(|c| c.get("profiles"))
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default();
+        self.set_profiles(crate::profiles::DeviceProfiles::from_config(&profiles));
         let wanted: BTreeSet<String> = desired.workloads.iter().map(|w| w.name.clone()).collect();
         let present: Vec<String> = self.workloads.keys().cloned().collect();
         for name in present {
@@ -325,6 +345,11 @@ impl Controller {
             last_cpu: None,
             admitted_seq: self.next_seq(),
             notice: None,
+            hold: Default::default(),
+            cron_due: false,
+            cron_next: None,
+            cron_token: 0,
+            profile_cpu_quota: None,
         };
         self.workloads.insert(name.to_string(), entry);
         cmds
@@ -349,17 +374,24 @@ impl Controller {
                     "pending",
                     "added to the desired state".into(),
                 );
-                self.admit(&name);
+                self.schedule_cron(&name);
+                self.admit_pending();
             }
             Some(e) => {
                 let changed = e.spec.as_ref().map(|s| &s.fingerprint) != Some(&spec.fingerprint);
-                if !changed {
+                let rescheduled = e.spec.as_ref().map(|s| &s.scheduling) != Some(&spec.scheduling);
+                if !changed && !rescheduled {
                     return;
                 }
                 e.kind = spec.kind.clone();
                 e.spec = Some(spec);
-                self.workload_event(&name, WorkloadEvent::Update);
-                self.admit(&name);
+                if rescheduled {
+                    self.schedule_cron(&name);
+                }
+                if changed {
+                    self.workload_event(&name, WorkloadEvent::Update);
+                }
+                self.admit_pending();
             }
         }
     }
@@ -394,16 +426,6 @@ impl Controller {
         }
     }
 
-    /// Admission: a pending workload may start. (The budget and profile checks plug in here.)
-    pub(crate) fn admit(&mut self, name: &str) {
-        let pending = self.workloads.get(name).is_some_and(|e| {
-            matches!(e.machine.state(), State::Pending { .. }) && e.spec.is_some()
-        });
-        if pending {
-            self.workload_event(name, WorkloadEvent::Admit);
-        }
-    }
-
     /// Feeds one event to a workload machine and executes its commands.
     pub(crate) fn workload_event(&mut self, name: &str, event: WorkloadEvent) {
         let Some(e) = self.workloads.get_mut(name) else {
@@ -432,7 +454,12 @@ impl Controller {
                 key: format!("workload/{name}"),
             });
         } else if after == "pending" && before != "pending" {
-            self.admit(name);
+            self.admit_pending();
+        }
+        // Resources freed: what waits for room may fit now.
+        let holding = ["starting", "running", "backoff", "stopping"];
+        if holding.contains(&before) && !holding.contains(&after) {
+            self.admit_pending();
         }
     }
 
@@ -466,9 +493,14 @@ impl Controller {
                 e.adopted = None;
                 e.usage = None;
                 e.last_cpu = None;
-                let Some(spec) = e.spec.clone() else {
+                let Some(mut spec) = e.spec.clone() else {
                     return;
                 };
+                // An active profile condition's cpu quota lowers the cpu limit of this run.
+                if let Some(q) = e.profile_cpu_quota {
+                    spec.limits.cpu_millicores =
+                        Some(spec.limits.cpu_millicores.map_or(q, |l| l.min(q)));
+                }
                 let op = start_op(
                     spec,
                     e.cgroup.clone(),
@@ -585,22 +617,23 @@ impl Controller {
                     crate::units::Bytes(budget.memory_bytes),
                     budget.cpu_millicores
                 );
+                if let Some(e) = self.workloads.get_mut(&name) {
+                    e.hold = super::admission::Hold::Budget;
+                }
                 self.workload_event(&name, WorkloadEvent::Evict { reason });
             }
             None => warn!("over budget, but no running workload is left to evict"),
         }
     }
 
+    /// The budget recovered: evicted workloads may be admitted again (admission decides).
     pub(crate) fn readmit(&mut self) {
-        let evicted: Vec<String> = self
-            .workloads
-            .iter()
-            .filter(|(_, e)| matches!(e.machine.state(), State::Evicted { .. }))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in evicted {
-            self.workload_event(&n, WorkloadEvent::Admit);
+        for e in self.workloads.values_mut() {
+            if e.hold == super::admission::Hold::Budget {
+                e.hold = super::admission::Hold::None;
+            }
         }
+        self.admit_pending();
     }
 }
 

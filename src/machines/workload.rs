@@ -314,7 +314,8 @@ impl WorkloadMachine {
     fn stopped(reason: &String, event: &WorkloadEvent) -> Outcome<State> {
         let _ = reason;
         match event {
-            WorkloadEvent::Update => Transition(State::starting()),
+            // A new spec, or a cron workload's next scheduled run.
+            WorkloadEvent::Update | WorkloadEvent::Admit => Transition(State::starting()),
             _ => Super,
         }
     }

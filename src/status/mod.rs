@@ -18,6 +18,9 @@ pub struct Snapshot {
     /// The Flotta session; absent in serverless mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerInfo>,
+    /// Device-profile variables and the value of every condition.
+    #[serde(default)]
+    pub profiles: ProfilesInfo,
     pub workloads: Vec<WorkloadInfo>,
     /// Most recent last.
     pub transitions: Vec<TransitionInfo>,
@@ -41,6 +44,14 @@ pub struct DeviceInfo {
     pub state: String,
     pub reason: String,
     pub problems: Vec<String>,
+}
+
+/// Profile variables and conditions (PROTOCOL §7).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ProfilesInfo {
+    pub variables: std::collections::BTreeMap<String, String>,
+    /// profile → condition → value.
+    pub conditions: std::collections::BTreeMap<String, std::collections::BTreeMap<String, bool>>,
 }
 
 /// What `status` shows about the server side.
@@ -197,6 +208,21 @@ impl Snapshot {
             b.cpu_total_millicores,
             b.cpu_reserved_millicores
         );
+        if !self.profiles.conditions.is_empty() {
+            let vars: Vec<String> = self
+                .profiles
+                .variables
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let conds: Vec<String> = self
+                .profiles
+                .conditions
+                .iter()
+                .flat_map(|(p, cs)| cs.iter().map(move |(c, v)| format!("{p}/{c}={v}")))
+                .collect();
+            let _ = writeln!(out, "profiles {}   ({})", conds.join(" "), vars.join(" "));
+        }
         out.push('\n');
         if self.workloads.is_empty() {
             out.push_str("no workloads\n");

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::pod::{parse_pod, PodInput};
 use super::shell::{parse_resources, RawShell};
 use super::{
-    fingerprint, BackoffPolicy, ShellSpec, SpecError, WorkloadKind, WorkloadSpec, PRIORITY_KEY,
+    fingerprint, BackoffPolicy, RestartPolicy, ShellSpec, SpecError, WorkloadKind, WorkloadSpec,
+    PRIORITY_KEY,
 };
 use crate::config::is_rfc1123_name;
 
@@ -44,6 +45,11 @@ pub struct DesiredWorkload {
     /// device-worker-ng extension (PROTOCOL §7): run the pod with rootless podman.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootless: Option<bool>,
+    /// device-worker-ng extensions (PROTOCOL §7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<crate::flotta::messages::WorkloadProfile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -165,6 +171,34 @@ impl DesiredState {
 
 impl DesiredWorkload {
     pub fn to_spec(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
+        let mut spec = self.to_spec_of_kind(defaults)?;
+        let err = |field: &str, why: String| SpecError {
+            workload: self.name.clone(),
+            field: field.to_string(),
+            why,
+        };
+        if let Some(c) = self.cron.as_deref().filter(|c| !c.trim().is_empty()) {
+            if spec.kind == WorkloadKind::K8s {
+                return Err(err("cron", "not supported for k8s workloads".into()));
+            }
+            let schedule =
+                crate::cron::Schedule::parse(c).map_err(|e| err("cron", e.to_string()))?;
+            spec.scheduling.cron = Some(schedule);
+            // A scheduled run that ends well waits for the next time, it is not restarted.
+            if spec.restart == RestartPolicy::Always {
+                spec.restart = RestartPolicy::OnFailure;
+            }
+        }
+        for p in &self.profiles {
+            if p.name.trim().is_empty() {
+                return Err(err("profiles", "a profile without a name".into()));
+            }
+        }
+        spec.scheduling.profiles = self.profiles.clone();
+        Ok(spec)
+    }
+
+    fn to_spec_of_kind(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
         let err = |field: &str, why: String| SpecError {
             workload: self.name.clone(),
             field: field.to_string(),
@@ -241,6 +275,7 @@ impl DesiredWorkload {
                     restart: raw.restart_policy.unwrap_or_default(),
                     backoff,
                     priority,
+                    scheduling: Default::default(),
                     labels: self.labels.clone(),
                     fingerprint: fingerprint(&fp_input),
                     pod: None,
@@ -275,6 +310,7 @@ impl DesiredWorkload {
                     restart: parsed.restart,
                     backoff,
                     priority,
+                    scheduling: Default::default(),
                     labels: self.labels.clone(),
                     fingerprint: fingerprint(&fp),
                     pod: Some(parsed.data),
@@ -342,6 +378,7 @@ impl DesiredWorkload {
                     restart: parsed.restart,
                     backoff,
                     priority,
+                    scheduling: Default::default(),
                     labels: self.labels.clone(),
                     fingerprint: fingerprint(&fp),
                     pod: Some(super::PodSpecData {

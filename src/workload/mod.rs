@@ -100,9 +100,20 @@ pub struct WorkloadSpec {
     pub backoff: BackoffPolicy,
     /// Higher runs first and is evicted last (label or annotation `device-worker-ng/priority`).
     pub priority: i32,
+    /// When the workload may run besides the budget: device-profile conditions and cron.
+    pub scheduling: Scheduling,
     pub labels: BTreeMap<String, String>,
     /// Fingerprint of everything that requires a restart when it changes.
     pub fingerprint: String,
+}
+
+/// The device-worker-ng extensions that gate when a workload runs (PROTOCOL §7).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scheduling {
+    /// Runs only while all these profiles are active (one of their conditions true).
+    pub profiles: Vec<crate::flotta::messages::WorkloadProfile>,
+    /// Runs on this schedule (UTC); a run still going when the next is due is not doubled.
+    pub cron: Option<crate::cron::Schedule>,
 }
 
 /// Why a workload of the desired state was rejected.

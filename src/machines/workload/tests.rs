@@ -34,6 +34,7 @@ backoff                RetryDue                         starting     Start
 backoff                Update                           starting     Start
 backoff                Invalidate                       failed       Cleanup
 backoff                Remove                           removed      Cleanup
+stopped                Admit                            starting     Start
 stopped                Update                           starting     Start
 stopped                Invalidate                       failed       Cleanup
 stopped                Remove                           removed      Cleanup

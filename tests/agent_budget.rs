@@ -1,0 +1,173 @@
+//! Issue 5 on the host's real cgroups: admission by requests against the device budget,
+//! over-budget eviction by priority with re-admission, device profiles starting and stopping
+//! a workload, cron runs. Root only.
+
+#[path = "support/agent.rs"]
+mod agent;
+
+use std::time::{Duration, Instant};
+
+use agent::Agent;
+
+fn mem_total() -> u64 {
+    let t = std::fs::read_to_string("/proc/meminfo").unwrap();
+    device_worker_ng::sampler::parse_meminfo(&t).0
+}
+
+/// An agent whose workload budget is `budget_mib` of memory.
+fn agent_with_budget(desired: &str, budget_mib: u64) -> Agent {
+    let mut a = Agent::new(desired);
+    let reserved = mem_total() - (budget_mib << 20);
+    a.extra_env
+        .push(("EDGE_DEVICE_RESERVED_MEMORY".into(), reserved.to_string()));
+    a.extra_env
+        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "200ms".into()));
+    a
+}
+
+fn workload(name: &str, command: &str, priority: i32, resources: &str) -> String {
+    format!(
+        "  - name: {name}\n    kind: shell\n    labels: {{device-worker-ng/priority: \"{priority}\"}}\n    specification: |\n      command: [\"/bin/sh\", \"-c\", {command:?}]\n      user: root\n      resources:\n{resources}"
+    )
+}
+
+#[test]
+fn admission_waits_for_room_in_the_budget() {
+    require_root_cgroups!("admission_waits_for_room_in_the_budget");
+    let req = "        requests: {memory: 60Mi}\n";
+    let a_w = workload("first", "sleep 600", 0, req);
+    let b_w = workload("second", "sleep 600", 0, req);
+    let mut a = agent_with_budget(&format!("workloads:\n{a_w}{b_w}"), 100);
+    a.start();
+    let s = a.wait_for("one admitted, one pending", Duration::from_secs(10), |s| {
+        Agent::workload(s, "first").is_some_and(|w| w.state == "running")
+            && Agent::workload(s, "second").is_some_and(|w| w.state == "pending")
+    });
+    let reason = &Agent::workload(&s, "second").unwrap().reason;
+    assert!(
+        reason.contains("needs 60.0Mi memory, 40.0Mi free"),
+        "{reason}"
+    );
+    // Room appears: the waiting workload is admitted by itself.
+    a.set_desired(&format!("workloads:\n{b_w}"));
+    a.wait_for("second admitted", Duration::from_secs(10), |s| {
+        Agent::workload(s, "second").is_some_and(|w| w.state == "running")
+    });
+}
+
+#[test]
+fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
+    require_root_cgroups!("over_budget_evicts_the_lowest_priority_and_readmits_it_later");
+    // Each holds about 70 MB; the budget is 160 MiB: the three together do not fit.
+    let hold = "big=$(head -c 70000000 /dev/zero | tr '\\0' x); sleep 600";
+    let res = "        requests: {memory: 8Mi}\n        limits: {memory: 200Mi}\n";
+    let desired = format!(
+        "workloads:\n{}{}{}",
+        workload("important", hold, 10, res),
+        workload("normal", hold, 5, res),
+        workload("expendable", hold, 0, res)
+    );
+    let mut a = agent_with_budget(&desired, 160);
+    a.extra_env
+        .push(("EDGE_DEVICE_BUDGET_HOLD".into(), "2s".into()));
+    a.start();
+    let pids = |s: &device_worker_ng::status::Snapshot| {
+        (
+            Agent::workload(s, "important").and_then(|w| w.pid),
+            Agent::workload(s, "normal").and_then(|w| w.pid),
+        )
+    };
+    let s0 = a.wait_for("all running", Duration::from_secs(10), |s| {
+        s.workloads.iter().all(|w| w.state == "running")
+    });
+    let before = pids(&s0);
+    let t = Instant::now();
+    let s = a.wait_for("expendable evicted", Duration::from_secs(30), |s| {
+        Agent::workload(s, "expendable").is_some_and(|w| w.state == "evicted")
+    });
+    eprintln!("evicted {:?} after all were running", t.elapsed());
+    assert!(s
+        .transitions
+        .iter()
+        .any(|t| t.machine == "device" && t.to == "over-budget"));
+    let w = Agent::workload(&s, "expendable").unwrap();
+    assert!(w.reason.contains("over budget"), "{}", w.reason);
+    assert_eq!(pids(&s), before, "the higher priorities are untouched");
+    // Usage is now under the low watermark: after the hold time it is admitted again.
+    a.wait_for("expendable re-admitted", Duration::from_secs(30), |s| {
+        s.transitions.iter().any(|t| {
+            t.machine == "workload/expendable" && t.from == "evicted" && t.to == "starting"
+        })
+    });
+}
+
+#[test]
+fn a_profile_condition_starts_and_stops_its_workload() {
+    require_root_cgroups!("a_profile_condition_starts_and_stops_its_workload");
+    let desired = "configuration:\n  profiles:\n  - name: env\n    conditions:\n    - {name: cool, expression: 'temperature < 70 && memory < 90%'}\nworkloads:\n  - name: fan-sensitive\n    kind: shell\n    profiles: [{name: env, conditions: [{name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
+    let mut a = Agent::new(desired);
+    let vars = a.dir.path().join("variables.yaml");
+    a.extra_env.push((
+        "EDGE_DEVICE_VARIABLES_FILE".into(),
+        vars.display().to_string(),
+    ));
+    a.extra_env
+        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "200ms".into()));
+    let write = |t: u32| {
+        let tmp = vars.with_extension("tmp");
+        std::fs::write(&tmp, format!("temperature: {t}\n")).unwrap();
+        std::fs::rename(&tmp, &vars).unwrap();
+    };
+    a.start();
+    // No temperature yet: the condition is false (missing variable), the workload waits.
+    let s = a.wait_for("waiting for its profile", Duration::from_secs(10), |s| {
+        Agent::workload(s, "fan-sensitive").is_some_and(|w| w.state == "pending")
+    });
+    assert!(
+        Agent::workload(&s, "fan-sensitive")
+            .unwrap()
+            .reason
+            .contains("profile"),
+        "{}",
+        s.render()
+    );
+    write(50);
+    let s = a.wait_for("running while cool", Duration::from_secs(10), |s| {
+        Agent::workload(s, "fan-sensitive").is_some_and(|w| w.state == "running")
+    });
+    assert!(s.profiles.conditions["env"]["cool"]);
+    write(80);
+    a.wait_for("stopped while hot", Duration::from_secs(10), |s| {
+        Agent::workload(s, "fan-sensitive").is_some_and(|w| w.state == "evicted")
+    });
+    write(55);
+    a.wait_for("running again", Duration::from_secs(10), |s| {
+        Agent::workload(s, "fan-sensitive").is_some_and(|w| w.state == "running")
+    });
+}
+
+#[test]
+fn cron_runs_on_schedule_and_never_twice_at_once() {
+    require_root_cgroups!("cron_runs_on_schedule_and_never_twice_at_once");
+    let mut a = Agent::new("");
+    let out = a.dir.path().join("runs");
+    let cmd = format!("date +%s >> {}; sleep 3", out.display());
+    a.set_desired(&format!(
+        "workloads:\n  - name: job\n    kind: shell\n    cron: '@every 2s'\n    specification: |\n      command: [\"/bin/sh\", \"-c\", {cmd:?}]\n      user: root\n"
+    ));
+    a.start();
+    let s = a.wait_for("job waiting for its time", Duration::from_secs(5), |s| {
+        Agent::workload(s, "job").is_some()
+    });
+    assert!(Agent::workload(&s, "job").is_some());
+    std::thread::sleep(Duration::from_secs(11));
+    let runs = std::fs::read_to_string(&out).unwrap_or_default();
+    let n = runs.lines().count();
+    // Every 2 s, but each run takes 3 s: runs do not overlap, so at most every 4 s.
+    assert!((2..=4).contains(&n), "{n} runs: {runs}\n{}", a.log());
+    assert!(
+        a.log().contains("previous run is still going"),
+        "{}",
+        a.log()
+    );
+}
