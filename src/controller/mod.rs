@@ -108,8 +108,6 @@ pub struct Controller {
     pub(crate) outbox: crate::store::Outbox,
     /// Lane for writes to STATE_DIR that must not block the controller.
     pub(crate) persist: Sender<workloads::LaneOp>,
-    /// Events for the heartbeat outbox (kept in memory until the protocol lands).
-    pub(crate) reports: VecDeque<(bool, String, String)>,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -151,7 +149,6 @@ impl Controller {
             last_sample: None,
             used: (0, 0),
             pressure,
-            reports: VecDeque::new(),
             sampler: None,
             persist: workloads::spawn_lane(),
         }
@@ -196,10 +193,6 @@ impl Controller {
                 .push(warn_level, reason.clone(), message.clone(), unix_now());
             self.persist_outbox();
         }
-        if self.reports.len() == 1000 {
-            self.reports.pop_front();
-        }
-        self.reports.push_back((warn_level, reason, message));
     }
 
     /// Feeds an event to the device machine and executes what it decides.

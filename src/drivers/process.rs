@@ -61,3 +61,85 @@ mod tests {
         assert!(rss_bytes(me).unwrap() > 0);
     }
 }
+
+/// Who a child becomes after joining its cgroup: uid, gid, supplementary groups.
+pub type Credentials = (nix::unistd::Uid, nix::unistd::Gid, Vec<nix::unistd::Gid>);
+
+/// Arranges for `cmd`'s child to join `cgroups` (every `cgroup.procs` of one workload) between
+/// fork and exec, still as root, then optionally start a new session and drop to `creds`:
+/// whatever it executes is already limited, and it cannot write to the root-owned
+/// `cgroup.procs` to leave. The returned files must stay open until `cmd.spawn()` returns.
+pub fn join_cgroup_before_exec(
+    cmd: &mut std::process::Command,
+    cgroup_procs: &[std::path::PathBuf],
+    creds: Option<Credentials>,
+    new_session: bool,
+) -> Result<Vec<std::os::fd::OwnedFd>, crate::cgroup::CgroupError> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    // Opened before the fork: the child only write(2)s its pid into them.
+    let files: Vec<OwnedFd> = cgroup_procs
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open(p)
+                .map(OwnedFd::from)
+                .map_err(|source| crate::cgroup::CgroupError::Io {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls (setsid, getpid, write, setgroups, setgid, setuid) on
+    // memory prepared before the fork; it does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if new_session {
+                nix::unistd::setsid()?;
+            }
+            let mut buf = [0u8; 12];
+            let pid = itoa(nix::libc::getpid() as u32, &mut buf);
+            for fd in &fds {
+                if nix::libc::write(*fd, pid.as_ptr().cast(), pid.len()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid, groups)) = &creds {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            Ok(())
+        });
+    }
+    Ok(files)
+}
+
+/// Formats `n` in decimal into `buf` without allocating (safe between fork and exec).
+fn itoa(mut n: u32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod itoa_tests {
+    #[test]
+    fn itoa_formats_without_allocating() {
+        let mut b = [0u8; 12];
+        assert_eq!(super::itoa(0, &mut b), b"0");
+        assert_eq!(super::itoa(4194304, &mut b), b"4194304");
+        assert_eq!(super::itoa(u32::MAX, &mut b), b"4294967295");
+    }
+}

@@ -1,13 +1,10 @@
 //! The shell driver: a command on the host, inside its cgroup before its first instruction.
 //!
-//! The child joins the cgroup between fork and exec (in `pre_exec`, still as root), and only
-//! then drops to the workload's user: whatever it executes is already limited, and it cannot
-//! write to the root-owned `cgroup.procs` to leave.
+//! The child joins the cgroup between fork and exec, still as root, and only then drops to
+//! the workload's user (`process::join_cgroup_before_exec`, shared with the pod driver).
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -66,19 +63,6 @@ fn resolve_user(name: &str) -> Result<Identity, ShellError> {
     })
 }
 
-/// Formats `n` in decimal into `buf` without allocating (safe between fork and exec).
-fn itoa(mut n: u32, buf: &mut [u8; 12]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
 /// Prepares the cgroup (limits applied, leftovers killed) and starts the process in it.
 pub fn start(
     spec: &WorkloadSpec,
@@ -109,26 +93,6 @@ pub fn start(
         .map_err(log_err)?;
     let log2 = log.try_clone().map_err(log_err)?;
 
-    // Opened before fork: the child only write(2)s its pid into them.
-    let procs: Vec<OwnedFd> = cgroup
-        .procs_files()
-        .iter()
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(nix::libc::O_CLOEXEC)
-                .open(p)
-                .map(OwnedFd::from)
-                .map_err(|source| {
-                    ShellError::Cgroup(CgroupError::Io {
-                        path: p.clone(),
-                        source,
-                    })
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
-
     let program = &shell.command[0];
     let mut cmd = Command::new(program);
     cmd.args(&shell.command[1..])
@@ -150,27 +114,8 @@ pub fn start(
     let creds = identity
         .as_ref()
         .map(|id| (id.uid, id.gid, id.groups.clone()));
-    // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe system calls (setsid, write, setgroups, setgid, setuid) on memory
-    // prepared before the fork; it does not allocate.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid()?;
-            let mut buf = [0u8; 12];
-            let pid = itoa(nix::libc::getpid() as u32, &mut buf);
-            for fd in &proc_fds {
-                if nix::libc::write(*fd, pid.as_ptr().cast(), pid.len()) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if let Some((uid, gid, groups)) = &creds {
-                nix::unistd::setgroups(groups)?;
-                nix::unistd::setgid(*gid)?;
-                nix::unistd::setuid(*uid)?;
-            }
-            Ok(())
-        });
-    }
+    let procs =
+        super::process::join_cgroup_before_exec(&mut cmd, &cgroup.procs_files(), creds, true)?;
     let child = cmd.spawn().map_err(|e| ShellError::Exec {
         program: program.clone(),
         why: e.to_string(),
@@ -184,15 +129,4 @@ pub fn start(
         start_ticks,
         oom_kills_at_start,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn itoa_formats_without_allocating() {
-        let mut b = [0u8; 12];
-        assert_eq!(super::itoa(0, &mut b), b"0");
-        assert_eq!(super::itoa(4194304, &mut b), b"4194304");
-        assert_eq!(super::itoa(u32::MAX, &mut b), b"4294967295");
-    }
 }

@@ -6,9 +6,8 @@
 //! with the path ID as given (PROTOCOL.md §1.3, §3.4): hence the strict
 //! lowercase RFC 1123 rule here.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -527,29 +526,18 @@ mod der {
 /// rename, fsync the directory. A crash leaves the old or the new file, never
 /// a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.write_all(bytes).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming into", path))?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::store::write_atomic(path, bytes, mode).map_err(|e| match e {
+        crate::store::StoreError::Io { path, source } => IdentityError::Io {
+            what: "writing",
+            path,
+            source,
+        },
+        other => IdentityError::Io {
+            what: "writing",
+            path: path.to_path_buf(),
+            source: io::Error::other(other.to_string()),
+        },
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), IdentityError> {

@@ -59,3 +59,62 @@ pub fn diagram_document(title: &str, initial: &str, rows: &[Row]) -> String {
         mermaid(title, initial, rows)
     )
 }
+
+#[cfg(test)]
+/// Checks the computed table against the expected one: every listed row must match exactly, and
+/// every (state, event) pair not listed must leave the state unchanged and emit nothing.
+pub(crate) fn check_table(expected: &str, computed: &[Row], states: usize, events: usize) {
+    assert_eq!(
+        computed.len(),
+        states * events,
+        "every (state, event) pair is computed"
+    );
+    let mut listed = std::collections::BTreeMap::new();
+    for line in expected.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let cmds: Vec<String> = f
+            .get(3)
+            .map(|c| c.split(',').map(String::from).collect())
+            .unwrap_or_default();
+        assert!(
+            listed
+                .insert(
+                    (f[0].to_string(), f[1].to_string()),
+                    (f[2].to_string(), cmds)
+                )
+                .is_none(),
+            "duplicate expected row {line}"
+        );
+    }
+    let mut seen = 0;
+    for r in computed {
+        match listed.get(&(r.from.clone(), r.event.clone())) {
+            Some((to, cmds)) => {
+                seen += 1;
+                assert_eq!(
+                    (&r.to, &r.commands),
+                    (to, cmds),
+                    "{} --{}-->",
+                    r.from,
+                    r.event
+                );
+            }
+            None => {
+                let bare = r.from.split('[').next().unwrap();
+                assert!(
+                    r.to == bare && r.commands.is_empty(),
+                    "{} --{}--> {} {:?} is not in the expected table",
+                    r.from,
+                    r.event,
+                    r.to,
+                    r.commands
+                );
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        listed.len(),
+        "every expected row names a real (state, event) pair"
+    );
+}

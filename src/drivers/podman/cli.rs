@@ -2,9 +2,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,26 +123,6 @@ impl Podman {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .current_dir("/");
-        // Opened before fork: the child only write(2)s its pid into them.
-        let procs: Vec<OwnedFd> = match join {
-            None => Vec::new(),
-            Some(cg) => cg
-                .procs_files()
-                .iter()
-                .map(|p| {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(nix::libc::O_CLOEXEC)
-                        .open(p)
-                        .map(OwnedFd::from)
-                        .map_err(|e| PodmanError::Io {
-                            path: p.display().to_string(),
-                            why: e.to_string(),
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let creds = match &self.user {
             None => {
                 cmd.env("HOME", "/root").env("USER", "root");
@@ -157,25 +135,13 @@ impl Podman {
                 Some((u.uid, u.gid, u.groups.clone()))
             }
         };
-        // SAFETY: runs between fork and exec; only async-signal-safe calls (getpid, write,
-        // setgroups, setgid, setuid) on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut buf = [0u8; 12];
-                let pid = itoa(nix::libc::getpid() as u32, &mut buf);
-                for fd in &proc_fds {
-                    if nix::libc::write(*fd, pid.as_ptr().cast(), pid.len()) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if let Some((uid, gid, groups)) = &creds {
-                    nix::unistd::setgroups(groups)?;
-                    nix::unistd::setgid(*gid)?;
-                    nix::unistd::setuid(*uid)?;
-                }
-                Ok(())
-            });
-        }
+        let cgroup_procs = join.map(|cg| cg.procs_files()).unwrap_or_default();
+        let procs =
+            crate::drivers::process::join_cgroup_before_exec(&mut cmd, &cgroup_procs, creds, false)
+                .map_err(|e| PodmanError::Io {
+                    path: e.to_string(),
+                    why: "cannot open the cgroup".into(),
+                })?;
         let mut child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 PodmanError::NotInstalled
@@ -239,19 +205,6 @@ impl Podman {
                 command: shown(),
                 message: podman_message(&stderr, &stdout, s.code()),
             }),
-        }
-    }
-}
-
-/// Formats `n` in decimal into `buf` without allocating (safe between fork and exec).
-fn itoa(mut n: u32, buf: &mut [u8; 12]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
         }
     }
 }
