@@ -149,6 +149,28 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
         Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid == Some(pid))
     });
 
+    // Updated: a changed spec redeploys the pod (new process, new output); the same spec
+    // sent again (a new version only) does not.
+    server.set_configuration(ID, pod_config("e2e-web", "echo v2 pw=$PASSWORD; sleep 600"));
+    let s = a.wait_for("pod redeployed", Duration::from_secs(60), |s| {
+        Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid != Some(pid))
+    });
+    let pid2 = Agent::workload(&s, "e2e-web").unwrap().pid;
+    wait("new output", Duration::from_secs(10), || {
+        let logs = Command::new("podman")
+            .args(["logs", "e2e-web-app"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&logs.stdout).contains("v2 pw=secret")
+    });
+    server.set_configuration(ID, pod_config("e2e-web", "echo v2 pw=$PASSWORD; sleep 600"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        a.status().workloads[0].pid,
+        pid2,
+        "an unchanged spec is not redeployed"
+    );
+
     // Removed from the configuration: kube down, nothing left.
     server.set_configuration(ID, {
         let mut c = pod_config("x", "true");
@@ -189,4 +211,145 @@ fn crash_looping_pod_is_marked_broken() {
     );
     assert!(w.reason.contains("code 3"), "{}", w.reason);
     assert_eq!(s.device.state, "degraded");
+}
+
+/// An unprivileged user for rootless podman: created with subordinate ids if missing.
+fn rootless_user() -> Result<(String, u32), String> {
+    const USER: &str = "dwng-rootless";
+    let id = || {
+        Command::new("id")
+            .args(["-u", USER])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id().is_none() {
+        let st = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", USER])
+            .status()
+            .map_err(|e| format!("useradd: {e}"))?;
+        if !st.success() {
+            return Err("useradd failed".into());
+        }
+    }
+    let uid = id().ok_or("no uid")?;
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+        let st = Command::new("usermod")
+            .args([
+                "--add-subuids",
+                "400000-465535",
+                "--add-subgids",
+                "400000-465535",
+                USER,
+            ])
+            .status()
+            .map_err(|e| format!("usermod: {e}"))?;
+        if !st.success() {
+            return Err("usermod --add-subuids failed".into());
+        }
+    }
+    if Command::new("newuidmap").arg("--help").output().is_err() {
+        return Err("newuidmap (uidmap) is not installed".into());
+    }
+    // The test image for that user's own image store.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/build-image.sh");
+    let run = format!("/run/user/{uid}");
+    std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
+    let _ = Command::new("chown")
+        .args([&format!("{uid}:{uid}"), &run])
+        .status();
+    let _ = Command::new("chmod").args(["700", &run]).status();
+    let st = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            &format!("XDG_RUNTIME_DIR={run}"),
+            &format!("HOME=/home/{USER}"),
+            "sh",
+        ])
+        .arg(script)
+        .current_dir("/")
+        .status()
+        .map_err(|e| format!("runuser: {e}"))?;
+    if !st.success() {
+        return Err(format!("cannot build {IMAGE} for {USER}"));
+    }
+    Ok((USER.to_string(), uid))
+}
+
+#[test]
+fn rootless_pod_runs_as_the_configured_user() {
+    if let Some(why) = missing() {
+        eprintln!("SKIPPED: rootless_pod_runs_as_the_configured_user: {why} (CI installs it: see .ci/run)");
+        return;
+    }
+    let (user, uid) = match rootless_user() {
+        Ok(u) => u,
+        Err(why) => {
+            eprintln!("SKIPPED: rootless_pod_runs_as_the_configured_user: {why}");
+            return;
+        }
+    };
+    let spec = format!(
+        "containers:\n- name: app\n  image: {IMAGE}\n  command: [\"sh\", \"-c\", \"sleep 600\"]\n  resources:\n    limits: {{memory: 64Mi}}\n"
+    );
+    let desired =
+        json!({"workloads": [{"name": "e2e-rootless", "rootless": true, "specification": spec}]});
+    let mut a = Agent::new(&serde_yaml::to_string(&desired).unwrap());
+    a.extra_env
+        .push(("EDGE_DEVICE_ROOTLESS_USER".into(), user.clone()));
+    a.start();
+    let s = a.wait_for("rootless pod running", Duration::from_secs(90), |s| {
+        Agent::workload(s, "e2e-rootless").is_some_and(|w| w.state == "running")
+    });
+    let w = Agent::workload(&s, "e2e-rootless").unwrap();
+    // The container's root is the user's own uid on the host (user namespace).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid.unwrap())).unwrap();
+    let host_uid: u32 = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap();
+    assert_eq!(host_uid, uid, "runs as {user}");
+    if matches!(
+        device_worker_ng::cgroup::detect(),
+        Ok(device_worker_ng::cgroup::Layout::Hybrid(_)
+            | device_worker_ng::cgroup::Layout::Legacy(_))
+    ) {
+        let notice = w.notice.clone().unwrap_or_default();
+        assert!(
+            notice.contains("cannot enforce"),
+            "status says so on cgroup v1: {notice:?}"
+        );
+    }
+    a.set_desired("workloads: []\n");
+    a.wait_for("removed", Duration::from_secs(60), |s| {
+        s.workloads.is_empty()
+    });
+    let exists = Command::new("runuser")
+        .args([
+            "-u",
+            &user,
+            "--",
+            "env",
+            &format!("XDG_RUNTIME_DIR=/run/user/{uid}"),
+            "podman",
+            "pod",
+            "exists",
+            "e2e-rootless",
+        ])
+        .current_dir("/")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(!exists, "the rootless pod is gone");
 }

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds the test image localhost/dwng-busybox:test from the host's static busybox
 # (busybox-static): no registry is reachable on the test machines (TESTBED.md).
-# Idempotent: does nothing when the image exists. Usage: build-image.sh [podman args...]
+# Idempotent: does nothing when the image exists. PATH is set in the image: rootless `kube play`
+# gives a container without one no default PATH. Usage: build-image.sh [podman args...]
 # (e.g. run it as the rootless user for rootless tests).
 set -eu
 IMAGE=${IMAGE:-localhost/dwng-busybox:test}
@@ -19,5 +20,5 @@ done
 echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
 echo 'root:x:0:' > "$root/etc/group"
 tar -C "$root" -cf "$root.tar" .
-podman import --quiet --change 'CMD ["/bin/sh"]' "$root.tar" "$IMAGE" >/dev/null
+podman import --quiet --change 'CMD ["/bin/sh"]' --change 'ENV PATH=/bin' "$root.tar" "$IMAGE" >/dev/null
 rm -f "$root.tar"

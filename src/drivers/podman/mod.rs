@@ -104,6 +104,32 @@ fn staging_name(name: &str) -> String {
     format!("{name}-dwng-staging")
 }
 
+/// The manifest without the containers' `resources` (every document of kind Pod).
+fn without_container_resources(manifest: &str) -> String {
+    let mut out = Vec::new();
+    for doc in manifest.split("\n---\n") {
+        let Ok(mut v) = serde_yaml::from_str::<serde_yaml::Value>(doc) else {
+            out.push(doc.to_string());
+            continue;
+        };
+        if v.get("kind").and_then(|k| k.as_str()) == Some("Pod") {
+            for list in ["containers", "initContainers"] {
+                if let Some(serde_yaml::Value::Sequence(cs)) =
+                    v.get_mut("spec").and_then(|s| s.get_mut(list))
+                {
+                    for c in cs {
+                        if let serde_yaml::Value::Mapping(m) = c {
+                            m.remove("resources");
+                        }
+                    }
+                }
+            }
+        }
+        out.push(serde_yaml::to_string(&v).unwrap_or_else(|_| doc.to_string()));
+    }
+    out.join("\n---\n")
+}
+
 /// The workload name of a workload cgroup (`.../workloads/<name>`).
 pub fn workload_name(cgroup: &WorkloadCgroup) -> String {
     cgroup
@@ -183,19 +209,22 @@ pub fn start(
     let layout = crate::cgroup::detect()?;
     let mut notice = None;
     let result = if podman.is_rootless() {
+        let mut manifest = pod.manifest.clone();
         if !matches!(layout, Layout::Unified { .. }) {
             notice = Some(
                 "rootless pod on cgroup v1: podman cannot enforce the containers' limits; only \
                  the pod's total (the agent's workload cgroup) is enforced"
                     .to_string(),
             );
+            // runc refuses to start a rootless container with limits it cannot set on v1.
+            manifest = without_container_resources(&manifest);
         }
         play.push("-".into());
         let args: Vec<&str> = play.iter().map(String::as_str).collect();
         podman
             .run_with(
                 &args,
-                Some(pod.manifest.as_bytes()),
+                Some(manifest.as_bytes()),
                 Some(cgroup),
                 cli::PLAY_TIMEOUT,
             )
@@ -690,5 +719,21 @@ mod tests {
             cgroup_parent(&v2, &root).unwrap(),
             PathBuf::from("/system.slice/dwng.service/workloads/web")
         );
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    #[test]
+    fn rootless_v1_manifest_loses_only_the_container_resources() {
+        let m = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: a\n    image: x\n    resources:\n      limits:\n        memory: 64Mi\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  resources: keep\n";
+        let out = super::without_container_resources(m);
+        let docs: Vec<serde_yaml::Value> = out
+            .split("\n---\n")
+            .map(|d| serde_yaml::from_str(d).unwrap())
+            .collect();
+        assert!(docs[0]["spec"]["containers"][0].get("resources").is_none());
+        assert_eq!(docs[0]["spec"]["containers"][0]["image"], "x");
+        assert_eq!(docs[1]["data"]["resources"], "keep");
     }
 }
