@@ -39,6 +39,8 @@ pub struct Report {
     pub disk_percent: Option<f64>,
     /// Processes on the device as a percentage of the kernel's pid_max.
     pub pids_percent: f64,
+    /// The kernel's memory pressure (PSI `some avg10`, percent of time stalled), if it has PSI.
+    pub memory_pressure: Option<f64>,
     /// Profile variables fed through the local input file (fresh ones only).
     pub variables: std::collections::BTreeMap<String, crate::profiles::expr::Value>,
 }
@@ -69,6 +71,7 @@ pub fn sample(targets: &[Target], reader: &mut CounterReader, config: &SamplerCo
         device: device_totals(),
         disk_percent: disk_percent(&config.state_dir),
         pids_percent: pids_percent(),
+        memory_pressure: memory_pressure(),
         variables: crate::variables::read(&config.variables_file, config.variables_ttl),
     }
 }
@@ -80,6 +83,22 @@ fn disk_percent(path: &std::path::Path) -> Option<f64> {
         return None;
     }
     Some((total - st.blocks_available() as f64) * 100.0 / total)
+}
+
+/// `some avg10` of /proc/pressure/memory: the share of the last 10 s in which some task
+/// stalled on memory. The kernel's own early warning, ahead of any OOM kill.
+fn memory_pressure() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/pressure/memory").ok()?;
+    parse_pressure(&text)
+}
+
+pub fn parse_pressure(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
 }
 
 fn pids_percent() -> f64 {
@@ -162,6 +181,13 @@ mod tests {
         let t = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(parse_meminfo(t), (24576000 * 1024, 20000000 * 1024));
         assert_eq!(parse_meminfo(""), (0, 0));
+    }
+
+    #[test]
+    fn psi_some_avg10() {
+        let t = "some avg10=12.50 avg60=3.00 avg300=0.01 total=4910470\nfull avg10=1.00 avg60=0.00 avg300=0.00 total=2615138\n";
+        assert_eq!(parse_pressure(t), Some(12.5));
+        assert_eq!(parse_pressure("garbage"), None);
     }
 
     #[test]

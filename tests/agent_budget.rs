@@ -43,6 +43,40 @@ fn admission_waits_for_room_in_the_budget() {
         Agent::workload(s, "first").is_some_and(|w| w.state == "running")
             && Agent::workload(s, "second").is_some_and(|w| w.state == "pending")
     });
+    // All workloads together are capped by the kernel at the budget (cpu) and the budget plus
+    // half the reservation (memory): the OS and the agent keep the rest whatever they do.
+    let parent = a.hierarchy().workloads_parent();
+    let reserved = mem_total() - (100 << 20);
+    let want_mem = (100u64 << 20) + reserved / 2;
+    let start = Instant::now();
+    let (mem_file, cpu_ok) = loop {
+        let read = |d: &std::path::Path, f: &str| {
+            std::fs::read_to_string(d.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let (m, c) = match &parent {
+            device_worker_ng::cgroup::WorkloadCgroup::V1 { memory, cpu, .. } => (
+                read(memory, "memory.limit_in_bytes"),
+                read(cpu, "cpu.cfs_quota_us")
+                    .parse::<u64>()
+                    .is_ok_and(|q| q > 0),
+            ),
+            device_worker_ng::cgroup::WorkloadCgroup::V2 { dir } => (
+                read(dir, "memory.max"),
+                !read(dir, "cpu.max").starts_with("max"),
+            ),
+        };
+        if m.parse::<u64>().is_ok() || start.elapsed() > Duration::from_secs(5) {
+            break (m, c);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let got: u64 = mem_file.parse().unwrap();
+    // The kernel rounds limits to pages.
+    assert!(got.abs_diff(want_mem) < 8192, "cap {got}, want {want_mem}");
+    assert!(cpu_ok, "cpu capped at the budget");
     let reason = &Agent::workload(&s, "second").unwrap().reason;
     assert!(
         reason.contains("needs 60.0Mi memory, 40.0Mi free"),

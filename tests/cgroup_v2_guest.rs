@@ -154,11 +154,16 @@ struct GuestRun {
 /// Runs `tests/vm/guest.sh payload_dir`, echoing everything it printed
 /// (shown by libtest when the test fails, or with --nocapture).
 fn run_guest(payload_dir: &Path) -> GuestRun {
+    run_guest_with(payload_dir, &[])
+}
+
+fn run_guest_with(payload_dir: &Path, env: &[(&str, &str)]) -> GuestRun {
     let script = repo().join("tests/vm/guest.sh");
     let started = Instant::now();
     let out = Command::new("bash")
         .arg(&script)
         .arg(payload_dir)
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -231,4 +236,34 @@ fn agent_limits_in_cgroup_v2_guest() {
     }
     let run = run_guest(&payload.0);
     assert_passed(&run, "agent scenario", AGENT_PASSES);
+}
+
+/// Issue 5 in the guest: the kernel cap on all workloads, eviction of the lowest priority
+/// when the workloads together use more than the budget, re-admission after the hold time.
+#[test]
+fn agent_budget_in_cgroup_v2_guest() {
+    if !vm_available("agent_budget_in_cgroup_v2_guest") {
+        return;
+    }
+    let payload = TempDir::new("budget-payload");
+    let agent = env!("CARGO_BIN_EXE_device-worker-ng");
+    for (from, to) in [
+        (PathBuf::from(agent), "device-worker-ng"),
+        (repo().join("tests/vm/budget/run"), "run"),
+    ] {
+        fs::copy(&from, payload.0.join(to))
+            .unwrap_or_else(|e| panic!("copy {} into the payload: {e}", from.display()));
+    }
+    let run = run_guest_with(&payload.0, &[("MEM", "1024")]);
+    assert_passed(
+        &run,
+        "budget scenario",
+        &[
+            "PASS workloads_cap:",
+            "PASS expendable_evicted:",
+            "PASS others_untouched:",
+            "PASS device_over_budget",
+            "PASS expendable_readmitted",
+        ],
+    );
 }

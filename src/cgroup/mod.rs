@@ -424,6 +424,27 @@ impl Hierarchy {
         Ok(())
     }
 
+    /// The parent of every workload cgroup (`<base>/workloads`), as a cgroup of its own.
+    pub fn workloads_parent(&self) -> WorkloadCgroup {
+        match &self.layout {
+            Layout::Unified { .. } => WorkloadCgroup::V2 {
+                dir: self.base.join("workloads"),
+            },
+            Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
+                memory: m.memory.join(&self.base).join("workloads"),
+                cpu: m.cpu.join(&self.base).join("workloads"),
+                cpuacct: m.cpuacct.join(&self.base).join("workloads"),
+                pids: m.pids.join(&self.base).join("workloads"),
+            },
+        }
+    }
+
+    /// Caps all workloads together: whatever they do, the kernel keeps them within `limits`,
+    /// so the OS and the agent keep their reservation even before the agent reacts.
+    pub fn cap_workloads(&self, limits: &Limits) -> Result<(), CgroupError> {
+        self.workloads_parent().apply(limits)
+    }
+
     /// Names of the workload cgroups that exist (to find orphans after a restart).
     pub fn existing_workloads(&self) -> Vec<String> {
         let dir = match &self.layout {

@@ -30,6 +30,9 @@ pub use workloads::Entry;
 /// Capacity of the event channel: producers wait (back-pressure) rather than grow memory.
 pub const EVENT_CAPACITY: usize = 1024;
 
+/// PSI memory stall share (percent) from which the sampler speeds up.
+const MEMORY_PRESSURE_ALERT: f64 = 10.0;
+
 /// Sampling period while usage is near or over the budget.
 const FAST_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -106,6 +109,10 @@ pub struct Controller {
     pub(crate) server: Option<server::ServerSession>,
     /// Events for the server, kept until a heartbeat carrying them is acknowledged.
     pub(crate) outbox: crate::store::Outbox,
+    /// The kernel's memory pressure (PSI some avg10) at the last sample.
+    memory_pressure: Option<f64>,
+    /// The cap last written on all workloads together.
+    workloads_cap: Option<crate::cgroup::Limits>,
     /// Lane for writes to STATE_DIR that must not block the controller.
     pub(crate) persist: Sender<workloads::LaneOp>,
 }
@@ -132,6 +139,8 @@ impl Controller {
             Default::default()
         };
         Controller {
+            memory_pressure: None,
+            workloads_cap: None,
             admission: Default::default(),
             secrets: Default::default(),
             server,
@@ -285,6 +294,8 @@ impl Controller {
             }
         }
         self.used = (mem, cpu);
+        self.memory_pressure = report.memory_pressure;
+        self.cap_workloads();
         self.native_variables(report.disk_percent, report.pids_percent);
         self.fed_variables(report.variables);
         self.reevaluate_profiles();
@@ -299,6 +310,32 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Keeps the kernel-enforced cap on all workloads together in line with the budget: cpu
+    /// at the budget, memory at the budget plus half of RESERVED_MEMORY, so the agent's
+    /// priority-aware eviction normally acts first and the kernel's OOM killer (within the
+    /// workloads only) is the last resort that keeps the OS and the agent alive.
+    fn cap_workloads(&mut self) {
+        let b = self.budget();
+        if b.memory_bytes == 0 || b.cpu_millicores == 0 {
+            return;
+        }
+        let cap = crate::cgroup::Limits {
+            memory_bytes: Some(b.memory_bytes + self.settings.reserved_memory / 2),
+            cpu_millicores: Some(b.cpu_millicores),
+            pids: None,
+        };
+        if self.workloads_cap == Some(cap) {
+            return;
+        }
+        self.workloads_cap = Some(cap);
+        let h = self.hierarchy.clone();
+        let _ = self.persist.try_send(Box::new(move || {
+            if let Err(e) = h.cap_workloads(&cap) {
+                error!("capping all workloads at the budget: {e}");
+            }
+        }));
     }
 
     fn reload(&mut self) {
@@ -363,12 +400,18 @@ impl Controller {
                     // Near or over the budget, sample ten times a second: a breach is then acted on
                     // within BUDGET_WINDOW plus 100 ms, not a whole interval later.
                     let (mem, cpu) = self.used;
-                    let interval =
-                        if self.pressure.is_exceeded() || self.budget().near(mem, cpu, 0.8) {
-                            self.settings.sample_interval.min(FAST_SAMPLE_INTERVAL)
-                        } else {
-                            self.settings.sample_interval
-                        };
+                    // The kernel's own stall figure (PSI) counts as near, too.
+                    let stalled = self
+                        .memory_pressure
+                        .is_some_and(|p| p >= MEMORY_PRESSURE_ALERT);
+                    let interval = if self.pressure.is_exceeded()
+                        || stalled
+                        || self.budget().near(mem, cpu, 0.8)
+                    {
+                        self.settings.sample_interval.min(FAST_SAMPLE_INTERVAL)
+                    } else {
+                        self.settings.sample_interval
+                    };
                     sources::after(self.tx.clone(), interval, Event::SampleTick);
                 }
                 Event::Sampled(report) => self.on_sampled(report),
