@@ -205,3 +205,63 @@ fn cron_runs_on_schedule_and_never_twice_at_once() {
         a.log()
     );
 }
+
+#[test]
+fn a_profile_quota_limits_cpu_while_its_condition_holds() {
+    require_root_cgroups!("a_profile_quota_limits_cpu_while_its_condition_holds");
+    // Always allowed (one of the two conditions is always true); only 'hot' carries a quota.
+    let desired = "configuration:\n  profiles:\n  - name: thermal\n    conditions:\n    - {name: hot, expression: 'temperature >= 60'}\n    - {name: cool, expression: 'temperature < 60'}\nworkloads:\n  - name: worker\n    kind: shell\n    profiles: [{name: thermal, conditions: [{name: hot, cpu: {cpu: 20000}}, {name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
+    let mut a = Agent::new(desired);
+    let vars = a.dir.path().join("variables.yaml");
+    a.extra_env.push((
+        "EDGE_DEVICE_VARIABLES_FILE".into(),
+        vars.display().to_string(),
+    ));
+    a.extra_env
+        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "200ms".into()));
+    let write = |t: u32| {
+        let tmp = vars.with_extension("tmp");
+        std::fs::write(&tmp, format!("temperature: {t}\n")).unwrap();
+        std::fs::rename(&tmp, &vars).unwrap();
+    };
+    write(40);
+    a.start();
+    let s = a.wait_for("running while cool", Duration::from_secs(10), |s| {
+        Agent::workload(s, "worker").is_some_and(|w| w.state == "running")
+    });
+    let pid = Agent::workload(&s, "worker").unwrap().pid;
+    let quota = || {
+        let q = a.cgroup_file("worker", "cpu.cfs_quota_us");
+        if q.is_empty() {
+            a.cgroup_file("worker", "cpu.max")
+        } else {
+            q
+        }
+    };
+    assert!(quota() == "-1" || quota().starts_with("max"), "{}", quota());
+    write(75);
+    let start = Instant::now();
+    while !(quota() == "20000" || quota() == "20000 100000") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "quota {}",
+            quota()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    write(45);
+    let start = Instant::now();
+    while !(quota() == "-1" || quota().starts_with("max")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "quota {}",
+            quota()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        Agent::workload(&a.status(), "worker").unwrap().pid,
+        pid,
+        "changed in place"
+    );
+}

@@ -181,27 +181,37 @@ impl Controller {
         if !changed {
             return;
         }
-        let running: Vec<(String, String)> = self
-            .workloads
-            .iter()
-            .filter(|(_, e)| {
-                matches!(
-                    e.machine.state(),
-                    State::Running { .. } | State::Starting {}
-                )
-            })
-            .filter_map(|(n, e)| {
-                let s = e.spec.as_ref()?;
-                if s.scheduling.profiles.is_empty() {
-                    return None;
-                }
-                let p = self
-                    .admission
-                    .profiles
-                    .workload_permission(&s.scheduling.profiles, &self.admission.evaluation);
-                (!p.allowed).then(|| (n.clone(), p.reason))
-            })
-            .collect();
+        let mut running = Vec::new();
+        let mut requota = Vec::new();
+        for (n, e) in &self.workloads {
+            if !matches!(
+                e.machine.state(),
+                State::Running { .. } | State::Starting {}
+            ) {
+                continue;
+            }
+            let Some(s) = e
+                .spec
+                .as_ref()
+                .filter(|s| !s.scheduling.profiles.is_empty())
+            else {
+                continue;
+            };
+            let p = self
+                .admission
+                .profiles
+                .workload_permission(&s.scheduling.profiles, &self.admission.evaluation);
+            if !p.allowed {
+                running.push((n.clone(), p.reason));
+            } else if p.cpu_quota_millicores != e.profile_cpu_quota {
+                requota.push((n.clone(), p.cpu_quota_millicores));
+            }
+        }
+        // The quota of the active condition is the cpu limit while it is active (PROTOCOL §7).
+        for (name, quota) in requota {
+            info!(workload = %name, quota = ?quota, "profile cpu quota changed");
+            self.set_profile_quota(&name, quota);
+        }
         for (name, reason) in running {
             info!(workload = %name, "profile inactive: stopping it ({reason})");
             if let Some(e) = self.workloads.get_mut(&name) {

@@ -497,10 +497,7 @@ impl Controller {
                     return;
                 };
                 // An active profile condition's cpu quota lowers the cpu limit of this run.
-                if let Some(q) = e.profile_cpu_quota {
-                    spec.limits.cpu_millicores =
-                        Some(spec.limits.cpu_millicores.map_or(q, |l| l.min(q)));
-                }
+                spec.limits = Self::effective_limits(&spec, e.profile_cpu_quota);
                 let op = start_op(
                     spec,
                     e.cgroup.clone(),
@@ -555,6 +552,36 @@ impl Controller {
                 message,
             } => self.report(warn, reason, format!("workload {name}: {message}")),
         }
+    }
+
+    /// The limits a run gets: the spec's, with an active profile condition's cpu quota.
+    pub(crate) fn effective_limits(
+        spec: &WorkloadSpec,
+        quota: Option<u64>,
+    ) -> crate::cgroup::Limits {
+        let mut l = spec.limits;
+        if let Some(q) = quota {
+            l.cpu_millicores = Some(l.cpu_millicores.map_or(q, |c| c.min(q)));
+        }
+        l
+    }
+
+    /// Applies a new profile cpu quota to a running workload's cgroup, in place.
+    pub(crate) fn set_profile_quota(&mut self, name: &str, quota: Option<u64>) {
+        let Some(e) = self.workloads.get_mut(name) else {
+            return;
+        };
+        e.profile_cpu_quota = quota;
+        let Some(spec) = e.spec.as_ref() else {
+            return;
+        };
+        let limits = Self::effective_limits(spec, quota);
+        let (cg, n) = (e.cgroup.clone(), name.to_string());
+        let _ = e.lane.try_send(Box::new(move || {
+            if let Err(err) = cg.apply(&limits) {
+                error!(workload = %n, "applying the profile's cpu quota: {err}");
+            }
+        }));
     }
 
     /// An adopted process (no waiter) was found gone by the sampler.
