@@ -16,7 +16,7 @@ export EDGE_DEVICE_STATE_DIR=$WORK/state EDGE_DEVICE_DESIRED_STATE=$WORK/desired
   EDGE_DEVICE_CONTROL_SOCKET=$WORK/control.sock EDGE_DEVICE_CGROUP_ROOT=$ROOT EDGE_DEVICE_LOG_LEVEL=warn
 
 workload() { # name command
-  printf '  - name: %s\n    kind: shell\n    specification: |\n      command: ["/bin/sh", "-c", "%s"]\n      user: root\n      resources:\n        limits: {memory: 16Mi, cpu: 50m, pids: 4}\n' "$1" "$2"
+  printf '  - name: %s\n    kind: shell\n    specification: |\n      command: ["/bin/sh", "-c", "%s"]\n      user: root\n      resources:\n        limits: {memory: 16Mi, cpu: 50m, pids: 4}\n        requests: {memory: 1Mi, cpu: 1m}\n' "$1" "$2"
 }
 write_desired() { # file content (atomic)
   printf '%s' "$2" > "$1.tmp" && mv "$1.tmp" "$1"
@@ -70,7 +70,7 @@ printf '\n%-58s %12s %10s\n' "measure" "value" "target"
 printf '%-58s %9s KiB %10s\n' "agent RSS with $N shell workloads running (VmRSS)" "$rss_kb" "8192 KiB"
 printf '%-58s %9s KiB %10s\n' "agent peak RSS (VmHWM)" "$hwm_kb" "-"
 printf '%-58s %10s %% %10s\n' "agent CPU, steady state, $N workloads, 1 s sampler (${STEADY}s)" "$cpu_pct" "0.5 %"
-per_wl=$(echo "scale=1; $cpu_pct / 100 * 1000000 / $N" | bc)
+per_wl=$(echo "scale=1; $cpu_pct * 10000 / $N" | bc)
 printf '%-58s %9s us %10s\n' "agent CPU per workload per second (sampler and all)" "$per_wl" "-"
 printf '%-58s %9s us %10s\n' "desired-state change -> process running, median of 10" "$median" "50000 us"
 printf '%-58s %9s us %10s\n' "desired-state change -> process running, max of 10" "$max" "-"

@@ -19,7 +19,7 @@ fn config(n: usize) -> device_worker_ng::flotta::messages::DeviceConfigurationMe
     let w: Vec<_> = (0..n)
         .map(|i| {
             json!({"name": format!("w{i}"), "namespace": "default", "kind": "shell",
-                   "specification": "command: [\"/bin/sleep\", \"100000\"]\nuser: root\nresources:\n  limits: {memory: 16Mi, cpu: 50m, pids: 4}\n"})
+                   "specification": "command: [\"/bin/sleep\", \"100000\"]\nuser: root\nresources:\n  limits: {memory: 16Mi, cpu: 50m, pids: 4}\n  requests: {memory: 1Mi, cpu: 1m}\n"})
         })
         .collect();
     serde_json::from_value(json!({
@@ -71,6 +71,11 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(2));
+    let running =
+        device_worker_ng::status::socket::request_status(&dir.path().join("control.sock"))
+            .map(|(s, _)| s.workloads.iter().filter(|w| w.state == "running").count())
+            .unwrap_or(0);
+    println!("{running} of 50 workloads running");
     let base = server.requests().len();
     let base_conns = server.connections();
     let start = Instant::now();

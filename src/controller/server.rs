@@ -113,8 +113,9 @@ pub struct ServerSession {
     lane: Sender<LaneOp>,
     phase: Phase,
     pub applied_version: String,
-    /// The applied configuration minus `version` (PROTOCOL §4.5: version alone is no change).
-    applied: Option<serde_json::Value>,
+    /// Fingerprint of the applied configuration minus `version` (PROTOCOL §4.5: a new
+    /// version alone is no change); a fingerprint instead of the document keeps memory low.
+    applied: Option<String>,
     heartbeat_period: Duration,
     hardware_profile: HardwareProfileConfiguration,
     last_hardware: Option<HardwareInfo>,
@@ -649,12 +650,14 @@ impl Controller {
         if let Some(obj) = value.as_object_mut() {
             obj.remove("version");
         }
+        let fingerprint =
+            crate::workload::fingerprint(&serde_json::to_vec(&value).unwrap_or_default());
         let s = self.server.as_mut().expect("checked above");
-        if s.applied.as_ref() == Some(&value) {
+        if s.applied.as_ref() == Some(&fingerprint) {
             s.applied_version = version;
             return;
         }
-        let desired: DesiredState = match serde_json::from_value(value.clone()) {
+        let desired: DesiredState = match serde_json::from_value(value) {
             Ok(d) => d,
             Err(e) => {
                 error!("configuration: workloads cannot be read: {e}");
@@ -663,7 +666,7 @@ impl Controller {
             }
         };
         info!(version = %version, workloads = desired.workloads.len(), "applying a new configuration");
-        s.applied = Some(value);
+        s.applied = Some(fingerprint);
         s.applied_version = version;
         self.reconcile(&desired);
         if first {
