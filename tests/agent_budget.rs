@@ -135,10 +135,8 @@ fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
     });
 }
 
-#[test]
-fn a_profile_condition_starts_and_stops_its_workload() {
-    require_root_cgroups!("a_profile_condition_starts_and_stops_its_workload");
-    let desired = "configuration:\n  profiles:\n  - name: env\n    conditions:\n    - {name: cool, expression: 'temperature < 70 && memory < 90%'}\nworkloads:\n  - name: fan-sensitive\n    kind: shell\n    profiles: [{name: env, conditions: [{name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
+/// An agent reading profile variables from its own VARIABLES_FILE, sampling fast.
+fn agent_with_variables(desired: &str) -> (Agent, std::path::PathBuf) {
     let mut a = Agent::new(desired);
     let vars = a.dir.path().join("variables.yaml");
     a.extra_env.push((
@@ -147,11 +145,22 @@ fn a_profile_condition_starts_and_stops_its_workload() {
     ));
     a.extra_env
         .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "200ms".into()));
-    let write = |t: u32| {
-        let tmp = vars.with_extension("tmp");
-        std::fs::write(&tmp, format!("temperature: {t}\n")).unwrap();
-        std::fs::rename(&tmp, &vars).unwrap();
-    };
+    (a, vars)
+}
+
+/// Feeds `temperature` like a probe would: the file replaced atomically.
+fn set_temperature(vars: &std::path::Path, t: u32) {
+    let tmp = vars.with_extension("tmp");
+    std::fs::write(&tmp, format!("temperature: {t}\n")).unwrap();
+    std::fs::rename(&tmp, vars).unwrap();
+}
+
+#[test]
+fn a_profile_condition_starts_and_stops_its_workload() {
+    require_root_cgroups!("a_profile_condition_starts_and_stops_its_workload");
+    let desired = "configuration:\n  profiles:\n  - name: env\n    conditions:\n    - {name: cool, expression: 'temperature < 70 && memory < 90%'}\nworkloads:\n  - name: fan-sensitive\n    kind: shell\n    profiles: [{name: env, conditions: [{name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
+    let (mut a, vars) = agent_with_variables(desired);
+    let write = |t: u32| set_temperature(&vars, t);
     a.start();
     // No temperature yet: the condition is false (missing variable), the workload waits.
     let s = a.wait_for("waiting for its profile", Duration::from_secs(10), |s| {
@@ -211,19 +220,8 @@ fn a_profile_quota_limits_cpu_while_its_condition_holds() {
     require_root_cgroups!("a_profile_quota_limits_cpu_while_its_condition_holds");
     // Always allowed (one of the two conditions is always true); only 'hot' carries a quota.
     let desired = "configuration:\n  profiles:\n  - name: thermal\n    conditions:\n    - {name: hot, expression: 'temperature >= 60'}\n    - {name: cool, expression: 'temperature < 60'}\nworkloads:\n  - name: worker\n    kind: shell\n    profiles: [{name: thermal, conditions: [{name: hot, cpu: {cpu: 20000}}, {name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
-    let mut a = Agent::new(desired);
-    let vars = a.dir.path().join("variables.yaml");
-    a.extra_env.push((
-        "EDGE_DEVICE_VARIABLES_FILE".into(),
-        vars.display().to_string(),
-    ));
-    a.extra_env
-        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "200ms".into()));
-    let write = |t: u32| {
-        let tmp = vars.with_extension("tmp");
-        std::fs::write(&tmp, format!("temperature: {t}\n")).unwrap();
-        std::fs::rename(&tmp, &vars).unwrap();
-    };
+    let (mut a, vars) = agent_with_variables(desired);
+    let write = |t: u32| set_temperature(&vars, t);
     write(40);
     a.start();
     let s = a.wait_for("running while cool", Duration::from_secs(10), |s| {
