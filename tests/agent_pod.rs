@@ -193,10 +193,12 @@ fn crash_looping_pod_is_marked_broken() {
         );
         return;
     }
-    let _guard = PodGuard("e2e-crash");
     let c = pod_config("e2e-crash", "echo failing; exit 3");
     let desired = json!({"workloads": c.workloads, "secrets": c.secrets});
     let mut a = Agent::new(&serde_yaml::to_string(&desired).unwrap());
+    // Declared after the agent, so dropped before it: the pod goes first, then the agent's
+    // Drop can remove the (then empty) workload cgroup.
+    let _guard = PodGuard("e2e-crash");
     a.extra_env
         .push(("EDGE_DEVICE_RESTART_MAX_FAILURES".into(), "2".into()));
     a.start();
