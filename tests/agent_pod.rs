@@ -88,25 +88,9 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
     });
     server.set_configuration(ID, pod_config("e2e-web", "echo pw=$PASSWORD; sleep 600"));
     let mut a = Agent::new("workloads: []\n");
-    for (k, v) in [
-        ("EDGE_DEVICE_SERVER", server.url()),
-        (
-            "EDGE_DEVICE_CA_ROOT",
-            server.ca_path().display().to_string(),
-        ),
-        (
-            "EDGE_DEVICE_CERT",
-            server.register_cert_path().display().to_string(),
-        ),
-        (
-            "EDGE_DEVICE_KEY",
-            server.register_key_path().display().to_string(),
-        ),
-        ("EDGE_DEVICE_DEVICE_ID", ID.to_string()),
-        ("EDGE_DEVICE_POLL_INTERVAL", "300ms".into()),
-    ] {
-        a.extra_env.push((k.to_string(), v));
-    }
+    a.extra_env.extend(server.agent_env(ID));
+    a.extra_env
+        .push(("EDGE_DEVICE_POLL_INTERVAL".into(), "300ms".into()));
     a.start();
     let s = a.wait_for("pod running", Duration::from_secs(60), |s| {
         Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running")

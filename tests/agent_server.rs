@@ -34,21 +34,8 @@ fn config(workloads: &[(&str, &str)]) -> DeviceConfigurationMessage {
 /// An agent configured for `server` (desired state from the server, fast timers).
 fn agent_for(server: &FlottaTestServer) -> Agent {
     let mut a = Agent::new("workloads: []\n");
+    a.extra_env.extend(server.agent_env(ID));
     for (k, v) in [
-        ("EDGE_DEVICE_SERVER", server.url()),
-        (
-            "EDGE_DEVICE_CA_ROOT",
-            server.ca_path().display().to_string(),
-        ),
-        (
-            "EDGE_DEVICE_CERT",
-            server.register_cert_path().display().to_string(),
-        ),
-        (
-            "EDGE_DEVICE_KEY",
-            server.register_key_path().display().to_string(),
-        ),
-        ("EDGE_DEVICE_DEVICE_ID", ID.to_string()),
         ("EDGE_DEVICE_POLL_INTERVAL", "200ms".into()),
         ("EDGE_DEVICE_SERVER_TIMEOUT", "1s".into()),
         ("EDGE_DEVICE_SERVER_OUTAGE_THRESHOLD", "1s".into()),

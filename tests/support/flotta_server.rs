@@ -336,6 +336,27 @@ impl FlottaTestServer {
         self.dir.path().join("register.key")
     }
 
+    /// The agent's settings (as environment variables) for talking to this server as `id`
+    /// with the bootstrap certificate.
+    pub fn agent_env(&self, id: &str) -> Vec<(String, String)> {
+        [
+            ("EDGE_DEVICE_SERVER", self.url()),
+            ("EDGE_DEVICE_CA_ROOT", self.ca_path().display().to_string()),
+            (
+                "EDGE_DEVICE_CERT",
+                self.register_cert_path().display().to_string(),
+            ),
+            (
+                "EDGE_DEVICE_KEY",
+                self.register_key_path().display().to_string(),
+            ),
+            ("EDGE_DEVICE_DEVICE_ID", id.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
     /// Scratch directory that lives as long as the server.
     pub fn dir(&self) -> &Path {
         self.dir.path()
