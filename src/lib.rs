@@ -24,3 +24,4 @@ pub mod store;
 pub mod units;
 pub mod variables;
 pub mod workload;
+pub mod yaml;

@@ -44,13 +44,13 @@ pub fn read(path: &Path, ttl: Duration) -> BTreeMap<String, Value> {
 
 /// `NAME: value` lines (YAML mapping); a value is a number with an optional unit.
 pub fn parse(text: &str) -> Result<BTreeMap<String, Value>, String> {
-    let doc: Option<BTreeMap<String, serde_yaml::Value>> =
-        serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let doc: Option<BTreeMap<String, serde_yaml_ng::Value>> =
+        crate::yaml::from_str(text).map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     for (k, v) in doc.unwrap_or_default() {
         let text = match v {
-            serde_yaml::Value::Number(n) => n.to_string(),
-            serde_yaml::Value::String(s) => s,
+            serde_yaml_ng::Value::Number(n) => n.to_string(),
+            serde_yaml_ng::Value::String(s) => s,
             _ => return Err(format!("{k}: expected a number with an optional unit")),
         };
         out.insert(

@@ -179,7 +179,7 @@ fn crash_looping_pod_is_marked_broken() {
     }
     let c = pod_config("e2e-crash", "echo failing; exit 3");
     let desired = json!({"workloads": c.workloads, "secrets": c.secrets});
-    let mut a = Agent::new(&serde_yaml::to_string(&desired).unwrap());
+    let mut a = Agent::new(&serde_yaml_ng::to_string(&desired).unwrap());
     // Declared after the agent, so dropped before it: the pod goes first, then the agent's
     // Drop can remove the (then empty) workload cgroup.
     let _guard = PodGuard("e2e-crash");
@@ -290,7 +290,7 @@ fn rootless_pod_runs_as_the_configured_user() {
     );
     let desired =
         json!({"workloads": [{"name": "e2e-rootless", "rootless": true, "specification": spec}]});
-    let mut a = Agent::new(&serde_yaml::to_string(&desired).unwrap());
+    let mut a = Agent::new(&serde_yaml_ng::to_string(&desired).unwrap());
     a.extra_env
         .push(("EDGE_DEVICE_ROOTLESS_USER".into(), user.clone()));
     a.start();

@@ -407,25 +407,25 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|e| file_err(format!("not valid YAML: {e}")))?;
+    let doc: serde_yaml_ng::Value =
+        crate::yaml::from_str(&text).map_err(|e| file_err(format!("not valid YAML: {e}")))?;
     let map = match doc {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => return Ok(Vec::new()),
+        serde_yaml_ng::Value::Mapping(m) => m,
+        serde_yaml_ng::Value::Null => return Ok(Vec::new()),
         _ => return Err(file_err("expected a mapping of KEY: value".into())),
     };
     let mut out = Vec::new();
     for (k, v) in map {
         let key = match k {
-            serde_yaml::Value::String(s) => s,
+            serde_yaml_ng::Value::String(s) => s,
             other => return Err(file_err(format!("key {other:?} is not a string"))),
         };
         let source = Source::File(path.to_path_buf());
         let value = match v {
-            serde_yaml::Value::String(s) => s,
-            serde_yaml::Value::Number(n) => n.to_string(),
-            serde_yaml::Value::Bool(b) => b.to_string(),
-            serde_yaml::Value::Null => continue,
+            serde_yaml_ng::Value::String(s) => s,
+            serde_yaml_ng::Value::Number(n) => n.to_string(),
+            serde_yaml_ng::Value::Bool(b) => b.to_string(),
+            serde_yaml_ng::Value::Null => continue,
             other => {
                 let Some(spec) = spec(&key) else {
                     return Err(ConfigError::UnknownKey {
@@ -447,10 +447,10 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     Ok(out)
 }
 
-fn describe_yaml(v: &serde_yaml::Value) -> &'static str {
+fn describe_yaml(v: &serde_yaml_ng::Value) -> &'static str {
     match v {
-        serde_yaml::Value::Sequence(_) => "a list",
-        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml_ng::Value::Sequence(_) => "a list",
+        serde_yaml_ng::Value::Mapping(_) => "a mapping",
         _ => "a tagged value",
     }
 }

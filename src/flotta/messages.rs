@@ -1765,7 +1765,7 @@ mod tests {
     #[test]
     fn field_names_match_the_swagger() {
         let swagger: Value =
-            serde_yaml::from_str(fixture!("flotta-swagger.yaml")).expect("swagger parses");
+            serde_yaml_ng::from_str(fixture!("flotta-swagger.yaml")).expect("swagger parses");
         let defs = &swagger["definitions"];
         check::<Message>(defs, "message");
         check::<MessageResponse>(defs, "message-response");

@@ -136,7 +136,7 @@ pub fn parse_desired(text: &str) -> Result<DesiredState, String> {
     if text.trim().is_empty() {
         return Ok(DesiredState::default());
     }
-    serde_yaml::from_str::<Option<DesiredState>>(text)
+    crate::yaml::from_str::<Option<DesiredState>>(text)
         .map(Option::unwrap_or_default)
         .map_err(|e| e.to_string())
 }
@@ -239,7 +239,7 @@ impl DesiredWorkload {
         let fp_input = serde_json::to_vec(self).unwrap_or_default();
         match kind {
             WorkloadKind::Shell => {
-                let raw: RawShell = serde_yaml::from_str(&self.specification)
+                let raw: RawShell = crate::yaml::from_str(&self.specification)
                     .map_err(|e| err("specification", e.to_string()))?;
                 if raw.command.is_empty() || raw.command[0].is_empty() {
                     return Err(err("specification.command", "must name a program".into()));

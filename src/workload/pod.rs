@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::shell::parse_resources;
 use super::RestartPolicy;
@@ -61,7 +61,7 @@ pub(super) struct PodInput<'a> {
 /// Validates the PodSpec and renders the manifest. The error is (field, why).
 pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)> {
     let e = |field: &str, why: String| (field.to_string(), why);
-    let spec: Value = serde_yaml::from_str(input.specification)
+    let spec: Value = crate::yaml::from_str(input.specification)
         .map_err(|err| e("specification", err.to_string()))?;
     let Value::Mapping(mut spec) = spec else {
         return Err(e("specification", "expected a PodSpec mapping".into()));
@@ -188,7 +188,7 @@ pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)>
 
     for (i, cm) in input.configmaps.iter().enumerate() {
         let field = format!("configmaps[{i}]");
-        let v: Value = serde_yaml::from_str(cm).map_err(|err| e(&field, err.to_string()))?;
+        let v: Value = crate::yaml::from_str(cm).map_err(|err| e(&field, err.to_string()))?;
         if v.get("kind").and_then(Value::as_str) != Some("ConfigMap") {
             return Err(e(&field, "expected a document of kind ConfigMap".into()));
         }
@@ -211,7 +211,7 @@ pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)>
     pod.insert("kind".into(), "Pod".into());
     pod.insert("metadata".into(), Value::Mapping(metadata));
     pod.insert("spec".into(), Value::Mapping(spec));
-    let mut manifest = serde_yaml::to_string(&Value::Mapping(pod))
+    let mut manifest = serde_yaml_ng::to_string(&Value::Mapping(pod))
         .map_err(|err| e("specification", err.to_string()))?;
     for cm in input.configmaps {
         manifest.push_str("---\n");
@@ -239,7 +239,7 @@ fn sum(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 fn show(v: &Value) -> String {
-    serde_yaml::to_string(v)
+    serde_yaml_ng::to_string(v)
         .unwrap_or_default()
         .trim()
         .to_string()
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(p.data.containers, vec!["a", "b"]);
         let docs: Vec<&str> = p.data.manifest.split("---\n").collect();
         assert_eq!(docs.len(), 2);
-        let pod: Value = serde_yaml::from_str(docs[0]).unwrap();
+        let pod: Value = serde_yaml_ng::from_str(docs[0]).unwrap();
         assert_eq!(pod["metadata"]["name"], Value::from("web"));
         assert_eq!(
             pod["metadata"]["labels"][WORKLOAD_LABEL],

@@ -57,22 +57,22 @@ pub(super) struct RawEnv {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawResources {
     #[serde(default)]
-    pub limits: BTreeMap<String, serde_yaml::Value>,
+    pub limits: BTreeMap<String, serde_yaml_ng::Value>,
     #[serde(default)]
-    pub requests: BTreeMap<String, serde_yaml::Value>,
+    pub requests: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
 /// Parses a `resources.limits`/`requests` map (memory, cpu, pids). The error is (field, why).
 pub(super) fn parse_resources(
     section: &str,
-    map: &BTreeMap<String, serde_yaml::Value>,
+    map: &BTreeMap<String, serde_yaml_ng::Value>,
 ) -> Result<Limits, (String, String)> {
     let mut l = Limits::default();
     for (k, v) in map {
         let field = format!("resources.{section}.{k}");
         let text = match v {
-            serde_yaml::Value::String(s) => s.clone(),
-            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml_ng::Value::String(s) => s.clone(),
+            serde_yaml_ng::Value::Number(n) => n.to_string(),
             _ => return Err((field, "expected a quantity".into())),
         };
         match k.as_str() {

@@ -697,7 +697,7 @@ fn handle(shared: &Shared, has_cert: bool, req: &Request) -> (u16, Value) {
     let parsed_body = if req.body.is_empty() {
         None
     } else {
-        serde_yaml::from_slice::<Value>(&req.body).ok()
+        serde_yaml_ng::from_slice::<Value>(&req.body).ok()
     };
     st.requests.push(Recorded {
         method: req.method.clone(),
@@ -940,7 +940,7 @@ fn apply(st: &mut State, r: &Route, req: &Request, manager: &str) -> (u16, Value
     if manager.is_empty() {
         return status(400, "BadRequest", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch", Value::Null);
     }
-    let body: Value = match serde_yaml::from_slice(&req.body) {
+    let body: Value = match serde_yaml_ng::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
             return status(

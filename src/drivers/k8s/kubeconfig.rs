@@ -88,8 +88,8 @@ struct User {
     #[serde(rename = "tokenFile")]
     token_file: Option<PathBuf>,
     username: Option<String>,
-    exec: Option<serde_yaml::Value>,
-    auth_provider: Option<serde_yaml::Value>,
+    exec: Option<serde_yaml_ng::Value>,
+    auth_provider: Option<serde_yaml_ng::Value>,
     #[serde(rename = "as")]
     impersonate: Option<String>,
 }
@@ -110,7 +110,7 @@ pub fn load(path: &Path) -> Result<ClusterAccess, K8sError> {
 
 /// Parses a kubeconfig; relative file paths in it are relative to `dir` (kubectl's rule).
 pub fn parse(text: &str, dir: &Path) -> Result<ClusterAccess, String> {
-    let cfg: Kubeconfig = serde_yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
+    let cfg: Kubeconfig = crate::yaml::from_str(text).map_err(|e| format!("not YAML: {e}"))?;
     let ctx_name = match cfg.current_context.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => c.to_string(),
         None if cfg.contexts.len() == 1 => cfg.contexts[0].name.clone(),

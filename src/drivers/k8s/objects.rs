@@ -182,18 +182,18 @@ pub fn render(
     for d in docs {
         out.push_str("---\n");
         out.push_str(
-            &serde_yaml::to_string(&d).map_err(|err| e("specification", err.to_string()))?,
+            &serde_yaml_ng::to_string(&d).map_err(|err| e("specification", err.to_string()))?,
         );
     }
     Ok(out)
 }
 
 fn first_document(text: &str) -> Result<Value, String> {
-    use serde::Deserialize;
-    let doc = serde_yaml::Deserializer::from_str(text)
+    crate::yaml::documents::<Value>(text)
+        .map_err(|e| e.to_string())?
+        .into_iter()
         .next()
-        .ok_or_else(|| "empty document".to_string())?;
-    Value::deserialize(doc).map_err(|e| e.to_string())
+        .ok_or_else(|| "empty document".to_string())
 }
 
 /// A DNS-1123 subdomain (ConfigMap and Secret names).
@@ -212,14 +212,11 @@ pub fn is_subdomain(s: &str) -> bool {
 impl WorkloadObjects {
     /// Parses what [`render`] wrote.
     pub fn parse(manifest: &str) -> Result<WorkloadObjects, String> {
-        use serde::Deserialize;
-        let mut docs = Vec::new();
-        for d in serde_yaml::Deserializer::from_str(manifest) {
-            let v = Value::deserialize(d).map_err(|e| e.to_string())?;
-            if !v.is_null() {
-                docs.push(v);
-            }
-        }
+        let docs: Vec<Value> = crate::yaml::documents::<Value>(manifest)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .collect();
         let mut objects = Vec::new();
         for d in docs {
             let resource = match d["kind"].as_str() {

@@ -108,24 +108,24 @@ fn staging_name(name: &str) -> String {
 fn without_container_resources(manifest: &str) -> String {
     let mut out = Vec::new();
     for doc in manifest.split("\n---\n") {
-        let Ok(mut v) = serde_yaml::from_str::<serde_yaml::Value>(doc) else {
+        let Ok(mut v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(doc) else {
             out.push(doc.to_string());
             continue;
         };
         if v.get("kind").and_then(|k| k.as_str()) == Some("Pod") {
             for list in ["containers", "initContainers"] {
-                if let Some(serde_yaml::Value::Sequence(cs)) =
+                if let Some(serde_yaml_ng::Value::Sequence(cs)) =
                     v.get_mut("spec").and_then(|s| s.get_mut(list))
                 {
                     for c in cs {
-                        if let serde_yaml::Value::Mapping(m) = c {
+                        if let serde_yaml_ng::Value::Mapping(m) = c {
                             m.remove("resources");
                         }
                     }
                 }
             }
         }
-        out.push(serde_yaml::to_string(&v).unwrap_or_else(|_| doc.to_string()));
+        out.push(serde_yaml_ng::to_string(&v).unwrap_or_else(|_| doc.to_string()));
     }
     out.join("\n---\n")
 }
@@ -352,12 +352,12 @@ fn play_under(
 /// The manifest with the pod renamed (only the Pod document's `metadata.name`).
 fn stage_manifest(manifest: &str, name: &str, staging: &str) -> String {
     let (pod, rest) = manifest.split_once("\n---\n").unwrap_or((manifest, ""));
-    let pod = match serde_yaml::from_str::<serde_yaml::Value>(pod) {
+    let pod = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(pod) {
         Ok(mut v) => {
             if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
                 m.insert("name".into(), staging.into());
             }
-            serde_yaml::to_string(&v).unwrap_or_else(|_| pod.replacen(name, staging, 1))
+            serde_yaml_ng::to_string(&v).unwrap_or_else(|_| pod.replacen(name, staging, 1))
         }
         Err(_) => pod.to_string(),
     };
@@ -678,14 +678,14 @@ mod tests {
         let m = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  labels:\n    app: web\nspec:\n  containers: []\n---\nkind: ConfigMap\nmetadata: {name: web}\n";
         let s = stage_manifest(m, "web", "web-dwng-staging");
         let (pod, cm) = s.split_once("\n---\n").unwrap();
-        let v: serde_yaml::Value = serde_yaml::from_str(pod).unwrap();
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(pod).unwrap();
         assert_eq!(
             v["metadata"]["name"],
-            serde_yaml::Value::from("web-dwng-staging")
+            serde_yaml_ng::Value::from("web-dwng-staging")
         );
         assert_eq!(
             v["metadata"]["labels"]["app"],
-            serde_yaml::Value::from("web")
+            serde_yaml_ng::Value::from("web")
         );
         assert!(cm.contains("name: web}"));
     }
@@ -728,9 +728,9 @@ mod manifest_tests {
     fn rootless_v1_manifest_loses_only_the_container_resources() {
         let m = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: a\n    image: x\n    resources:\n      limits:\n        memory: 64Mi\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  resources: keep\n";
         let out = super::without_container_resources(m);
-        let docs: Vec<serde_yaml::Value> = out
+        let docs: Vec<serde_yaml_ng::Value> = out
             .split("\n---\n")
-            .map(|d| serde_yaml::from_str(d).unwrap())
+            .map(|d| serde_yaml_ng::from_str(d).unwrap())
             .collect();
         assert!(docs[0]["spec"]["containers"][0].get("resources").is_none());
         assert_eq!(docs[0]["spec"]["containers"][0]["image"], "x");
