@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks of the core agent (issue targets in brackets); prints a table, asserts nothing.
-#  - resident memory with N shell workloads running                 [<= 8 MiB]
+#  - resident memory idle (no workloads) and with N shell workloads running [<= 8 MiB]
 #  - agent CPU at steady state with N workloads and a 1 s sampler  [<= 0.5 % of one core]
 #  - desired-state change -> workload process running              [<= 50 ms]
 # Needs root (cgroups). Usage: sudo bench/agent.sh [N=50] [STEADY_SECONDS=30]
@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50}; STEADY=${2:-30}
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-cargo build --release --quiet
-BIN=$PWD/target/release/device-worker-ng
+# BIN=path: measure that binary (e.g. one built by bench/cost.sh) instead of building
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=$PWD/target/release/device-worker-ng
+fi
 WORK=$(mktemp -d /tmp/dwng-bench.XXXXXX)
 ROOT=device-worker-ng-bench-$$
 export EDGE_DEVICE_STATE_DIR=$WORK/state EDGE_DEVICE_DESIRED_STATE=$WORK/desired.yaml \
@@ -23,7 +26,7 @@ write_desired() { # file content (atomic)
 }
 base=""
 for i in $(seq 1 "$N"); do base+=$(workload "w$i" "exec sleep 100000"); base+=$'\n'; done
-write_desired "$WORK/desired.yaml" "workloads:"$'\n'"$base"
+write_desired "$WORK/desired.yaml" "workloads: []"
 
 "$BIN" run 2>"$WORK/agent.log" &
 AGENT=$!
@@ -39,6 +42,11 @@ cleanup() {
 trap cleanup EXIT
 
 running() { "$BIN" status --json 2>/dev/null | grep -o '"state":"running"' | wc -l; }
+# idle: the agent up with no workloads, its sampler and control socket running
+for _ in $(seq 100); do "$BIN" status >/dev/null 2>&1 && break; sleep 0.1; done
+sleep 3
+idle_kb=$(awk '/VmRSS/ {print $2}' "/proc/$AGENT/status")
+write_desired "$WORK/desired.yaml" "workloads:"$'\n'"$base"
 for _ in $(seq 300); do [ "$(running)" -ge "$N" ] && break; sleep 0.1; done
 echo "$(running) of $N workloads running"
 sleep 3
@@ -67,6 +75,7 @@ sorted=$(printf '%s\n' "${lat[@]}" | sort -n)
 median=$(echo "$sorted" | sed -n 5p); max=$(echo "$sorted" | tail -1)
 
 printf '\n%-58s %12s %10s\n' "measure" "value" "target"
+printf '%-58s %9s KiB %10s\n' "agent RSS idle, no workloads (VmRSS)" "$idle_kb" "-"
 printf '%-58s %9s KiB %10s\n' "agent RSS with $N shell workloads running (VmRSS)" "$rss_kb" "8192 KiB"
 printf '%-58s %9s KiB %10s\n' "agent peak RSS (VmHWM)" "$hwm_kb" "-"
 printf '%-58s %10s %% %10s\n' "agent CPU, steady state, $N workloads, 1 s sampler (${STEADY}s)" "$cpu_pct" "0.5 %"

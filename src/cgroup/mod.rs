@@ -6,6 +6,7 @@
 //! the root-only tests in `tests/` and by the cgroup v2 qemu guest.
 
 mod files;
+mod fs;
 mod layout;
 
 pub use files::{parse_flat_keyed, read_u64, CounterReader};
@@ -31,6 +32,14 @@ pub enum CgroupError {
     Parse { path: PathBuf, content: String },
     #[error("cgroup {path} still has processes after {waited:?}")]
     NotEmpty { path: PathBuf, waited: Duration },
+    #[error("{path}: {why}")]
+    Kernel { path: PathBuf, why: String },
+    #[error("{path}: asked for {wanted}, the kernel kept {got}")]
+    NotApplied {
+        path: PathBuf,
+        wanted: String,
+        got: String,
+    },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -115,63 +124,18 @@ impl WorkloadCgroup {
     }
 
     pub fn create(&self) -> Result<(), CgroupError> {
-        for d in self.dirs() {
-            std::fs::create_dir_all(d).map_err(io_err(d))?;
-        }
-        Ok(())
+        fs::create(self)
     }
 
     /// Writes the limits; a limit set to `None` is reset to unlimited.
     pub fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
-        match self {
-            WorkloadCgroup::V1 {
-                memory, cpu, pids, ..
-            } => {
-                let mem = limits
-                    .memory_bytes
-                    .map_or("-1".to_string(), |b| b.to_string());
-                // memsw must stay >= limit_in_bytes: raise it first when lowering both would
-                // fail, and cap it to the same value so a workload cannot swap past its limit.
-                let memsw = memory.join("memory.memsw.limit_in_bytes");
-                let has_memsw = memsw.exists();
-                if has_memsw {
-                    let _ = files::write(&memsw, "-1");
-                }
-                files::write(&memory.join("memory.limit_in_bytes"), &mem)?;
-                if has_memsw {
-                    files::write(&memsw, &mem)?;
-                }
-                files::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                let quota = limits
-                    .cpu_millicores
-                    .map_or("-1".to_string(), |m| cpu_quota_us(m).to_string());
-                files::write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
-                let p = limits.pids.map_or("max".to_string(), |p| p.to_string());
-                files::write(&pids.join("pids.max"), &p)?;
-            }
-            WorkloadCgroup::V2 { dir } => {
-                let mem = limits
-                    .memory_bytes
-                    .map_or("max".to_string(), |b| b.to_string());
-                files::write(&dir.join("memory.max"), &mem)?;
-                let swap = dir.join("memory.swap.max");
-                if swap.exists() {
-                    let v = if limits.memory_bytes.is_some() {
-                        "0"
-                    } else {
-                        "max"
-                    };
-                    files::write(&swap, v)?;
-                }
-                let quota = limits
-                    .cpu_millicores
-                    .map_or("max".to_string(), |m| cpu_quota_us(m).to_string());
-                files::write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
-                let p = limits.pids.map_or("max".to_string(), |p| p.to_string());
-                files::write(&dir.join("pids.max"), &p)?;
-            }
-        }
-        Ok(())
+        fs::apply(self, limits)
+    }
+
+    /// Moves a running process into the cgroup (a process the agent starts joins it before
+    /// exec instead: `drivers::process::join_cgroup_before_exec`).
+    pub fn attach(&self, pid: u32) -> Result<(), CgroupError> {
+        fs::attach(self, pid)
     }
 
     /// The processes in the cgroup.
@@ -312,25 +276,9 @@ impl WorkloadCgroup {
             self.kill_all()?;
         }
         for d in self.dirs() {
-            remove_dir_retrying(d)?;
+            fs::remove_dir(d)?;
         }
         Ok(())
-    }
-}
-
-/// rmdir on a cgroup can fail with EBUSY for a moment after its last process exited (the
-/// kernel still tears the task down); retry briefly.
-fn remove_dir_retrying(d: &Path) -> Result<(), CgroupError> {
-    let start = Instant::now();
-    loop {
-        match std::fs::remove_dir(d) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if start.elapsed() < Duration::from_secs(2) && e.raw_os_error() == Some(16) => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(io_err(d)(e)),
-        }
     }
 }
 
@@ -400,26 +348,24 @@ impl Hierarchy {
                     }
                 }
                 let workloads = self.base.join("workloads");
-                std::fs::create_dir_all(&workloads).map_err(io_err(&workloads))?;
+                self.workloads_parent().create()?;
                 let procs = self.base.join("cgroup.procs");
                 let text = std::fs::read_to_string(&procs).map_err(io_err(&procs))?;
                 if !text.trim().is_empty() {
-                    let leaf = self.base.join("agent");
-                    std::fs::create_dir_all(&leaf).map_err(io_err(&leaf))?;
-                    for pid in text.lines() {
-                        let _ = files::write(&leaf.join("cgroup.procs"), pid.trim());
+                    let leaf = WorkloadCgroup::V2 {
+                        dir: self.base.join("agent"),
+                    };
+                    leaf.create()?;
+                    for pid in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                        // A process that exited meanwhile cannot move: nothing lost.
+                        let _ = leaf.attach(pid);
                     }
                 }
                 for dir in [&self.base, &workloads] {
                     enable_v2_controllers(dir)?;
                 }
             }
-            Layout::Legacy(m) | Layout::Hybrid(m) => {
-                for ctrl in [&m.memory, &m.cpu, &m.cpuacct, &m.pids] {
-                    let d = ctrl.join(&self.base).join("workloads");
-                    std::fs::create_dir_all(&d).map_err(io_err(&d))?;
-                }
-            }
+            Layout::Legacy(_) | Layout::Hybrid(_) => self.workloads_parent().create()?,
         }
         Ok(())
     }
@@ -476,7 +422,7 @@ impl Hierarchy {
                 .collect(),
         };
         for d in dirs {
-            remove_dir_retrying(&d)?;
+            fs::remove_dir(&d)?;
         }
         Ok(())
     }
