@@ -39,7 +39,7 @@ enum Command {
 }
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("device-worker-ng: {e}");
+    logging::fatal(&e.to_string());
     ExitCode::from(EXIT_CONFIG as u8)
 }
 
@@ -64,15 +64,13 @@ fn main() -> ExitCode {
                 return config_error(e);
             }
             logging::init(settings.log_level);
+            // The error that ends the agent is written once (not also logged), so the
+            // journal shows it once.
             match daemon::run(settings, inputs) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ daemon::DaemonError::Config(_)) => {
-                    tracing::error!("{e}");
-                    config_error(e)
-                }
+                Err(e @ daemon::DaemonError::Config(_)) => config_error(e),
                 Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("device-worker-ng: {e}");
+                    logging::fatal(&e.to_string());
                     ExitCode::FAILURE
                 }
             }

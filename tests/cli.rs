@@ -82,3 +82,83 @@ fn status_without_an_agent_says_so() {
     let env = [("EDGE_DEVICE_CONTROL_SOCKET", sock.to_str().unwrap())];
     assert_eq!(run(&["status", "--json"], &env).0, 3);
 }
+
+/// Runs `device-worker-ng run` with stderr going to a file that JOURNAL_STREAM names, the way
+/// systemd connects a service's stderr to journald; returns the exit code and that stderr.
+fn run_as_journal_stream(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal-stream");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let status = c.status().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&path).unwrap(),
+    )
+}
+
+#[test]
+fn journal_lines_carry_priorities_and_a_fatal_error_once() {
+    // A configuration error: before logging is set up, one line at error priority.
+    let (code, err) = run_as_journal_stream(&["run", "--set", "LOG_LEVEL=shouty"], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("<3>device-worker-ng: ") && err.contains("LOG_LEVEL"),
+        "{err}"
+    );
+
+    // An error after logging is set up (another agent answers on the control socket; as
+    // non-root, the cgroups already fail): every line has a priority and no timestamp of its
+    // own, and the error that ends the agent appears once.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let _other_agent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let root = format!("dwng-test-journal-{}", std::process::id());
+    let env = [
+        ("EDGE_DEVICE_STATE_DIR", dir.path().join("state")),
+        ("EDGE_DEVICE_CONTROL_SOCKET", sock.clone()),
+    ];
+    let env: Vec<(&str, &str)> = env
+        .iter()
+        .map(|(k, v)| (*k, v.to_str().unwrap()))
+        .chain([
+            ("EDGE_DEVICE_CGROUP_ROOT", root.as_str()),
+            ("EDGE_DEVICE_LOG_LEVEL", "debug"),
+        ])
+        .collect();
+    let (code, err) = run_as_journal_stream(&["run"], &env);
+    if let Ok(layout) = device_worker_ng::cgroup::detect() {
+        let _ = device_worker_ng::cgroup::Hierarchy::new(layout, &root, None).remove_all();
+    }
+    assert_eq!(code, 1, "{err}");
+    for line in err.lines() {
+        let prio = line.get(..3).unwrap_or("");
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"].contains(&prio),
+            "a priority prefix on every line: {line:?}"
+        );
+        // fmt's own timestamps start the line with the year (2026-11-30T11:28:04.1Z)
+        assert!(
+            !line[3..].starts_with(|c: char| c.is_ascii_digit()),
+            "no timestamp: {line:?}"
+        );
+        assert!(
+            !line.contains("INFO") && !line.contains("ERROR"),
+            "{line:?}"
+        );
+    }
+    let fatal: Vec<&str> = err.lines().filter(|l| l.starts_with("<3>")).collect();
+    assert_eq!(fatal.len(), 1, "the fatal error once: {err}");
+}
