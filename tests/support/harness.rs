@@ -5,6 +5,9 @@
 //! `--exact`, `--skip`, `--list`, `--test-threads`, `--nocapture`, `--ignored`,
 //! `--include-ignored`), through libtest-mimic.
 //!
+//! Each `tests/<file>.rs` has a `[[test]]` entry with `harness = false` in Cargo.toml and a
+//! `main` like this:
+//!
 //! ```text
 //! fn main() {
 //!     harness::main(&[
