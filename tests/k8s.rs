@@ -3,12 +3,9 @@
 //! speaks the API conventions the fake follows, not that a live MicroShift accepts it.
 //! No root needed.
 
-#[path = "support/fake_kube.rs"]
-mod fake_kube;
-
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use device_worker_ng::cgroup::WorkloadCgroup;
 use device_worker_ng::drivers::k8s::{self, Health, K8sDriver, K8sError, K8sSettings};
@@ -16,7 +13,44 @@ use device_worker_ng::drivers::{self, RunEnd};
 use device_worker_ng::workload::{
     parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadSpec,
 };
-use fake_kube::{FakeKube, TOKEN};
+use dwng_test_support::fake_kube::{FakeKube, TOKEN};
+use dwng_test_support::harness::{self, test};
+use dwng_test_support::wait::wait_until;
+
+fn main() {
+    harness::main(&[
+        test(
+            "a_workload_is_applied_deploying_then_running_and_reapplied_on_update",
+            &[],
+            a_workload_is_applied_deploying_then_running_and_reapplied_on_update,
+        ),
+        test(
+            "removal_deletes_only_what_carries_our_label",
+            &[],
+            removal_deletes_only_what_carries_our_label,
+        ),
+        test(
+            "the_waiter_reports_crashes_restarts_and_stops",
+            &[],
+            the_waiter_reports_crashes_restarts_and_stops,
+        ),
+        test(
+            "api_errors_have_clear_typed_reasons",
+            &[],
+            api_errors_have_clear_typed_reasons,
+        ),
+        test(
+            "the_driver_dispatch_runs_k8s_workloads_without_a_process",
+            &[],
+            the_driver_dispatch_runs_k8s_workloads_without_a_process,
+        ),
+        test(
+            "k8s_specs_are_validated_like_pods_plus_deployment_rules",
+            &[],
+            k8s_specs_are_validated_like_pods_plus_deployment_rules,
+        ),
+    ])
+}
 
 const MANAGER_QUERY: &str = "device-worker-ng";
 
@@ -75,15 +109,14 @@ fn driver(kubeconfig: PathBuf) -> Arc<K8sDriver> {
     }))
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The driver's calls are quick: the fake answers at once.
+fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    wait_until(
+        what,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        done,
+    );
 }
 
 /// Starts on a thread; the test plays the deployment controller meanwhile.
@@ -104,7 +137,6 @@ fn rv(v: &serde_json::Value) -> u64 {
         .unwrap()
 }
 
-#[test]
 fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(None));
@@ -209,7 +241,6 @@ fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
     assert_eq!(d.health("web").unwrap(), Health::Running);
 }
 
-#[test]
 fn removal_deletes_only_what_carries_our_label() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(Some(TOKEN)));
@@ -285,7 +316,6 @@ fn removal_deletes_only_what_carries_our_label() {
     );
 }
 
-#[test]
 fn the_waiter_reports_crashes_restarts_and_stops() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(None));
@@ -346,7 +376,6 @@ fn the_waiter_reports_crashes_restarts_and_stops() {
     assert_eq!(d.health("job").unwrap().heartbeat_status(), "stopped");
 }
 
-#[test]
 fn api_errors_have_clear_typed_reasons() {
     let fake = FakeKube::start();
     let (spec, secrets) = workload("web", "default", "img:1");
@@ -431,7 +460,6 @@ fn api_errors_have_clear_typed_reasons() {
 
 /// The controller's entry points (drivers::start/stop/cleanup/still_running) for kind k8s,
 /// through the process-wide configuration. The only test that touches it.
-#[test]
 fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
     let fake = FakeKube::start();
     k8s::configure_with(K8sSettings {
@@ -464,7 +492,6 @@ fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
     assert!(!drivers::still_running(&spec.kind, &cgroup, 0, 0));
 }
 
-#[test]
 fn k8s_specs_are_validated_like_pods_plus_deployment_rules() {
     let one = |extra: &str, spec: &str| {
         let doc = format!(

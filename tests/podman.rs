@@ -15,8 +15,39 @@ use device_worker_ng::drivers::{self, podman};
 use device_worker_ng::workload::{
     parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadKind, WorkloadSpec,
 };
+use dwng_test_support::harness::{self, test, PODMAN};
+use dwng_test_support::podman::TEST_IMAGE as IMAGE;
+use dwng_test_support::wait::wait_until;
 
-const IMAGE: &str = "localhost/dwng-busybox:test";
+fn main() {
+    harness::main(&[
+        test(
+            "deploys_with_configmap_secret_and_limits_then_removes_everything",
+            PODMAN,
+            deploys_with_configmap_secret_and_limits_then_removes_everything,
+        ),
+        test(
+            "memory_limit_oom_kills_with_137_and_the_agent_sees_it",
+            PODMAN,
+            memory_limit_oom_kills_with_137_and_the_agent_sees_it,
+        ),
+        test(
+            "an_unpullable_image_fails_with_podmans_message_and_leaves_nothing",
+            PODMAN,
+            an_unpullable_image_fails_with_podmans_message_and_leaves_nothing,
+        ),
+        test(
+            "a_pod_spec_podman_rejects_fails_cleanly",
+            PODMAN,
+            a_pod_spec_podman_rejects_fails_cleanly,
+        ),
+        test(
+            "an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not",
+            &[],
+            an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not,
+        ),
+    ])
+}
 
 /// The desired state's secrets, the same in every test: starting a pod syncs the whole list,
 /// and tests share one secrets ledger (one process).
@@ -30,39 +61,14 @@ fn secrets() -> Vec<DesiredSecret> {
 /// The limit tests measure OOM kills and throttling: one pod at a time on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn missing() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root".into());
-    }
-    if Command::new("podman").arg("--version").output().is_err() {
-        return Some("podman is not installed".into());
-    }
-    if let Err(e) = cgroup::detect() {
-        return Some(format!("no usable cgroup hierarchy: {e}"));
-    }
-    None
-}
-
-macro_rules! require_podman {
-    ($test:expr) => {
-        if let Some(why) = missing() {
-            eprintln!("SKIPPED: {}: {why} (CI installs it: see .ci/run)", $test);
-            return;
-        }
-        setup();
-    };
-}
-
 fn state_dir() -> PathBuf {
     std::env::temp_dir().join(format!("dwng-podman-test-{}", std::process::id()))
 }
 
+/// The driver's settings, once per process (the harness has built the image: [`PODMAN`]).
 fn setup() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/podman/build-image.sh");
-        let st = Command::new("sh").arg(script).status().unwrap();
-        assert!(st.success(), "building {IMAGE} failed");
         podman::configure(podman::PodmanSettings {
             state_dir: state_dir(),
             rootless_user: None,
@@ -147,18 +153,6 @@ fn pod_exists(name: &str) -> bool {
         .success()
 }
 
-/// Waits until `f` holds (podman's log files are written asynchronously).
-fn eventually(what: &str, timeout: Duration, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 /// The first container's cgroup directory in the memory (v1) or unified (v2) hierarchy.
 fn container_cgroup(cg: &WorkloadCgroup, pid: i32) -> PathBuf {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -194,9 +188,8 @@ fn rel_of(p: &Path) -> String {
     s[i..].to_string()
 }
 
-#[test]
 fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
-    require_podman!("deploys_with_configmap_secret_and_limits_then_removes_everything");
+    setup();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("deploy");
     let name = "dwng-t-deploy";
@@ -234,9 +227,13 @@ fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
         started.start_ticks
     ));
 
-    eventually("the container's output", Duration::from_secs(10), || {
-        podman_out(&["logs", &format!("{name}-app")]).contains("PW=secret LL=debug")
-    });
+    // podman's log files are written asynchronously.
+    wait_until(
+        "the container's output",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || podman_out(&["logs", &format!("{name}-app")]).contains("PW=secret LL=debug"),
+    );
     // Limits: podman's on the container, the agent's (sum + overhead, pids) on the pod.
     let ccg = container_cgroup(&cg, started.pid);
     let quota = std::fs::read_to_string(ccg.join(match cg {
@@ -271,9 +268,8 @@ fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
     assert!(!podman_out(&["secret", "ls"]).contains(secret));
 }
 
-#[test]
 fn memory_limit_oom_kills_with_137_and_the_agent_sees_it() {
-    require_podman!("memory_limit_oom_kills_with_137_and_the_agent_sees_it");
+    setup();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("oom");
     let name = "dwng-t-oom";
@@ -300,9 +296,8 @@ fn memory_limit_oom_kills_with_137_and_the_agent_sees_it() {
     assert!(!pod_exists(name));
 }
 
-#[test]
 fn an_unpullable_image_fails_with_podmans_message_and_leaves_nothing() {
-    require_podman!("an_unpullable_image_fails_with_podmans_message_and_leaves_nothing");
+    setup();
     // Starting a pod syncs the shared secrets list: one pod test at a time.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("pull");
@@ -327,9 +322,8 @@ fn an_unpullable_image_fails_with_podmans_message_and_leaves_nothing() {
     drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
 }
 
-#[test]
 fn a_pod_spec_podman_rejects_fails_cleanly() {
-    require_podman!("a_pod_spec_podman_rejects_fails_cleanly");
+    setup();
     // Starting a pod syncs the shared secrets list: one pod test at a time.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("reject");
@@ -350,7 +344,6 @@ fn a_pod_spec_podman_rejects_fails_cleanly() {
     drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
 }
 
-#[test]
 fn an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not() {
     // Pure, but next to the podman tests because it is what decides a redeploy.
     let a = pod_spec(
