@@ -8,6 +8,7 @@
 mod files;
 mod fs;
 mod layout;
+pub mod systemd;
 
 pub use files::{parse_flat_keyed, read_u64, CounterReader};
 pub use layout::{detect, detect_from, Layout, V1Mounts};
