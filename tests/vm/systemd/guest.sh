@@ -11,12 +11,17 @@
 # powers the guest off; this script exits with <n>, 124 on timeout, 125 if the marker never
 # appeared.
 #
-# The guest root file system is debootstrapped once (minbase + systemd, ~245 MB) and cached
-# in $CACHE (default /var/tmp/dwng-systemd-rootfs); each run copies it, so the cache stays
+# The guest root file system is debootstrapped once (minbase + systemd, dbus, podman with crun,
+# ~450 MB) and cached in $CACHE (default /var/tmp/dwng-systemd-rootfs-<hash of the package
+# list>, so a changed list gets its own cache); each run copies it, so the cache stays
 # pristine. Delete the directory to rebuild it.
 #
+#   PAYLOAD=DIR tests/vm/systemd/guest.sh [DEB...]
+# runs DIR/run (as root, cwd DIR, copied to /root/payload) instead of the package probe, for
+# experiments against the real systemd; it must print PROBE-EXIT=<n> itself.
+#
 # Environment:
-#   CACHE=/var/tmp/dwng-systemd-rootfs   debootstrap cache
+#   CACHE=/var/tmp/dwng-systemd-rootfs-*  debootstrap cache
 #   MIRROR=...        Debian mirror (default: the one this machine's apt uses)
 #   TIMEOUT=420       seconds before qemu is killed
 #   MEM=1024 SMP=2    guest memory (MiB) and vCPUs
@@ -32,9 +37,15 @@ set -euo pipefail
 
 die() { echo "systemd/guest.sh: $*" >&2; exit 125; }
 
-[ $# -ge 1 ] || die "usage: $0 DEB..."
+[ $# -ge 1 ] || [ -n "${PAYLOAD:-}" ] || die "usage: $0 DEB... (or PAYLOAD=DIR $0)"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${CACHE:-/var/tmp/dwng-systemd-rootfs}
+# jq: the probe reads `status --json`; procps: ps/pgrep for the checks. podman (with its
+# network stack, crun, catatonit for the pod's infra container, uidmap and slirp4netns for
+# rootless pods, dbus-user-session and libpam-systemd for the rootless user's own systemd
+# instance) and busybox-static (the local test image: no registry is reachable) for pods;
+# kmod and iptables for the kernel modules podman's network and storage load.
+PACKAGES=systemd,systemd-sysv,dbus,procps,jq,podman,containernetworking-plugins,crun,catatonit,uidmap,slirp4netns,dbus-user-session,libpam-systemd,busybox-static,kmod,iptables
+CACHE=${CACHE:-/var/tmp/dwng-systemd-rootfs-$(echo "$PACKAGES" | md5sum | cut -c1-8)}
 TIMEOUT=${TIMEOUT:-420}
 MEM=${MEM:-1024}
 SMP=${SMP:-2}
@@ -65,8 +76,7 @@ if [ ! -x "$CACHE/sbin/init" ] || [ ! -e "$CACHE/.dwng-complete" ]; then
     MIRROR=${MIRROR:-http://deb.debian.org/debian}
     echo "systemd/guest.sh: debootstrap bookworm into $CACHE from $MIRROR (once, ~1 min)" >&2
     rm -rf "$CACHE.tmp"
-    # jq: the probe reads `status --json`; procps: ps/pgrep for the checks.
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps,jq \
+    debootstrap --variant=minbase --include="$PACKAGES" \
         bookworm "$CACHE.tmp" "$MIRROR" >"$CACHE.debootstrap.log" 2>&1 \
         || { tail -n 20 "$CACHE.debootstrap.log" >&2; die "debootstrap failed (log: $CACHE.debootstrap.log)"; }
     rm -rf "$CACHE.tmp/var/cache/apt/archives/"*.deb
@@ -90,9 +100,28 @@ trap 'exit 130' INT TERM
 R=$WORK/root
 cp -a "$CACHE" "$R"
 gcc -O2 -static -o "$R/usr/local/bin/hog" "$HERE/../hog.c" || die "cannot build hog.c (static libc: libc6-dev)"
+# The kernel modules podman needs (overlay storage, bridge/veth networks, netfilter), from the
+# host's copy of the guest kernel's modules: the root file system has none of its own.
+KVER=${KERNEL#/boot/vmlinuz-}
+if [ -d "/lib/modules/$KVER/kernel" ]; then
+    for m in kernel/net kernel/lib kernel/fs/overlayfs kernel/drivers/net/veth.ko; do
+        [ -e "/lib/modules/$KVER/$m" ] || continue
+        mkdir -p "$R/lib/modules/$KVER/$(dirname "$m")"
+        cp -a "/lib/modules/$KVER/$m" "$R/lib/modules/$KVER/$(dirname "$m")/"
+    done
+    cp -a "/lib/modules/$KVER"/modules.builtin* "/lib/modules/$KVER"/modules.order "$R/lib/modules/$KVER/" 2>/dev/null || true
+    depmod -b "$R" "$KVER" 2>/dev/null || echo "systemd/guest.sh: depmod failed: pods may lack kernel modules" >&2
+fi
 mkdir -p "$R/root/debs" "$R/etc/dwng-probe"
 for deb in "$@"; do cp "$deb" "$R/root/debs/"; done
-install -m 755 "$HERE/probe" "$R/usr/local/sbin/dwng-probe"
+install -m 755 "$HERE/../../podman/build-image.sh" "$R/usr/local/bin/dwng-build-image"
+if [ -n "${PAYLOAD:-}" ]; then
+    cp -a "$PAYLOAD" "$R/root/payload"
+    printf '#!/bin/sh\ncd /root/payload && exec ./run\n' > "$R/usr/local/sbin/dwng-probe"
+    chmod 755 "$R/usr/local/sbin/dwng-probe"
+else
+    install -m 755 "$HERE/probe" "$R/usr/local/sbin/dwng-probe"
+fi
 install -m 644 "$HERE/desired.yaml" "$R/etc/dwng-probe/desired.yaml"
 # The agent gets the probe's desired state through the environment (EDGE_DEVICE_*) from a
 # drop-in the probe puts in place after its configuration checks, so the packaged conffile
@@ -130,7 +159,7 @@ ln -sf /dev/null "$R/etc/systemd/system/serial-getty@ttyS0.service"
 ln -sf /dev/null "$R/etc/systemd/system/getty@tty1.service"
 echo "/dev/vda / ext4 defaults 0 1" > "$R/etc/fstab"
 echo dwng-sdvm > "$R/etc/hostname"
-truncate -s 1G "$WORK/disk.img"
+truncate -s 3G "$WORK/disk.img"
 mkfs.ext4 -q -F -d "$R" "$WORK/disk.img"
 rm -rf "$R"
 echo "systemd/guest.sh: disk image built in $(ms_since "$t0") ms; kernel $KERNEL; mem ${MEM}M smp $SMP; timeout ${TIMEOUT}s" >&2
