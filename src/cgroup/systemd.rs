@@ -105,14 +105,15 @@ fn stem(slice: &str) -> &str {
     slice.strip_suffix(".slice").unwrap_or(slice)
 }
 
-/// Names of one workload's units: its service (shell workloads) and its slice (pods: podman
-/// puts the pod's own slice below it). Both derive from the agent's slice, so two agents
-/// with different slices never share a unit.
+/// Names of one workload's units. Every workload has a slice of its own in the agent's
+/// slice (its limits, its cgroup: what the sampler reads, and what stays after a run, with
+/// its counters): a shell workload's service runs in it, podman puts a pod's slice below it.
+/// All derive from the agent's slice, so two agents with different slices share no unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitNames {
+    pub agent_slice: String,
     pub slice: String,
     pub service: String,
-    pub pod_slice: String,
 }
 
 impl UnitNames {
@@ -120,12 +121,44 @@ impl UnitNames {
     pub fn of(agent_slice: &str, workload: &str) -> UnitNames {
         let s = stem(agent_slice);
         UnitNames {
-            slice: agent_slice.to_string(),
-            service: format!("{s}-{workload}.service"),
+            agent_slice: agent_slice.to_string(),
             // A slice's parent is the name up to its last unescaped `-`.
-            pod_slice: format!("{s}-{}.slice", escape(workload)),
+            slice: format!("{s}-{}.slice", escape(workload)),
+            service: format!("{s}-{workload}.service"),
         }
     }
+}
+
+/// The workload name of a workload slice of `agent_slice` (`None` for anything else).
+pub fn workload_of_slice(agent_slice: &str, slice: &str) -> Option<String> {
+    let rest = slice
+        .strip_prefix(stem(agent_slice))?
+        .strip_prefix('-')?
+        .strip_suffix(".slice")?;
+    let name = unescape(rest)?;
+    // an unescaped dash would be a deeper slice (podman's pod slices are such)
+    (!rest.contains('-') && !name.is_empty()).then_some(name)
+}
+
+/// The inverse of [`escape`]; `None` for a malformed escape.
+fn unescape(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            let hex = s.get(i + 2..i + 4)?;
+            if b.get(i + 1) != Some(&b'x') {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Checks a configured slice name: `<name>.slice`, characters systemd accepts in unit names,
@@ -225,6 +258,8 @@ pub struct ServiceUnit {
     pub env: Vec<String>,
     /// `None`: root.
     pub user: Option<String>,
+    /// `None`: the user's own group.
+    pub group: Option<String>,
     pub working_dir: Option<PathBuf>,
     pub limits: Limits,
     /// SIGTERM, this long, then SIGKILL, when the unit is stopped.
@@ -262,6 +297,9 @@ impl ServiceUnit {
         ]);
         if let Some(u) = &self.user {
             props.push(("User", Value::from(u.clone())));
+        }
+        if let Some(g) = &self.group {
+            props.push(("Group", Value::from(g.clone())));
         }
         let dir = self
             .working_dir
@@ -453,14 +491,20 @@ impl Systemd {
         Ok(Some(state))
     }
 
-    /// Creates the agent's slice with `limits` (the device budget), or sets them on the
-    /// slice a previous agent created. Slices are parents only: nothing runs in them.
-    pub fn ensure_slice(&self, slice: &str, limits: &Limits, v2: bool) -> Result<(), SystemdError> {
+    /// Creates a slice with `limits`, or sets them on the slice if it exists already (made
+    /// by a previous agent). Slices are parents only: nothing runs in them directly.
+    pub fn ensure_slice(
+        &self,
+        slice: &str,
+        description: &str,
+        limits: &Limits,
+        v2: bool,
+    ) -> Result<(), SystemdError> {
         let mut props = PropertiesBuilder::default()
             .cpu_accounting(true)
             .memory_accounting(true)
             .task_accounting(true)
-            .description(format!("device-worker-ng workloads ({slice})"))
+            .description(description.to_string())
             .build();
         props.extend(limit_properties(limits, v2)?);
         match self.start_transient(slice, &props) {
@@ -587,6 +631,123 @@ impl Systemd {
         let mut names: Vec<String> = rows.into_iter().map(|r| r.0).collect();
         names.sort();
         Ok(names)
+    }
+}
+
+/// The systemd driver's placement of workloads: the agent's slice, limited to the device
+/// budget, with one slice per workload in it (see [`UnitNames`]). The counterpart of the
+/// cgroupfs driver's `<CGROUP_ROOT>/workloads/<name>` directories, made by systemd.
+#[derive(Clone)]
+pub struct SliceTree {
+    pub layout: Layout,
+    pub slice: String,
+    systemd: std::sync::Arc<Systemd>,
+}
+
+impl std::fmt::Debug for SliceTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SliceTree({})", self.slice)
+    }
+}
+
+impl SliceTree {
+    pub fn new(layout: Layout, slice: &str, systemd: Systemd) -> SliceTree {
+        SliceTree {
+            layout,
+            slice: slice.to_string(),
+            systemd: std::sync::Arc::new(systemd),
+        }
+    }
+
+    pub fn systemd(&self) -> &Systemd {
+        &self.systemd
+    }
+
+    pub fn v2(&self) -> bool {
+        matches!(self.layout, Layout::Unified { .. })
+    }
+
+    pub fn names(&self, workload: &str) -> UnitNames {
+        UnitNames::of(&self.slice, workload)
+    }
+
+    /// The cgroup of the agent's slice.
+    pub fn cgroup(&self) -> Result<WorkloadCgroup, SystemdError> {
+        slice_cgroup(&self.layout, &self.slice)
+    }
+
+    /// The cgroup of a workload's slice.
+    pub fn workload_cgroup(&self, workload: &str) -> Result<WorkloadCgroup, SystemdError> {
+        unit_cgroup(&self.layout, &self.slice, &self.names(workload).slice)
+    }
+
+    /// The agent's slice, without limits until [`SliceTree::cap`] sets the budget.
+    pub fn setup(&self) -> Result<(), SystemdError> {
+        self.systemd.ensure_slice(
+            &self.slice,
+            "device-worker-ng workloads",
+            &Limits::default(),
+            self.v2(),
+        )
+    }
+
+    /// The device budget on all workloads together: the agent's slice's limits.
+    pub fn cap(&self, limits: &Limits) -> Result<(), SystemdError> {
+        self.systemd.set_limits(&self.slice, limits, self.v2())
+    }
+
+    /// A workload's slice with its limits (created, or re-limited when it exists).
+    pub fn prepare(&self, workload: &str, limits: &Limits) -> Result<(), SystemdError> {
+        self.systemd.ensure_slice(
+            &self.names(workload).slice,
+            &format!("device-worker-ng workload {workload}"),
+            limits,
+            self.v2(),
+        )
+    }
+
+    /// New limits for a workload: its slice's, and its service's while it is loaded.
+    pub fn limit(&self, workload: &str, limits: &Limits) -> Result<(), SystemdError> {
+        let n = self.names(workload);
+        self.systemd.set_limits(&n.slice, limits, self.v2())?;
+        if self.systemd.state(&n.service)?.is_some() {
+            self.systemd.set_limits(&n.service, limits, self.v2())?;
+        }
+        Ok(())
+    }
+
+    /// Removes a workload's units (its service, then its slice with whatever is left in it):
+    /// nothing of it stays, neither unit nor cgroup.
+    pub fn remove(&self, workload: &str, grace: Duration) -> Result<(), SystemdError> {
+        let n = self.names(workload);
+        self.systemd.remove(&n.service, grace)?;
+        self.systemd.remove(&n.slice, grace)
+    }
+
+    /// The workloads that have a slice (to find orphans after a restart), read from the
+    /// agent's slice's cgroup; a directory that is no workload slice is left alone.
+    pub fn existing(&self) -> Vec<String> {
+        let Ok(cg) = self.cgroup() else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(cg.display_path()) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| workload_of_slice(&self.slice, &e.file_name().to_string_lossy()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Stops the agent's slice and everything in it (tests, package removal).
+    pub fn remove_all(&self, grace: Duration) -> Result<(), SystemdError> {
+        for w in self.existing() {
+            self.remove(&w, grace)?;
+        }
+        self.systemd.remove(&self.slice, grace)
     }
 }
 

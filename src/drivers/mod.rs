@@ -6,6 +6,7 @@ pub mod k8s;
 pub mod podman;
 pub mod process;
 pub mod shell;
+pub mod systemd;
 
 use std::path::Path;
 use std::process::Child;

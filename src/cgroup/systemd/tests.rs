@@ -12,17 +12,36 @@ fn prop<'a>(props: &'a [Property<'static>], name: &str) -> &'a Value<'static> {
 #[test]
 fn unit_names_derive_from_the_slice() {
     let n = UnitNames::of("device-worker-ng.slice", "my-pod");
+    assert_eq!(n.agent_slice, "device-worker-ng.slice");
     assert_eq!(n.service, "device-worker-ng-my-pod.service");
     // a dash in a slice name means nesting: the workload's own dashes are escaped
-    assert_eq!(n.pod_slice, "device-worker-ng-my\\x2dpod.slice");
+    assert_eq!(n.slice, "device-worker-ng-my\\x2dpod.slice");
     assert_eq!(
-        expand_slice(&n.pod_slice).unwrap(),
+        expand_slice(&n.slice).unwrap(),
         "device.slice/device-worker.slice/device-worker-ng.slice/device-worker-ng-my\\x2dpod.slice"
     );
     assert_eq!(
         UnitNames::of("dwng.slice", "web").service,
         "dwng-web.service"
     );
+    assert_eq!(
+        workload_of_slice("device-worker-ng.slice", &n.slice).as_deref(),
+        Some("my-pod")
+    );
+    assert_eq!(
+        workload_of_slice("dwng.slice", "dwng-web.slice").as_deref(),
+        Some("web")
+    );
+    for other in [
+        "dwng.slice",
+        "dwng-web.service",
+        "dwng-web-libpod_pod_1.slice",
+        "other-web.slice",
+        "dwng-bad\\x2.slice",
+        "dwng-.slice",
+    ] {
+        assert_eq!(workload_of_slice("dwng.slice", other), None, "{other}");
+    }
 }
 
 #[test]
@@ -139,6 +158,7 @@ fn ticker() -> ServiceUnit {
         argv: vec!["/bin/sh".into(), "-c".into(), "sleep 1".into()],
         env: vec!["PATH=/usr/bin:/bin".into(), "WORKLOAD_NAME=ticker".into()],
         user: Some("nobody".into()),
+        group: None,
         working_dir: None,
         limits: Limits {
             memory_bytes: Some(16 << 20),
@@ -155,7 +175,7 @@ fn service_properties() {
     let p = ticker().properties(true).unwrap();
     let s = |k: &str| prop(&p, k).clone();
     assert_eq!(s("Type"), Value::from("exec"));
-    assert_eq!(s("Slice"), Value::from("device-worker-ng.slice"));
+    assert_eq!(s("Slice"), Value::from("device-worker-ng-ticker.slice"));
     assert_eq!(s("Restart"), Value::from("no"));
     assert_eq!(s("RemainAfterExit"), Value::Bool(true));
     assert_eq!(s("OOMPolicy"), Value::from("kill"));
