@@ -91,7 +91,7 @@ fn admission_waits_for_room_in_the_budget() {
                     .parse::<u64>()
                     .is_ok_and(|q| q > 0),
             ),
-            device_worker_ng::cgroup::WorkloadCgroup::V2 { dir } => (
+            device_worker_ng::cgroup::WorkloadCgroup::V2 { dir, .. } => (
                 read(dir, "memory.max"),
                 !read(dir, "cpu.max").starts_with("max"),
             ),

@@ -198,7 +198,7 @@ fn removed_workload_leaves_no_cgroup_and_others_are_untouched() {
         s.workloads.iter().filter(|w| w.state == "running").count() == 2
     });
     let keep_pid = Agent::workload(&s, "keep").unwrap().pid;
-    let gone_cg = a.hierarchy().workload("gone");
+    let gone_cg = a.cgroup("gone");
     assert!(gone_cg.exists());
     a.set_desired(&desired(&[keep]));
     a.wait_for("gone removed", Duration::from_secs(10), |s| {

@@ -174,7 +174,7 @@ fn first_boot_enrols_registers_runs_and_reports() {
         Agent::workload(s, "web").is_none()
     });
     wait_until("cgroup gone", Duration::from_secs(5), POLL, || {
-        !a.hierarchy().workload("web").exists()
+        !a.cgroup("web").exists()
     });
 }
 
@@ -370,11 +370,11 @@ fn disconnect_removes_everything_and_stops_talking() {
     });
     server.set_disconnect(ID, true);
     let s = a.wait_for("disconnected", Duration::from_secs(15), |s| {
-        s.workloads.is_empty() && s.device.state == "registering"
+        s.workloads.is_empty() && s.device.state == "disconnected"
     });
     assert!(s.server.unwrap().registration.contains("disconnected"));
     wait_until("cgroup gone", Duration::from_secs(5), POLL, || {
-        !a.hierarchy().workload("web").exists()
+        !a.cgroup("web").exists()
     });
     let n = server.requests().len();
     std::thread::sleep(Duration::from_secs(2));

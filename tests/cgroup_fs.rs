@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use device_worker_ng::cgroup::{self, CgroupError, Hierarchy, Layout, Limits};
+use device_worker_ng::workload::WorkloadName;
 use dwng_test_support::harness::{self, test, ROOT_CGROUPS};
 
 fn main() {
@@ -27,6 +28,10 @@ fn main() {
             attach_then_remove_kills_and_leaves_nothing,
         ),
     ])
+}
+
+fn name(s: &str) -> WorkloadName {
+    WorkloadName::parse(s).unwrap()
 }
 
 /// A subtree of its own, removed on drop.
@@ -77,7 +82,7 @@ fn is_v1(h: &Hierarchy) -> bool {
 /// v2 the kernel takes the limit and OOM-kills instead.
 fn memory_limit_below_usage_is_refused_or_enforced() {
     let t = Subtree::new("below");
-    let cg = t.0.workload("holder");
+    let cg = t.0.workload(&name("holder"));
     cg.create().unwrap();
     let mut child = holder(48);
     cg.attach(child.id()).unwrap();
@@ -109,7 +114,7 @@ fn memory_limit_below_usage_is_refused_or_enforced() {
 
 fn limits_read_back_as_whole_pages() {
     let t = Subtree::new("pages");
-    let cg = t.0.workload("w");
+    let cg = t.0.workload(&name("w"));
     cg.create().unwrap();
     // 50 000 000 is not a multiple of the page size: the kernel keeps 49 999 872.
     cg.apply(&Limits {
@@ -129,7 +134,7 @@ fn limits_read_back_as_whole_pages() {
 
 fn attach_then_remove_kills_and_leaves_nothing() {
     let t = Subtree::new("remove");
-    let cg = t.0.workload("w");
+    let cg = t.0.workload(&name("w"));
     cg.create().unwrap();
     let mut child = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = child.id() as i32;

@@ -199,7 +199,11 @@ fn packaged_config_documents_every_key() {
         .join("\n");
     fs::write(&all, uncommented).expect("write");
     let s = load(&all).unwrap_or_else(|e| panic!("{CONFIG} with every key uncommented: {e}"));
-    assert_eq!(s.workload_user, "dwng", "the package's workload user");
+    assert_eq!(
+        s.workload_user.as_deref(),
+        Some("dwng"),
+        "the package's example workload user"
+    );
 }
 
 /// `Key=value` settings of the unit (all values of repeated keys).

@@ -62,7 +62,7 @@ impl Controllers {
                 pids: PidController::new(pids.clone(), pids.clone(), false),
                 v2: false,
             },
-            WorkloadCgroup::V2 { dir } => Controllers {
+            WorkloadCgroup::V2 { dir, .. } => Controllers {
                 memory: MemController::new(dir.clone(), dir.clone(), true),
                 cpu: CpuController::new(dir.clone(), dir.clone(), true),
                 pids: PidController::new(dir.clone(), dir.clone(), true),

@@ -34,7 +34,7 @@ use cgroups_rs::systemd::{
 };
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
-use super::{cpu_quota_us, Layout, Limits, WorkloadCgroup, CPU_PERIOD_US};
+use super::{cpu_quota_us, Layout, Limits, Sealed, WorkloadCgroup, CPU_PERIOD_US};
 
 const DESTINATION: &str = "org.freedesktop.systemd1";
 const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
@@ -183,19 +183,22 @@ pub fn unit_cgroup(
     unit: &str,
 ) -> Result<WorkloadCgroup, SystemdError> {
     Ok(match slice_cgroup(layout, slice)? {
-        WorkloadCgroup::V2 { dir } => WorkloadCgroup::V2 {
+        WorkloadCgroup::V2 { dir, .. } => WorkloadCgroup::V2 {
             dir: dir.join(unit),
+            sealed: Sealed(()),
         },
         WorkloadCgroup::V1 {
             memory,
             cpu,
             cpuacct,
             pids,
+            ..
         } => WorkloadCgroup::V1 {
             memory: memory.join(unit),
             cpu: cpu.join(unit),
             cpuacct: cpuacct.join(unit),
             pids: pids.join(unit),
+            sealed: Sealed(()),
         },
     })
 }
@@ -206,12 +209,14 @@ pub fn slice_cgroup(layout: &Layout, slice: &str) -> Result<WorkloadCgroup, Syst
     Ok(match layout {
         Layout::Unified { root } => WorkloadCgroup::V2 {
             dir: root.join(&rel),
+            sealed: Sealed(()),
         },
         Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
             memory: m.memory.join(&rel),
             cpu: m.cpu.join(&rel),
             cpuacct: m.cpuacct.join(&rel),
             pids: m.pids.join(&rel),
+            sealed: Sealed(()),
         },
     })
 }

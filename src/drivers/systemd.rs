@@ -51,7 +51,7 @@ pub fn service_for(
         RunAs::Uid(uid) => (Some(uid.to_string()), Some(uid.to_string())),
     };
     Ok(ServiceUnit {
-        names: UnitNames::of(slice, &spec.name),
+        names: UnitNames::of(slice, spec.name.as_str()),
         description: format!("device-worker-ng workload {}", spec.name),
         argv,
         env,
@@ -60,7 +60,7 @@ pub fn service_for(
         working_dir: shell.working_dir.clone(),
         limits: spec.limits,
         stop_timeout,
-        workload: spec.name.clone(),
+        workload: spec.name.to_string(),
     })
 }
 
@@ -86,7 +86,7 @@ mod tests {
             "workloads:\n  - name: collector\n    kind: shell\n    specification: |\n      command: {command}\n      args: [\"-v\"]\n      env: [{{name: MODE, value: edge}}]\n      workingDir: /tmp\n      resources:\n        limits: {{memory: 64Mi, cpu: 250m, pids: 32}}\n"
         );
         let defaults = SpecDefaults {
-            workload_user: "nobody".into(),
+            workload_user: Some("nobody".into()),
             backoff: BackoffPolicy::default(),
         };
         parse_desired(&text).unwrap().validate(&defaults)[0]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use device_worker_ng::cgroup::{self, Hierarchy};
 use device_worker_ng::status::{socket, Snapshot, WorkloadInfo};
+use device_worker_ng::workload::WorkloadName;
 
 use crate::wait::poll_until;
 
@@ -178,27 +179,19 @@ impl Agent {
         Hierarchy::new(cgroup::detect().unwrap(), &self.cgroup_root, None)
     }
 
+    /// The cgroup of a workload of this agent.
+    pub fn cgroup(&self, workload: &str) -> cgroup::WorkloadCgroup {
+        self.hierarchy().workload(&name(workload))
+    }
+
     pub fn cgroup_procs(&self, workload: &str) -> Vec<i32> {
-        self.hierarchy()
-            .workload(workload)
-            .pids()
-            .unwrap_or_default()
+        self.cgroup(workload).pids().unwrap_or_default()
     }
 
     pub fn cgroup_file(&self, workload: &str, file: &str) -> String {
-        let cg = self.hierarchy().workload(workload);
-        let dirs: Vec<PathBuf> = match &cg {
-            cgroup::WorkloadCgroup::V1 {
-                memory,
-                cpu,
-                cpuacct,
-                pids,
-            } => {
-                vec![memory.clone(), cpu.clone(), cpuacct.clone(), pids.clone()]
-            }
-            cgroup::WorkloadCgroup::V2 { dir } => vec![dir.clone()],
-        };
-        dirs.iter()
+        let cg = self.cgroup(workload);
+        cg.dirs()
+            .iter()
             .map(|d| d.join(file))
             .find(|p| p.exists())
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -206,6 +199,11 @@ impl Agent {
             .trim()
             .to_string()
     }
+}
+
+/// A workload name the test knows to be valid.
+pub fn name(s: &str) -> WorkloadName {
+    WorkloadName::parse(s).unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl Drop for Agent {

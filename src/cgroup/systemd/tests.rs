@@ -1,5 +1,5 @@
 use super::*;
-use crate::cgroup::V1Mounts;
+use crate::cgroup::{Sealed, V1Mounts};
 
 fn prop<'a>(props: &'a [Property<'static>], name: &str) -> &'a Value<'static> {
     &props
@@ -78,13 +78,15 @@ fn unit_cgroups_in_both_layouts() {
     assert_eq!(
         unit_cgroup(&v2, "device-worker-ng.slice", "device-worker-ng-web.service").unwrap(),
         WorkloadCgroup::V2 {
-            dir: "/sys/fs/cgroup/device.slice/device-worker.slice/device-worker-ng.slice/device-worker-ng-web.service".into()
+            dir: "/sys/fs/cgroup/device.slice/device-worker.slice/device-worker-ng.slice/device-worker-ng-web.service".into(),
+            sealed: Sealed(()),
         }
     );
     assert_eq!(
         slice_cgroup(&v2, "dwng.slice").unwrap(),
         WorkloadCgroup::V2 {
-            dir: "/sys/fs/cgroup/dwng.slice".into()
+            dir: "/sys/fs/cgroup/dwng.slice".into(),
+            sealed: Sealed(()),
         }
     );
     let v1 = Layout::Hybrid(V1Mounts {

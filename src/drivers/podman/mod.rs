@@ -25,16 +25,18 @@ pub mod cli;
 pub mod secrets;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 pub use cli::{Podman, RootlessUser};
 
-use super::RunEnd;
+use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
 use crate::cgroup::{CgroupError, Layout, WorkloadCgroup};
-use crate::workload::WorkloadSpec;
+use crate::store::WorkloadRecord;
+use crate::workload::{DesiredSecret, WorkloadName, WorkloadSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -57,47 +59,25 @@ pub enum PodmanError {
     Unexpected(String),
 }
 
-/// Agent settings the driver needs (set once at start-up with [`configure`]).
+/// Agent settings the driver needs.
 #[derive(Debug, Clone)]
 pub struct PodmanSettings {
     /// Per-workload files (registry auth file, rootless marker) go to `<state_dir>/pods/<name>`.
     pub state_dir: PathBuf,
+    /// The host's cgroup layout (detected once at start-up).
+    pub layout: Layout,
     /// The unprivileged user `rootless: true` pods run as (`ROOTLESS_USER`).
     pub rootless_user: Option<String>,
     /// XDG_RUNTIME_DIR of that user; default `/run/user/<uid>`.
     pub xdg_runtime_dir: Option<PathBuf>,
 }
 
-impl Default for PodmanSettings {
-    fn default() -> Self {
-        PodmanSettings {
-            state_dir: PathBuf::from("/var/lib/device-worker-ng"),
-            rootless_user: None,
-            xdg_runtime_dir: None,
-        }
-    }
-}
-
-static SETTINGS: OnceLock<PodmanSettings> = OnceLock::new();
-
-/// Sets the driver's settings; the first call wins (the agent calls it once before any start).
-pub fn configure(settings: PodmanSettings) {
-    let _ = SETTINGS.set(settings);
-}
-
-fn settings() -> PodmanSettings {
-    SETTINGS.get().cloned().unwrap_or_default()
-}
-
-/// A started pod.
-pub struct Started {
-    /// Host pid of the first app container's main process.
-    pub pid: i32,
-    pub start_ticks: u64,
-    pub oom_kills_at_start: u64,
-    pub waiter: Box<dyn FnOnce() -> RunEnd + Send>,
-    /// Something the operator must know about this run (e.g. limits not enforced).
-    pub notice: Option<String>,
+/// The pod driver.
+#[derive(Debug)]
+pub struct PodDriver {
+    settings: PodmanSettings,
+    /// The podman secret ledger is read and written one sync at a time.
+    secrets_lock: std::sync::Mutex<()>,
 }
 
 fn staging_name(name: &str) -> String {
@@ -130,186 +110,407 @@ fn without_container_resources(manifest: &str) -> String {
     out.join("\n---\n")
 }
 
-/// The workload name of a workload cgroup (`.../workloads/<name>`).
-pub fn workload_name(cgroup: &WorkloadCgroup) -> String {
-    cgroup
-        .display_path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn pod_dir(name: &str) -> PathBuf {
-    settings().state_dir.join("pods").join(name)
-}
-
-/// The podman that holds (or will hold) a workload's pod.
-fn podman_for(rootless: bool) -> Result<Podman, PodmanError> {
-    if !rootless {
-        return Ok(Podman::rootful());
-    }
-    let s = settings();
-    let user = s.rootless_user.ok_or_else(|| {
-        PodmanError::Rootless(
-            "the workload asks for rootless podman, but ROOTLESS_USER is not configured".into(),
-        )
-    })?;
-    Podman::rootless(RootlessUser::resolve(&user, s.xdg_runtime_dir)?)
-}
-
-/// The podman of an existing workload (its rootless marker, written at start).
-fn podman_of(name: &str) -> Podman {
-    if pod_dir(name).join("rootless").exists() {
-        if let Ok(p) = podman_for(true) {
-            return p;
+impl PodDriver {
+    pub fn new(settings: PodmanSettings) -> PodDriver {
+        PodDriver {
+            settings,
+            secrets_lock: std::sync::Mutex::new(()),
         }
     }
-    Podman::rootful()
-}
 
-/// Starts one run of a pod workload under `cgroup`.
-pub fn start(
-    spec: &WorkloadSpec,
-    cgroup: &WorkloadCgroup,
-    log_path: &Path,
-) -> Result<Started, PodmanError> {
-    let pod = spec.pod.as_ref().ok_or(PodmanError::NotPod)?;
-    let name = spec.name.as_str();
-    let podman = podman_for(pod.rootless)?;
-    let t0 = Instant::now();
-
-    // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
-    remove_pods(&podman, name);
-    cgroup.create()?;
-    prune_children(cgroup)?;
-    cgroup.apply(&spec.limits)?;
-    let oom_kills_at_start = cgroup.oom_kills();
-
-    let dir = pod_dir(name);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let marker = dir.join("rootless");
-    if pod.rootless {
-        std::fs::write(&marker, b"").map_err(io(&marker))?;
-    } else {
-        let _ = std::fs::remove_file(&marker);
-    }
-    let auth = match &pod.auth_file {
-        None => None,
-        Some(a) => {
-            let p = dir.join("auth.json");
-            write_private(&p, a.as_bytes(), podman.user.as_ref())?;
-            Some(p)
-        }
-    };
-    let mut play: Vec<String> = vec!["kube".into(), "play".into(), "--quiet".into()];
-    if let Some(p) = &auth {
-        play.push(format!("--authfile={}", p.display()));
+    pub fn state_dir(&self) -> &Path {
+        &self.settings.state_dir
     }
 
-    let layout = crate::cgroup::detect()?;
-    let mut notice = None;
-    let result = if podman.is_rootless() {
-        let mut manifest = pod.manifest.clone();
-        if !matches!(layout, Layout::Unified { .. }) {
-            notice = Some(
-                "rootless pod on cgroup v1: podman cannot enforce the containers' limits; only \
-                 the pod's total (the agent's workload cgroup) is enforced"
-                    .to_string(),
-            );
-            // runc refuses to start a rootless container with limits it cannot set on v1.
-            manifest = without_container_resources(&manifest);
+    fn pod_dir(&self, name: &WorkloadName) -> PathBuf {
+        self.settings.state_dir.join("pods").join(name.as_str())
+    }
+
+    /// The podman that holds (or will hold) a workload's pod.
+    fn podman_for(&self, rootless: bool) -> Result<Podman, PodmanError> {
+        if !rootless {
+            return Ok(Podman::rootful());
         }
-        play.push("-".into());
-        let args: Vec<&str> = play.iter().map(String::as_str).collect();
-        podman
-            .run_with(
-                &args,
-                Some(manifest.as_bytes()),
-                Some(cgroup),
-                cli::PLAY_TIMEOUT,
+        let s = &self.settings;
+        let user = s.rootless_user.as_deref().ok_or_else(|| {
+            PodmanError::Rootless(
+                "the workload asks for rootless podman, but ROOTLESS_USER is not configured".into(),
             )
-            .map(|_| ())
-    } else {
-        play_under(
-            &podman,
-            &mut play,
-            name,
-            &pod.manifest,
-            &pod.containers,
-            cgroup,
-            &layout,
-        )
-    };
-    if let Err(e) = result {
-        remove_pods(&podman, name);
-        return Err(e);
+        })?;
+        Podman::rootless(RootlessUser::resolve(user, s.xdg_runtime_dir.clone())?)
     }
-    let podman_took = t0.elapsed();
 
-    let containers: Vec<String> = pod
-        .containers
-        .iter()
-        .map(|c| format!("{name}-{c}"))
-        .collect();
-    let first = containers
-        .first()
-        .ok_or_else(|| PodmanError::Unexpected("pod without containers".into()))?;
-    let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", first])?;
-    let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
-    let start_ticks = if pid > 0 {
-        super::process::start_ticks(pid).unwrap_or(0)
-    } else {
-        0
-    };
-    append_log(
-        log_path,
-        &format!(
-            "pod {name} started in {:?} (podman), containers {}{}\n",
-            podman_took,
-            containers.join(", "),
-            notice
-                .as_deref()
-                .map(|n| format!("; {n}"))
-                .unwrap_or_default()
-        ),
-    );
-    let waiter_podman = podman.clone();
-    let waiter_cgroup = cgroup.clone();
-    let subtree_baseline = subtree_oom_kills(cgroup);
-    Ok(Started {
-        pid,
-        start_ticks,
-        oom_kills_at_start,
-        waiter: Box::new(move || {
-            // On cgroup v1 the kill is counted only in the container's cgroup, which podman
-            // deletes right after the container exits: watch the count while the pod runs.
-            // (Cheaper and race-free alternative: a memory.oom_control eventfd per container.)
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            if matches!(waiter_cgroup, WorkloadCgroup::V1 { .. }) {
-                let (done, seen, cg) = (done.clone(), seen.clone(), waiter_cgroup.clone());
-                let _ = std::thread::Builder::new()
-                    .name("pod-oom-watch".into())
-                    .stack_size(64 * 1024)
-                    .spawn(move || {
-                        use std::sync::atomic::Ordering::SeqCst;
-                        while !done.load(SeqCst) {
-                            if subtree_oom_kills(&cg) > subtree_baseline {
-                                seen.store(true, SeqCst);
-                                return;
-                            }
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    });
+    /// The podman of an existing workload (its rootless marker, written at start).
+    fn podman_of(&self, name: &WorkloadName) -> Podman {
+        if self.pod_dir(name).join("rootless").exists() {
+            if let Ok(p) = self.podman_for(true) {
+                return p;
             }
-            let mut end = wait_first(&waiter_podman, &containers);
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            end.oom_killed = seen.load(std::sync::atomic::Ordering::SeqCst)
-                || subtree_oom_kills(&waiter_cgroup) > subtree_baseline;
-            end
-        }),
-        notice,
-    })
+        }
+        Podman::rootful()
+    }
+
+    /// Makes the desired state's secrets exist as podman secrets, as listed (a pod reads
+    /// them when it is created).
+    pub fn sync_secrets(&self, secrets: &[DesiredSecret]) -> Result<(), PodmanError> {
+        let report = secrets::sync(self, secrets)?;
+        match report.failed.first() {
+            Some((name, why)) => Err(PodmanError::Unexpected(format!("secret {name}: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts one run of a pod workload under `cgroup`.
+    fn start_pod(
+        &self,
+        spec: &WorkloadSpec,
+        cgroup: &WorkloadCgroup,
+        log_path: &Path,
+    ) -> Result<Started, PodmanError> {
+        let pod = spec.pod.as_ref().ok_or(PodmanError::NotPod)?;
+        let name = &spec.name;
+        let podman = self.podman_for(pod.rootless)?;
+        let t0 = Instant::now();
+
+        // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
+        remove_pods(&podman, name);
+        cgroup.create()?;
+        self.prune_children(cgroup)?;
+        cgroup.apply(&spec.limits)?;
+        let oom_kills_at_start = cgroup.oom_kills();
+
+        let dir = self.pod_dir(name);
+        crate::store::private_dir(&dir).map_err(|e| PodmanError::Io {
+            path: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let marker = dir.join("rootless");
+        if pod.rootless {
+            std::fs::write(&marker, b"").map_err(io(&marker))?;
+        } else {
+            let _ = std::fs::remove_file(&marker);
+        }
+        let auth = match &pod.auth_file {
+            None => None,
+            Some(a) => {
+                let p = dir.join("auth.json");
+                write_private(&p, a.as_bytes(), podman.user.as_ref())?;
+                Some(p)
+            }
+        };
+        let mut play: Vec<String> = vec!["kube".into(), "play".into(), "--quiet".into()];
+        if let Some(p) = &auth {
+            play.push(format!("--authfile={}", p.display()));
+        }
+
+        let layout = &self.settings.layout;
+        let mut notice = None;
+        let result = if podman.is_rootless() {
+            let mut manifest = pod.manifest.clone();
+            if !matches!(layout, Layout::Unified { .. }) {
+                notice = Some(
+                    "rootless pod on cgroup v1: podman cannot enforce the containers' limits; \
+                     only the pod's total (the agent's workload cgroup) is enforced"
+                        .to_string(),
+                );
+                // runc refuses to start a rootless container with limits it cannot set on v1.
+                manifest = without_container_resources(&manifest);
+            }
+            play.push("-".into());
+            let args: Vec<&str> = play.iter().map(String::as_str).collect();
+            podman
+                .run_with(
+                    &args,
+                    Some(manifest.as_bytes()),
+                    Some(cgroup),
+                    cli::PLAY_TIMEOUT,
+                )
+                .map(|_| ())
+        } else {
+            play_under(
+                &podman,
+                &mut play,
+                name.as_str(),
+                &pod.manifest,
+                &pod.containers,
+                cgroup,
+                layout,
+            )
+        };
+        if let Err(e) = result {
+            remove_pods(&podman, name);
+            return Err(e);
+        }
+        let podman_took = t0.elapsed();
+
+        let containers: Vec<String> = pod
+            .containers
+            .iter()
+            .map(|c| format!("{name}-{c}"))
+            .collect();
+        if containers.is_empty() {
+            return Err(PodmanError::Unexpected("pod without containers".into()));
+        }
+        let mut pids = Vec::new();
+        for c in &containers {
+            let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", c])?;
+            let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
+            let ticks = super::process::start_ticks(pid).unwrap_or(0);
+            pids.push((pid, ticks));
+        }
+        append_log(
+            log_path,
+            &format!(
+                "pod {name} started in {:?} (podman), containers {}{}\n",
+                podman_took,
+                containers.join(", "),
+                notice
+                    .as_deref()
+                    .map(|n| format!("; {n}"))
+                    .unwrap_or_default()
+            ),
+        );
+        let oom = OomWatch::start(cgroup);
+        Ok(Started {
+            pid: Some(pids[0].0),
+            start_ticks: pids[0].1,
+            oom_kills_at_start,
+            watch: Watch::Processes {
+                pids,
+                finish: Box::new(move |first| {
+                    let mut end = exit_of(&podman, &containers[first.min(containers.len() - 1)]);
+                    end.oom_killed |= oom.finish();
+                    end
+                }),
+            },
+            notice,
+        })
+    }
+
+    /// The workload's running app containers, by the label the agent puts on each, with
+    /// their host pids.
+    fn running_containers(&self, podman: &Podman, name: &WorkloadName) -> Vec<(String, i32)> {
+        let Ok(out) = podman.run(&[
+            "ps",
+            "--filter",
+            &format!("label={}={name}", crate::workload::WORKLOAD_LABEL),
+            "--format",
+            "{{.Names}} {{.Pid}}",
+        ]) else {
+            return Vec::new();
+        };
+        out.stdout
+            .lines()
+            .filter_map(|l| {
+                let (n, pid) = l.trim().split_once(' ')?;
+                let pid: i32 = pid.trim().parse().ok().filter(|p| *p > 0)?;
+                Some((n.to_string(), pid))
+            })
+            .collect()
+    }
+
+    /// Whether `pid` runs inside the workload cgroup or one of its descendants (podman's pod
+    /// and container cgroups are children of the workload cgroup).
+    pub fn in_subtree(&self, cgroup: &WorkloadCgroup, pid: i32) -> bool {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return false;
+        };
+        let layout = &self.settings.layout;
+        let Ok(rel) = cgroup_parent(cgroup, layout) else {
+            return false;
+        };
+        let want = rel.display().to_string();
+        text.lines().any(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let relevant = match layout {
+                Layout::Unified { .. } => ctrls.is_empty(),
+                _ => ctrls.split(',').any(|c| c == "memory"),
+            };
+            relevant && (path == want || path.starts_with(&format!("{want}/")))
+        })
+    }
+
+    /// The workload cgroup's path in every hierarchy.
+    fn everywhere(&self, cgroup: &WorkloadCgroup) -> Vec<PathBuf> {
+        let Ok(rel) = cgroup_parent(cgroup, &self.settings.layout) else {
+            return Vec::new();
+        };
+        let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
+        all_hierarchies()
+            .into_iter()
+            .map(|m| m.join(&rel))
+            .collect()
+    }
+
+    /// Removes every cgroup below the workload cgroup, in every hierarchy (podman leaves its
+    /// pod cgroups behind, and a cgroup with children cannot be removed).
+    fn prune_children(&self, cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
+        for dir in self.everywhere(cgroup) {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.filter_map(Result::ok) {
+                    if e.path().is_dir() {
+                        remove_tree(&e.path())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_in_other_hierarchies(&self, cgroup: &WorkloadCgroup) {
+        for dir in self.everywhere(cgroup) {
+            if dir.is_dir() {
+                if let Err(e) = remove_tree(&dir) {
+                    tracing::warn!("removing {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+}
+
+impl Driver for PodDriver {
+    fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        self.sync_secrets(run.secrets)?;
+        Ok(self.start_pod(run.spec, run.cgroup, run.log)?)
+    }
+
+    /// Stops the pod (podman's SIGTERM, `grace`, SIGKILL), then whatever is left in the cgroup.
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        let podman = self.podman_of(&at.name);
+        let secs = grace.as_secs().max(1).to_string();
+        if let Err(e) = podman.run(&["pod", "stop", "--ignore", "-t", &secs, at.name.as_str()]) {
+            tracing::warn!(workload = %at.name, "podman pod stop: {e}");
+        }
+        if at.cgroup.exists() {
+            at.cgroup.stop_all(grace)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pod, its containers, the files the agent wrote for it and its cgroup
+    /// subtree.
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        let podman = self.podman_of(&at.name);
+        remove_pods(&podman, &at.name);
+        self.prune_children(&at.cgroup)?;
+        at.cgroup.remove()?;
+        self.remove_in_other_hierarchies(&at.cgroup);
+        let dir = self.pod_dir(&at.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// The pod's app containers, if they all still run under the workload's cgroup; when
+    /// one ends, its exit code and OOM kill come from podman and the cgroup counters.
+    fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started> {
+        let podman = self.podman_of(&at.name);
+        let containers = self.running_containers(&podman, &at.name);
+        let pids: Vec<(i32, u64)> = containers
+            .iter()
+            .filter_map(|(_, pid)| {
+                let ticks = super::process::start_ticks(*pid)?;
+                self.in_subtree(&at.cgroup, *pid).then_some((*pid, ticks))
+            })
+            .collect();
+        if pids.is_empty() || pids.len() != containers.len() {
+            return None;
+        }
+        let names: Vec<String> = containers.into_iter().map(|(n, _)| n).collect();
+        let oom = OomWatch::start(&at.cgroup);
+        Some(Started {
+            pid: Some(pids[0].0),
+            start_ticks: pids[0].1,
+            oom_kills_at_start: record.oom_kills_at_start,
+            watch: Watch::Processes {
+                pids,
+                finish: Box::new(move |first| {
+                    let mut end = exit_of(&podman, &names[first.min(names.len() - 1)]);
+                    end.oom_killed |= oom.finish();
+                    end
+                }),
+            },
+            notice: None,
+        })
+    }
+}
+
+/// The exit of a container that has ended, as podman recorded it (conmon writes the exit
+/// code a moment after the process is gone: ask until podman says it exited).
+fn exit_of(podman: &Podman, container: &str) -> RunEnd {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = podman
+            .run(&[
+                "inspect",
+                "--format",
+                "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}",
+                container,
+            ])
+            .ok();
+        let fields: Vec<String> = answer
+            .map(|o| o.stdout.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        if let [status, code, oom] = fields.as_slice() {
+            if status == "exited" || status == "stopped" || Instant::now() >= deadline {
+                return RunEnd {
+                    code: code.parse().ok(),
+                    signal: None,
+                    oom_killed: oom == "true",
+                };
+            }
+        } else if Instant::now() >= deadline {
+            // Gone from podman altogether (removed meanwhile): ended, status unknown.
+            return RunEnd::default();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Watches a pod's OOM kills while it runs. On cgroup v1 a kill is counted only in the
+/// container's cgroup, which podman deletes right after the container exits, so the count
+/// is sampled while the pod runs (v2 counts descendants in the workload's own memory.events).
+struct OomWatch {
+    cgroup: WorkloadCgroup,
+    baseline: u64,
+    done: Arc<AtomicBool>,
+    seen: Arc<AtomicBool>,
+}
+
+impl OomWatch {
+    fn start(cgroup: &WorkloadCgroup) -> OomWatch {
+        let w = OomWatch {
+            cgroup: cgroup.clone(),
+            baseline: subtree_oom_kills(cgroup),
+            done: Arc::new(AtomicBool::new(false)),
+            seen: Arc::new(AtomicBool::new(false)),
+        };
+        if matches!(cgroup, WorkloadCgroup::V1 { .. }) {
+            let (done, seen, cg, base) =
+                (w.done.clone(), w.seen.clone(), cgroup.clone(), w.baseline);
+            let _ = std::thread::Builder::new()
+                .name("pod-oom-watch".into())
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    while !done.load(SeqCst) {
+                        if subtree_oom_kills(&cg) > base {
+                            seen.store(true, SeqCst);
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+        }
+        w
+    }
+
+    /// Whether the run was OOM-killed; ends the watch.
+    fn finish(&self) -> bool {
+        self.done.store(true, SeqCst);
+        self.seen.load(SeqCst) || subtree_oom_kills(&self.cgroup) > self.baseline
+    }
 }
 
 /// The rootful path: play stopped under a staging name, clone under the workload cgroup.
@@ -375,7 +576,7 @@ fn cgroup_parent(cgroup: &WorkloadCgroup, layout: &Layout) -> Result<PathBuf, Po
         (WorkloadCgroup::V1 { memory, .. }, Layout::Legacy(m) | Layout::Hybrid(m)) => {
             (memory, &m.memory)
         }
-        (WorkloadCgroup::V2 { dir }, Layout::Unified { root }) => (dir, root),
+        (WorkloadCgroup::V2 { dir, .. }, Layout::Unified { root }) => (dir, root),
         _ => {
             return Err(PodmanError::Unexpected(
                 "the workload cgroup does not match the host's cgroup layout".into(),
@@ -390,35 +591,6 @@ fn cgroup_parent(cgroup: &WorkloadCgroup, layout: &Layout) -> Result<PathBuf, Po
         ))
     })?;
     Ok(Path::new("/").join(rel))
-}
-
-/// Waits until the first app container exits and returns its exit code.
-fn wait_first(podman: &Podman, containers: &[String]) -> RunEnd {
-    let (tx, rx) = std::sync::mpsc::channel();
-    for c in containers {
-        let (tx, failed, podman, c) = (tx.clone(), tx.clone(), podman.clone(), c.clone());
-        let spawned = std::thread::Builder::new()
-            .name("podman-wait".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                // `podman wait` has no deadline of its own: the container may run for months.
-                let code = podman
-                    .run_with(&["wait", &c], None, None, Duration::from_secs(u64::MAX / 4))
-                    .ok()
-                    .and_then(|o| o.stdout.trim().lines().last()?.trim().parse::<i32>().ok());
-                let _ = tx.send(code);
-            });
-        if spawned.is_err() {
-            let _ = failed.send(None);
-        }
-    }
-    drop(tx);
-    let code = rx.recv().ok().flatten();
-    RunEnd {
-        code,
-        signal: None,
-        oom_killed: false,
-    }
 }
 
 /// OOM kills in the workload cgroup and every cgroup below it (memory controller). On cgroup
@@ -450,143 +622,26 @@ pub fn subtree_oom_kills(cgroup: &WorkloadCgroup) -> u64 {
     }
 }
 
-/// Stops the pod (podman's SIGTERM, `grace`, SIGKILL), then whatever is left in the cgroup.
-pub fn stop(cgroup: &WorkloadCgroup, grace: Duration) -> Result<(), PodmanError> {
-    let name = workload_name(cgroup);
-    let podman = podman_of(&name);
-    let secs = grace.as_secs().max(1).to_string();
-    if let Err(e) = podman.run(&["pod", "stop", "--ignore", "-t", &secs, &name]) {
-        tracing::warn!(workload = %name, "podman pod stop: {e}");
-    }
-    if cgroup.exists() {
-        cgroup.stop_all(grace)?;
-    }
-    Ok(())
-}
-
-/// Removes the pod, its containers, the files the agent wrote for it and its cgroup subtree.
-pub fn cleanup(cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
-    let name = workload_name(cgroup);
-    let podman = podman_of(&name);
-    remove_pods(&podman, &name);
-    prune_children(cgroup)?;
-    cgroup.remove()?;
-    remove_in_other_hierarchies(cgroup);
-    let dir = pod_dir(&name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-    }
-    Ok(())
-}
-
 /// `podman kube down` of the workload's pods: the pod of that name and a staging leftover.
-fn remove_pods(podman: &Podman, name: &str) {
-    let staging = staging_name(name);
-    if let Err(e) = podman.run(&["pod", "rm", "--force", "--ignore", name, &staging]) {
+fn remove_pods(podman: &Podman, name: &WorkloadName) {
+    let staging = staging_name(name.as_str());
+    if let Err(e) = podman.run(&["pod", "rm", "--force", "--ignore", name.as_str(), &staging]) {
         tracing::warn!(workload = %name, "podman pod rm: {e}");
     }
-}
-
-/// Is a pod of this workload running (for adoption after an agent restart)? Found by the
-/// label the agent puts on every container.
-pub fn running_pid(name: &str) -> Option<i32> {
-    let podman = podman_of(name);
-    let out = podman
-        .run(&[
-            "ps",
-            "--filter",
-            &format!("label={}={name}", crate::workload::WORKLOAD_LABEL),
-            "--format",
-            "{{.Names}}",
-        ])
-        .ok()?;
-    let first = out.stdout.lines().next()?.trim().to_string();
-    let pid = podman
-        .run(&["inspect", "--format", "{{.State.Pid}}", &first])
-        .ok()?;
-    pid.stdout.trim().parse().ok().filter(|p| *p > 0)
-}
-
-/// Whether `pid` runs inside the workload cgroup or one of its descendants (podman's pod and
-/// container cgroups are children of the workload cgroup).
-pub fn in_subtree(cgroup: &WorkloadCgroup, pid: i32) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return false;
-    };
-    let Ok(layout) = crate::cgroup::detect() else {
-        return false;
-    };
-    let Ok(rel) = cgroup_parent(cgroup, &layout) else {
-        return false;
-    };
-    let want = rel.display().to_string();
-    text.lines().any(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let relevant = match layout {
-            Layout::Unified { .. } => ctrls.is_empty(),
-            _ => ctrls.split(',').any(|c| c == "memory"),
-        };
-        relevant && (path == want || path.starts_with(&format!("{want}/")))
-    })
 }
 
 /// Mount points of every cgroup hierarchy (podman's cgroupfs manager creates the pod's cgroup
 /// in all of them, not only in the four the agent uses).
 fn all_hierarchies() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    let mut v: Vec<PathBuf> = crate::mountinfo::parse(&text)
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| m.mount_point)
         .collect();
     v.sort();
     v.dedup();
     v
-}
-
-/// The workload cgroup's path in every hierarchy.
-fn everywhere(cgroup: &WorkloadCgroup) -> Vec<PathBuf> {
-    let Ok(layout) = crate::cgroup::detect() else {
-        return Vec::new();
-    };
-    let Ok(rel) = cgroup_parent(cgroup, &layout) else {
-        return Vec::new();
-    };
-    let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
-    all_hierarchies()
-        .into_iter()
-        .map(|m| m.join(&rel))
-        .collect()
-}
-
-/// Removes every cgroup below the workload cgroup, in every hierarchy (podman leaves its pod
-/// cgroups behind, and a cgroup with children cannot be removed).
-fn prune_children(cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
-    for dir in everywhere(cgroup) {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.filter_map(Result::ok) {
-                if e.path().is_dir() {
-                    remove_tree(&e.path())?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn remove_in_other_hierarchies(cgroup: &WorkloadCgroup) {
-    for dir in everywhere(cgroup) {
-        if dir.is_dir() {
-            if let Err(e) = remove_tree(&dir) {
-                tracing::warn!("removing {}: {e}", dir.display());
-            }
-        }
-    }
 }
 
 /// Depth first: kill what is left inside, then rmdir (EBUSY for a moment after the last task).
@@ -635,27 +690,14 @@ fn write_private(
     data: &[u8],
     owner: Option<&RootlessUser>,
 ) -> Result<(), PodmanError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    if let Some(u) = owner {
-        nix::unistd::chown(&tmp, Some(u.uid), Some(u.gid)).map_err(|e| PodmanError::Io {
-            path: tmp.display().to_string(),
-            why: e.to_string(),
-        })?;
-        if let Some(parent) = path.parent() {
-            let _ = nix::unistd::chown(parent, Some(u.uid), Some(u.gid));
-        }
+    let owner = owner.map(|u| (u.uid.as_raw(), u.gid.as_raw()));
+    if let (Some((uid, gid)), Some(parent)) = (owner, path.parent()) {
+        let _ = std::os::unix::fs::chown(parent, Some(uid), Some(gid));
     }
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::store::write_atomic_owned(path, data, 0o600, owner).map_err(|e| PodmanError::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 fn append_log(path: &Path, line: &str) {
@@ -698,23 +740,22 @@ mod tests {
             cpuacct: "/sys/fs/cgroup/cpu,cpuacct".into(),
             pids: "/sys/fs/cgroup/pids".into(),
         };
-        let cg = WorkloadCgroup::V1 {
-            memory: "/sys/fs/cgroup/memory/dwng/workloads/web".into(),
-            cpu: "/sys/fs/cgroup/cpu,cpuacct/dwng/workloads/web".into(),
-            cpuacct: "/sys/fs/cgroup/cpu,cpuacct/dwng/workloads/web".into(),
-            pids: "/sys/fs/cgroup/pids/dwng/workloads/web".into(),
-        };
+        let web = WorkloadName::parse("web").unwrap();
+        let hybrid = Layout::Hybrid(m);
+        let cg = crate::cgroup::Hierarchy::new(hybrid.clone(), "dwng", None).workload(&web);
         assert_eq!(
-            cgroup_parent(&cg, &Layout::Hybrid(m)).unwrap(),
+            cgroup_parent(&cg, &hybrid).unwrap(),
             PathBuf::from("/dwng/workloads/web")
         );
-        assert_eq!(workload_name(&cg), "web");
-        let v2 = WorkloadCgroup::V2 {
-            dir: "/sys/fs/cgroup/system.slice/dwng.service/workloads/web".into(),
-        };
         let root = Layout::Unified {
             root: "/sys/fs/cgroup".into(),
         };
+        let v2 = crate::cgroup::Hierarchy::new(
+            root.clone(),
+            "dwng",
+            Some("/sys/fs/cgroup/system.slice/dwng.service".into()),
+        )
+        .workload(&web);
         assert_eq!(
             cgroup_parent(&v2, &root).unwrap(),
             PathBuf::from("/system.slice/dwng.service/workloads/web")
