@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use crate::cgroup::systemd::{self, SliceTree, Systemd};
 use crate::cgroup::{self, Hierarchy};
-use crate::config::{Inputs, Settings};
+use crate::config::{CgroupDriverChoice, Inputs, Settings};
 use crate::controller::effects::RealEffects;
 use crate::controller::session::SessionPart;
 use crate::controller::{sources, Controller, Event, Parts, EVENT_CAPACITY};
@@ -28,6 +29,8 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     #[error("signals: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Systemd(String),
 }
 
 /// Threads of smol's blocking pool (driver calls, store writes, server requests): bounded,
@@ -35,19 +38,86 @@ pub enum DaemonError {
 /// leave after a moment.
 const BLOCKING_THREADS: usize = 8;
 
-/// Detects the cgroup layout and prepares the agent's subtree.
+/// Detects the cgroup layout, picks the cgroup driver and prepares where workloads go.
 ///
-/// On cgroup v2 the workloads live in a top-level subtree (`/sys/fs/cgroup/<CGROUP_ROOT>`),
-/// not inside the agent's own (systemd service) cgroup: once a cgroup enables controllers for
-/// its children it may hold no processes itself, and systemd (before 254's
-/// `DelegateSubgroup=`) must put a restarted agent's main process right there, so a restart
-/// with surviving workloads would fail with EBUSY. Outside the unit, `systemctl restart`
-/// and package upgrades leave the workloads alone and the new agent adopts them.
-pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> {
+/// systemd driver: a slice (SYSTEMD_SLICE) that systemd creates and limits, one unit per
+/// workload in it; nothing of the agent's own in the cgroup tree, and the agent's service
+/// needs no delegation. `auto` picks it when systemd is PID 1 and answers on D-Bus.
+///
+/// cgroupfs driver: on cgroup v2 the workloads live in a top-level subtree
+/// (`/sys/fs/cgroup/<CGROUP_ROOT>`), not inside the agent's own (systemd service) cgroup:
+/// once a cgroup enables controllers for its children it may hold no processes itself, and
+/// systemd (before 254's `DelegateSubgroup=`) must put a restarted agent's main process right
+/// there, so a restart with surviving workloads would fail with EBUSY. Outside the unit,
+/// `systemctl restart` and package upgrades leave the workloads alone and the new agent
+/// adopts them.
+pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, DaemonError> {
     let layout = cgroup::detect()?;
-    let h = Hierarchy::new(layout, &settings.cgroup_root, None);
+    let cgroupfs = Hierarchy::new(layout.clone(), &settings.cgroup_root, None);
+    let h = match systemd_driver(settings, &layout)? {
+        Some(tree) => {
+            // The cgroupfs driver's workloads (an agent before this one, or CGROUP_DRIVER
+            // changed): nothing would ever stop them. They start again as units.
+            if cgroupfs.base_display().exists() {
+                warn!(
+                    subtree = %cgroupfs.base_display().display(),
+                    "stopping the cgroupfs driver's workloads: they start again as units of {}",
+                    tree.slice
+                );
+                if let Err(e) = cgroupfs.remove_all() {
+                    error!("removing the cgroupfs driver's subtree: {e}");
+                }
+            }
+            Hierarchy::under_systemd(tree)
+        }
+        None => cgroupfs,
+    };
     h.setup()?;
     Ok(h)
+}
+
+/// The systemd driver's slices, when CGROUP_DRIVER picks systemd.
+fn systemd_driver(
+    settings: &Settings,
+    layout: &cgroup::Layout,
+) -> Result<Option<SliceTree>, DaemonError> {
+    let open = || {
+        let sd = Systemd::connect()?;
+        let version = sd.version()?;
+        info!(systemd = %version, slice = %settings.systemd_slice, "systemd cgroup driver");
+        SliceTree::new(layout.clone(), &settings.systemd_slice, sd)
+    };
+    match settings.cgroup_driver {
+        CgroupDriverChoice::Cgroupfs => Ok(None),
+        CgroupDriverChoice::Systemd => open().map(Some).map_err(|e| {
+            DaemonError::Config(format!(
+                "CGROUP_DRIVER is systemd, but systemd does not answer on D-Bus: {e}"
+            ))
+        }),
+        CgroupDriverChoice::Auto if !systemd::booted() => Ok(None),
+        CgroupDriverChoice::Auto => {
+            match open() {
+                Ok(tree) => Ok(Some(tree)),
+                // Units of an earlier run exist: falling back would start their workloads a
+                // second time. Fail instead (not as a configuration error: systemd restarts the
+                // agent, and the bus is usually back by then).
+                Err(e) if slice_exists(settings, layout) => Err(DaemonError::Systemd(format!(
+                "systemd does not answer on D-Bus ({e}), and {} holds workloads of an earlier run",
+                settings.systemd_slice
+            ))),
+                Err(e) => {
+                    warn!("systemd is PID 1 but does not answer on D-Bus ({e}): cgroupfs cgroup driver");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Whether the agent's slice has a cgroup (systemd made it for an earlier run).
+fn slice_exists(settings: &Settings, layout: &cgroup::Layout) -> bool {
+    cgroup::systemd::slice_cgroup(layout, &settings.systemd_slice)
+        .is_ok_and(|cg| cg.display_path().exists())
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
@@ -58,6 +128,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
     let hierarchy = hierarchy(&settings)?;
     info!(
         layout = hierarchy.layout.name(),
+        driver = hierarchy.driver_name(),
         base = %hierarchy.base_display().display(),
         "cgroup hierarchy ready"
     );
@@ -65,6 +136,8 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
     let drivers = Arc::new(Drivers::new(&DriverSettings {
         state_dir: settings.state_dir.clone(),
         layout: hierarchy.layout.clone(),
+        systemd: hierarchy.slice_tree().cloned(),
+        stop_timeout: settings.stop_timeout,
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
         kubeconfig: settings.kubeconfig.clone(),

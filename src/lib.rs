@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod drivers;
 pub mod flotta;
 pub mod logging;
+pub mod logs;
 pub mod machines;
 pub mod mountinfo;
 pub mod notify;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG};
-use device_worker_ng::{daemon, logging, status};
+use device_worker_ng::{daemon, logging, logs, status};
 
 /// Exit code of `status` when no agent answers.
 const EXIT_NOT_RUNNING: u8 = 3;
@@ -31,6 +31,29 @@ enum Command {
     /// configuration and undelivered events, and enrols afresh.
     Reset {
         /// Control socket of the running agent (default: CONTROL_SOCKET).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Run PROGRAM as UID (gid UID, no supplementary groups), in this same process: the
+    /// first instruction of a systemd-driver service for a workload with a uid of its own.
+    #[command(hide = true)]
+    ExecAs {
+        uid: u32,
+        #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+        argv: Vec<String>,
+    },
+    /// Show a workload's output: its unit's journal (systemd cgroup driver), its log file
+    /// (cgroupfs), its containers' log (pods).
+    Logs {
+        /// The workload's name.
+        name: String,
+        /// Keep printing what it writes.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to show first.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: u32,
+        /// Control socket to ask (default: CONTROL_SOCKET from the configuration).
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
@@ -62,6 +85,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let inputs = Inputs::from_process(cli.config.clone(), cli.set.clone());
     match cli.command {
+        Command::ExecAs { uid, argv } => {
+            let why = device_worker_ng::drivers::systemd::exec_as(uid, &argv);
+            eprintln!("device-worker-ng exec-as: {why}");
+            // as a shell says a command cannot run
+            ExitCode::from(126)
+        }
         Command::Run => {
             let settings = match Settings::load(&inputs) {
                 Ok(s) => s,
@@ -78,6 +107,27 @@ fn main() -> ExitCode {
                 Err(e @ daemon::DaemonError::Config(_)) => config_error(e),
                 Err(e) => {
                     logging::fatal(&e.to_string());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Logs {
+            name,
+            follow,
+            lines,
+            socket,
+        } => {
+            let settings = match Settings::load(&inputs) {
+                Ok(s) => s,
+                Err(e) => return config_error(e),
+            };
+            let socket = socket.unwrap_or_else(|| settings.control_socket.clone());
+            let shown = logs::locate(&settings, &socket, &name)
+                .and_then(|source| logs::show(&source, logs::Options { follow, lines }, &settings));
+            match shown {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("device-worker-ng: {e}");
                     ExitCode::FAILURE
                 }
             }

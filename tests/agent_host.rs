@@ -42,6 +42,11 @@ fn main() {
             ROOT_CGROUPS,
             status_table_and_json_from_a_running_agent,
         ),
+        test(
+            "logs_prints_a_shell_workloads_output",
+            ROOT_CGROUPS,
+            logs_prints_a_shell_workloads_output,
+        ),
     ])
 }
 
@@ -301,6 +306,13 @@ fn status_table_and_json_from_a_running_agent() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["device"]["state"], "reconciling");
+    // No systemd here: the agent makes the cgroups itself, and no workload has a unit.
+    assert_eq!(v["agent"]["cgroup_driver"], "cgroupfs");
+    assert!(
+        table.lines().next().unwrap().contains("driver cgroupfs"),
+        "{table}"
+    );
+    assert!(v["workloads"][0].get("unit").is_none());
     assert_eq!(v["workloads"][0]["name"], "web");
     assert_eq!(v["workloads"][0]["limits"]["memory_bytes"], 64 << 20);
     assert_eq!(v["workloads"][0]["heartbeat_status"], "running");
@@ -314,4 +326,54 @@ fn status_table_and_json_from_a_running_agent() {
         !a.cgroup_procs("web").is_empty(),
         "workload survives a graceful stop"
     );
+}
+
+/// `device-worker-ng logs NAME` under the cgroupfs driver: the workload's log file, its last
+/// lines first (`-n`); an unknown or invalid name is an error.
+fn logs_prints_a_shell_workloads_output() {
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[shell(
+            "talker",
+            "for i in 1 2 3 4 5; do echo line $i; done; sleep 600",
+            "",
+        )]),
+    );
+    a.start();
+    a.wait_for("talker running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "talker").is_some_and(|w| w.state == "running")
+    });
+    let logs = |args: &[&str]| {
+        let out = a
+            .command()
+            .arg("logs")
+            .args(args)
+            .arg("--socket")
+            .arg(a.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut all = String::new();
+    wait_until(
+        "the output in the log",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            all = logs(&["talker"]).1;
+            all.contains("line 5")
+        },
+    );
+    assert!(all.starts_with("line 1\n"), "{all}");
+    let (ok, last, _) = logs(&["talker", "-n", "2"]);
+    assert!(ok);
+    assert_eq!(last, "line 4\nline 5\n");
+    let (ok, _, err) = logs(&["nobody-here"]);
+    assert!(!ok && err.contains("no workload nobody-here"), "{err}");
+    let (ok, _, err) = logs(&["../../etc/passwd"]);
+    assert!(!ok && err.contains("not a workload name"), "{err}");
 }

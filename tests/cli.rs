@@ -1,8 +1,9 @@
-//! The command line without root: configuration errors and `status` without an agent.
+//! The command line: configuration errors, `status` without an agent, journal-aware errors,
+//! and (root) `exec-as`, the first instruction of systemd services for uids of their own.
 
 use std::process::Command;
 
-use dwng_test_support::harness::{self, test};
+use dwng_test_support::harness::{self, test, Need};
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 
@@ -23,6 +24,11 @@ fn main() {
             "journal_lines_carry_priorities_and_a_fatal_error_once",
             &[],
             journal_lines_carry_priorities_and_a_fatal_error_once,
+        ),
+        test(
+            "exec_as_becomes_the_uid_and_runs_the_program",
+            &[Need::Root],
+            exec_as_becomes_the_uid_and_runs_the_program,
         ),
     ])
 }
@@ -180,4 +186,28 @@ fn journal_lines_carry_priorities_and_a_fatal_error_once() {
     }
     let fatal: Vec<&str> = err.lines().filter(|l| l.starts_with("<3>")).collect();
     assert_eq!(fatal.len(), 1, "the fatal error once: {err}");
+}
+
+/// `exec-as UID -- PROGRAM...` (the systemd driver's services for a workload with a uid of
+/// its own): the program runs as that uid, gid the same, no other groups; root is refused.
+fn exec_as_becomes_the_uid_and_runs_the_program() {
+    let (code, out, err) = run(
+        &[
+            "exec-as",
+            "524301",
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; id -g; id -G",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "524301\n524301\n524301\n");
+    let (code, _, err) = run(&["exec-as", "0", "--", "/bin/true"], &[]);
+    assert_eq!(code, 126);
+    assert!(err.contains("refusing uid 0"), "{err}");
+    let (code, _, err) = run(&["exec-as", "524301", "--", "/nonexistent/program"], &[]);
+    assert_eq!(code, 126);
+    assert!(err.contains("cannot execute /nonexistent/program"), "{err}");
 }

@@ -464,6 +464,8 @@ fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
     let drivers = Drivers::new(&DriverSettings {
         state_dir: dir.path().join("state"),
         layout: layout.clone(),
+        systemd: None,
+        stop_timeout: Duration::from_secs(10),
         rootless_user: None,
         xdg_runtime_dir: None,
         kubeconfig: Some(fake.kubeconfig(None)),

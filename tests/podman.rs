@@ -76,6 +76,8 @@ fn driver() -> &'static podman::PodDriver {
             layout: cgroup::detect().unwrap(),
             rootless_user: None,
             xdg_runtime_dir: None,
+            systemd: None,
+            stop_timeout: Duration::from_secs(10),
         })
     })
 }

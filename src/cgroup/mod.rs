@@ -10,7 +10,7 @@ mod fs;
 mod layout;
 pub mod systemd;
 
-pub use files::{parse_flat_keyed, read_u64, CounterReader};
+pub use files::{keyed as read_keyed, parse_flat_keyed, read_u64, CounterReader};
 pub use layout::{detect, detect_from, Layout, V1Mounts};
 
 use std::path::{Path, PathBuf};
@@ -43,6 +43,15 @@ pub enum CgroupError {
         wanted: String,
         got: String,
     },
+    /// Boxed: zbus' errors are large, and CgroupError travels in every driver result.
+    #[error("{0}")]
+    Systemd(Box<systemd::SystemdError>),
+}
+
+impl From<systemd::SystemdError> for CgroupError {
+    fn from(e: systemd::SystemdError) -> CgroupError {
+        CgroupError::Systemd(Box::new(e))
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -305,37 +314,81 @@ pub fn cpu_quota_us(millicores: u64) -> u64 {
     (millicores * CPU_PERIOD_US / 1000).max(1000)
 }
 
-/// The agent's subtree: where workload cgroups live.
+/// Where workload cgroups live, and who makes them (the cgroup driver, like the kubelet's):
+/// the agent itself in its own subtree (cgroupfs), or systemd, as units in the agent's slice
+/// (`systemd::SliceTree`).
 #[derive(Debug, Clone)]
 pub struct Hierarchy {
     pub layout: Layout,
     /// v2: the agent's base cgroup directory; v1: the subtree name under each controller.
     base: PathBuf,
+    /// The systemd driver's slices; `None`: the cgroupfs driver.
+    systemd: Option<systemd::SliceTree>,
 }
 
 impl Hierarchy {
-    /// The hierarchy for `root_name` (e.g. `device-worker-ng`) in the detected layout;
-    /// `base` overrides where the v2 subtree lives (tests).
+    /// The cgroupfs driver's hierarchy for `root_name` (e.g. `device-worker-ng`) in the
+    /// detected layout; `base` overrides where the v2 subtree lives (tests).
     pub fn new(layout: Layout, root_name: &str, delegated_base: Option<PathBuf>) -> Self {
         let base = match (&layout, delegated_base) {
             (Layout::Unified { .. }, Some(b)) => b,
             (Layout::Unified { root }, None) => root.join(root_name),
             (_, _) => PathBuf::from(root_name),
         };
-        Hierarchy { layout, base }
+        Hierarchy {
+            layout,
+            base,
+            systemd: None,
+        }
+    }
+
+    /// The systemd driver's: workloads are units in `tree`'s slice.
+    pub fn under_systemd(tree: systemd::SliceTree) -> Self {
+        let base = tree.cgroup().display_path().to_path_buf();
+        Hierarchy {
+            layout: tree.layout.clone(),
+            base,
+            systemd: Some(tree),
+        }
+    }
+
+    /// `systemd` or `cgroupfs`.
+    pub fn driver_name(&self) -> &'static str {
+        if self.systemd.is_some() {
+            "systemd"
+        } else {
+            "cgroupfs"
+        }
+    }
+
+    /// The systemd driver's slices (`None` under the cgroupfs driver).
+    pub fn slice_tree(&self) -> Option<&systemd::SliceTree> {
+        self.systemd.as_ref()
     }
 
     pub fn base_display(&self) -> PathBuf {
         match &self.layout {
+            _ if self.systemd.is_some() => self.base.clone(),
             Layout::Unified { .. } => self.base.clone(),
             Layout::Legacy(m) | Layout::Hybrid(m) => m.memory.join(&self.base),
         }
     }
 
-    /// The cgroup of a workload: `<base>/workloads/<name>`, nothing else (the name is one
-    /// validated label: no `/`, no `..`).
+    /// The cgroup of a workload: `<base>/workloads/<name>` (cgroupfs) or its slice's
+    /// (systemd), nothing else (the name is one validated label: no `/`, no `..`).
     pub fn workload(&self, name: &WorkloadName) -> WorkloadCgroup {
-        self.under_workloads(Path::new(name.as_str()))
+        match &self.systemd {
+            Some(tree) => tree.workload_cgroup(name.as_str()),
+            None => self.under_workloads(Path::new(name.as_str())),
+        }
+    }
+
+    /// New limits for a workload's cgroup (its slice and service under systemd).
+    pub fn limit_workload(&self, name: &WorkloadName, limits: &Limits) -> Result<(), CgroupError> {
+        match &self.systemd {
+            Some(tree) => Ok(tree.limit(name.as_str(), limits)?),
+            None => self.workload(name).apply(limits),
+        }
     }
 
     fn under_workloads(&self, rel: &Path) -> WorkloadCgroup {
@@ -363,6 +416,9 @@ impl Hierarchy {
     /// holds processes (the agent itself, delegated by systemd), they move into `base/agent`
     /// first: cgroup v2 allows controllers only in cgroups without processes of their own.
     pub fn setup(&self) -> Result<(), CgroupError> {
+        if let Some(tree) = &self.systemd {
+            return Ok(tree.setup()?);
+        }
         match &self.layout {
             Layout::Unified { .. } => {
                 // The parent must offer the controllers to the base (the root always may).
@@ -403,18 +459,31 @@ impl Hierarchy {
 
     /// The parent of every workload cgroup (`<base>/workloads`), as a cgroup of its own.
     pub fn workloads_parent(&self) -> WorkloadCgroup {
-        self.under_workloads(Path::new(""))
+        match &self.systemd {
+            Some(tree) => tree.cgroup(),
+            None => self.under_workloads(Path::new("")),
+        }
     }
 
     /// Caps all workloads together: whatever they do, the kernel keeps them within `limits`,
     /// so the OS and the agent keep their reservation even before the agent reacts.
     pub fn cap_workloads(&self, limits: &Limits) -> Result<(), CgroupError> {
-        self.workloads_parent().apply(limits)
+        match &self.systemd {
+            Some(tree) => Ok(tree.cap(limits)?),
+            None => self.workloads_parent().apply(limits),
+        }
     }
 
     /// The workload cgroups that exist (to find orphans after a restart); a directory whose
     /// name is no workload name is reported, never touched.
     pub fn existing_workloads(&self) -> Vec<Result<WorkloadName, String>> {
+        if let Some(tree) = &self.systemd {
+            return tree
+                .existing()
+                .into_iter()
+                .map(|n| WorkloadName::parse(&n).map_err(|_| n))
+                .collect();
+        }
         let dir = match &self.layout {
             Layout::Unified { .. } => self.base.join("workloads"),
             Layout::Legacy(m) | Layout::Hybrid(m) => m.memory.join(&self.base).join("workloads"),
@@ -436,6 +505,9 @@ impl Hierarchy {
 
     /// Removes the whole subtree (tests and `purge`): every workload cgroup, then the base.
     pub fn remove_all(&self) -> Result<(), CgroupError> {
+        if let Some(tree) = &self.systemd {
+            return Ok(tree.remove_all(Duration::from_secs(10))?);
+        }
         for name in self.existing_workloads().into_iter().flatten() {
             self.workload(&name).remove()?;
         }

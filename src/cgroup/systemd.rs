@@ -263,8 +263,6 @@ pub struct ServiceUnit {
     pub env: Vec<String>,
     /// `None`: root.
     pub user: Option<String>,
-    /// `None`: the user's own group.
-    pub group: Option<String>,
     pub working_dir: Option<PathBuf>,
     pub limits: Limits,
     /// SIGTERM, this long, then SIGKILL, when the unit is stopped.
@@ -302,9 +300,6 @@ impl ServiceUnit {
         ]);
         if let Some(u) = &self.user {
             props.push(("User", Value::from(u.clone())));
-        }
-        if let Some(g) = &self.group {
-            props.push(("Group", Value::from(g.clone())));
         }
         let dir = self
             .working_dir
@@ -555,8 +550,11 @@ impl Systemd {
         }
     }
 
-    /// Stops the unit (systemd: SIGTERM to all its processes, TimeoutStopSec, SIGKILL) and
-    /// waits until it has stopped. The unit's record stays for [`Systemd::remove`].
+    /// Stops the unit (systemd: SIGTERM to all its processes, its TimeoutStopSec, SIGKILL) and
+    /// waits until it has stopped; `grace` bounds only the wait. The grace itself is the
+    /// unit's, set when it was made: systemd takes TimeoutStopUSec only then (at run time
+    /// SetUnitProperties accepts resource-control properties, not this one). The unit's
+    /// record stays for [`Systemd::remove`].
     pub fn stop(&self, unit: &str, grace: Duration) -> Result<(), SystemdError> {
         if self.unit_path(unit)?.is_none() {
             return Ok(());
@@ -646,6 +644,8 @@ impl Systemd {
 pub struct SliceTree {
     pub layout: Layout,
     pub slice: String,
+    /// The agent's slice's cgroup, relative to the hierarchy's root.
+    rel: PathBuf,
     systemd: std::sync::Arc<Systemd>,
 }
 
@@ -656,12 +656,19 @@ impl std::fmt::Debug for SliceTree {
 }
 
 impl SliceTree {
-    pub fn new(layout: Layout, slice: &str, systemd: Systemd) -> SliceTree {
-        SliceTree {
+    /// `slice` must be a valid slice name (checked: a configured name arrives here).
+    pub fn new(layout: Layout, slice: &str, systemd: Systemd) -> Result<SliceTree, SystemdError> {
+        if !valid_slice_name(slice) {
+            return Err(SystemdError::BadName(slice.into()));
+        }
+        let rel =
+            PathBuf::from(expand_slice(slice).map_err(|_| SystemdError::BadName(slice.into()))?);
+        Ok(SliceTree {
             layout,
             slice: slice.to_string(),
+            rel,
             systemd: std::sync::Arc::new(systemd),
-        }
+        })
     }
 
     pub fn systemd(&self) -> &Systemd {
@@ -676,14 +683,36 @@ impl SliceTree {
         UnitNames::of(&self.slice, workload)
     }
 
-    /// The cgroup of the agent's slice.
-    pub fn cgroup(&self) -> Result<WorkloadCgroup, SystemdError> {
-        slice_cgroup(&self.layout, &self.slice)
+    fn at(&self, rel: &Path) -> WorkloadCgroup {
+        match &self.layout {
+            Layout::Unified { root } => WorkloadCgroup::V2 {
+                dir: root.join(rel),
+                sealed: Sealed(()),
+            },
+            Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
+                memory: m.memory.join(rel),
+                cpu: m.cpu.join(rel),
+                cpuacct: m.cpuacct.join(rel),
+                pids: m.pids.join(rel),
+                sealed: Sealed(()),
+            },
+        }
     }
 
-    /// The cgroup of a workload's slice.
-    pub fn workload_cgroup(&self, workload: &str) -> Result<WorkloadCgroup, SystemdError> {
-        unit_cgroup(&self.layout, &self.slice, &self.names(workload).slice)
+    /// The cgroup of the agent's slice.
+    pub fn cgroup(&self) -> WorkloadCgroup {
+        self.at(&self.rel)
+    }
+
+    /// The cgroup of a workload's slice (`workload`: a validated workload name).
+    pub fn workload_cgroup(&self, workload: &str) -> WorkloadCgroup {
+        self.at(&self.rel.join(self.names(workload).slice))
+    }
+
+    /// The cgroup of a workload's service.
+    pub fn service_cgroup(&self, workload: &str) -> WorkloadCgroup {
+        let n = self.names(workload);
+        self.at(&self.rel.join(n.slice).join(n.service))
     }
 
     /// The agent's slice, without limits until [`SliceTree::cap`] sets the budget.
@@ -732,10 +761,7 @@ impl SliceTree {
     /// The workloads that have a slice (to find orphans after a restart), read from the
     /// agent's slice's cgroup; a directory that is no workload slice is left alone.
     pub fn existing(&self) -> Vec<String> {
-        let Ok(cg) = self.cgroup() else {
-            return Vec::new();
-        };
-        let Ok(rd) = std::fs::read_dir(cg.display_path()) else {
+        let Ok(rd) = std::fs::read_dir(self.cgroup().display_path()) else {
             return Vec::new();
         };
         let mut names: Vec<String> = rd

@@ -29,6 +29,8 @@ enum Kind {
     DeviceId,
     Fraction,
     IdRange,
+    CgroupDriver,
+    Slice,
 }
 
 impl Kind {
@@ -47,6 +49,8 @@ impl Kind {
             Kind::IdRange => {
                 "a range of ids like 524288-589823 (at least 1000 ids, none below 1000)"
             }
+            Kind::CgroupDriver => "one of auto, systemd, cgroupfs",
+            Kind::Slice => "a systemd slice name like device-worker-ng.slice",
         }
     }
 }
@@ -157,10 +161,22 @@ pub const KEYS: &[KeySpec] = &[
         "resource sampler period"
     ),
     key!(
+        "CGROUP_DRIVER",
+        CgroupDriver,
+        Some("auto"),
+        "who creates the workloads' cgroups: systemd (units in SYSTEMD_SLICE), cgroupfs (the agent, under CGROUP_ROOT), or auto: systemd when it is PID 1 and answers on D-Bus"
+    ),
+    key!(
+        "SYSTEMD_SLICE",
+        Slice,
+        Some("device-worker-ng.slice"),
+        "systemd driver: the slice holding the workloads' units, limited to the device budget"
+    ),
+    key!(
         "CGROUP_ROOT",
         Text,
         Some("device-worker-ng"),
-        "name of the agent's cgroup subtree"
+        "cgroupfs driver: name of the agent's cgroup subtree"
     ),
     key!(
         "RESERVED_MEMORY",
@@ -348,6 +364,15 @@ impl LogLevel {
     }
 }
 
+/// `CGROUP_DRIVER`: who creates the workloads' cgroups (like the kubelet's `cgroupDriver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriverChoice {
+    /// systemd when it is PID 1 and answers on D-Bus, cgroupfs otherwise.
+    Auto,
+    Systemd,
+    Cgroupfs,
+}
+
 /// The validated settings of one agent run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -364,6 +389,8 @@ pub struct Settings {
     pub desired_state: Option<PathBuf>,
     pub control_socket: PathBuf,
     pub sample_interval: Duration,
+    pub cgroup_driver: CgroupDriverChoice,
+    pub systemd_slice: String,
     pub cgroup_root: String,
     pub reserved_memory: u64,
     pub reserved_cpu_millis: u64,
@@ -483,6 +510,7 @@ pub(crate) fn io_why(e: &std::io::Error) -> String {
 
 /// A parsed value of one key.
 enum Value {
+    CgroupDriver(CgroupDriverChoice),
     Text(String),
     Path(PathBuf),
     Level(LogLevel),
@@ -554,6 +582,18 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
                 return Err(wrong());
             }
             Value::Range(lo, hi)
+        }
+        Kind::CgroupDriver => Value::CgroupDriver(match raw.trim() {
+            "auto" => CgroupDriverChoice::Auto,
+            "systemd" => CgroupDriverChoice::Systemd,
+            "cgroupfs" => CgroupDriverChoice::Cgroupfs,
+            _ => return Err(wrong()),
+        }),
+        Kind::Slice => {
+            if !crate::cgroup::systemd::valid_slice_name(raw.trim()) {
+                return Err(wrong());
+            }
+            Value::Text(raw.trim().to_string())
         }
         Kind::Fraction => {
             let t = raw.trim();
@@ -659,6 +699,8 @@ impl Settings {
             desired_state: take.path("DESIRED_STATE"),
             control_socket: take.path("CONTROL_SOCKET").unwrap_or_default(),
             sample_interval: take.duration("SAMPLE_INTERVAL"),
+            cgroup_driver: take.cgroup_driver("CGROUP_DRIVER"),
+            systemd_slice: take.text("SYSTEMD_SLICE").unwrap_or_default(),
             cgroup_root: take.text("CGROUP_ROOT").unwrap_or_default(),
             reserved_memory: take.quantity("RESERVED_MEMORY"),
             reserved_cpu_millis: take.quantity("RESERVED_CPU"),
@@ -773,6 +815,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Quantity(q)) => q,
             _ => 0,
+        }
+    }
+    fn cgroup_driver(&mut self, k: &str) -> CgroupDriverChoice {
+        match self.0.remove(k) {
+            Some(Value::CgroupDriver(d)) => d,
+            _ => CgroupDriverChoice::Auto,
         }
     }
 }

@@ -243,3 +243,37 @@ fn readme_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn cgroup_driver_and_slice() {
+    let s = Settings::load(&Inputs::default()).unwrap();
+    assert_eq!(s.cgroup_driver, CgroupDriverChoice::Auto);
+    assert_eq!(s.systemd_slice, "device-worker-ng.slice");
+    let s = Settings::load(&Inputs {
+        flags: vec![
+            "CGROUP_DRIVER=cgroupfs".into(),
+            "SYSTEMD_SLICE=edge.slice".into(),
+        ],
+        ..Inputs::default()
+    })
+    .unwrap();
+    assert_eq!(s.cgroup_driver, CgroupDriverChoice::Cgroupfs);
+    assert_eq!(s.systemd_slice, "edge.slice");
+    for bad in [
+        "CGROUP_DRIVER=docker",
+        "SYSTEMD_SLICE=edge",
+        "SYSTEMD_SLICE=../x.slice",
+        "SYSTEMD_SLICE=a--b.slice",
+    ] {
+        let e = Settings::load(&Inputs {
+            flags: vec![bad.into()],
+            ..Inputs::default()
+        })
+        .unwrap_err();
+        let key = bad.split('=').next().unwrap();
+        assert!(
+            matches!(&e, ConfigError::WrongType { key: k, .. } if *k == key),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -289,14 +289,19 @@ impl RealEffects {
                 }
                 send(RunOutcome::CleanedUp(result.err().map(|e| e.to_string())))
             }),
-            DriverOp::SetLimits { cgroup, limits } => Box::new(move || {
-                if let Err(e) = cgroup.apply(&limits) {
-                    error!(
-                        "applying new limits to {}: {e}",
-                        cgroup.display_path().display()
-                    );
-                }
-            }),
+            DriverOp::SetLimits { cgroup, limits } => {
+                let (hierarchy, n) = (self.hierarchy.clone(), name.clone());
+                Box::new(move || {
+                    // The hierarchy knows who holds the limits: the cgroup's files
+                    // (cgroupfs) or the workload's units (systemd).
+                    if let Err(e) = hierarchy.limit_workload(&n, &limits) {
+                        error!(
+                            "applying new limits to {}: {e}",
+                            cgroup.display_path().display()
+                        );
+                    }
+                })
+            }
             DriverOp::Adopt { at, record } => Box::new(move || {
                 send(RunOutcome::Adopted(
                     drivers.of(&at.kind).adopt(&at, &record).map(Box::new),

@@ -261,7 +261,16 @@ pub struct State {
     desired_gen: Generation,
     sample_gen: Generation,
     started: Instant,
-    hierarchy_info: (String, String),
+    hierarchy_info: HierarchyInfo,
+}
+
+/// How workload cgroups are made, for status: the layout, the cgroup driver, where.
+struct HierarchyInfo {
+    layout: String,
+    base: String,
+    driver: &'static str,
+    /// The systemd driver's slice (workload unit names derive from it).
+    slice: Option<String>,
 }
 
 /// What the controller is built from.
@@ -282,10 +291,12 @@ impl<E: Effects> Controller<E> {
             store,
             session,
         } = parts;
-        let hierarchy_info = (
-            hierarchy.layout.name().to_string(),
-            hierarchy.base_display().display().to_string(),
-        );
+        let hierarchy_info = HierarchyInfo {
+            layout: hierarchy.layout.name().to_string(),
+            base: hierarchy.base_display().display().to_string(),
+            driver: hierarchy.driver_name(),
+            slice: hierarchy.slice_tree().map(|t| t.slice.clone()),
+        };
         let reports = reports::Reports::new(&store, session.is_some());
         Controller {
             fx,
@@ -591,21 +602,27 @@ impl State {
                 if s.control_socket != self.settings.control_socket
                     || s.state_dir != self.settings.state_dir
                     || s.cgroup_root != self.settings.cgroup_root
+                    || s.cgroup_driver != self.settings.cgroup_driver
+                    || s.systemd_slice != self.settings.systemd_slice
                 {
                     warn!(
-                        "STATE_DIR, CONTROL_SOCKET and CGROUP_ROOT take effect at the next start"
+                        "STATE_DIR, CONTROL_SOCKET, CGROUP_DRIVER, SYSTEMD_SLICE and CGROUP_ROOT take effect at the next start"
                     );
                 }
                 let keep = (
                     self.settings.control_socket.clone(),
                     self.settings.state_dir.clone(),
                     self.settings.cgroup_root.clone(),
+                    self.settings.cgroup_driver,
+                    self.settings.systemd_slice.clone(),
                 );
                 self.settings = s;
                 (
                     self.settings.control_socket,
                     self.settings.state_dir,
                     self.settings.cgroup_root,
+                    self.settings.cgroup_driver,
+                    self.settings.systemd_slice,
                 ) = keep;
                 self.workloads.reconfigure(&self.settings);
                 self.resources.reconfigure(&self.settings);

@@ -2,7 +2,9 @@
 
 use super::effects::Effects;
 use super::Controller;
+use crate::cgroup::systemd::UnitNames;
 use crate::status::{AgentInfo, BudgetInfo, DeviceInfo, Snapshot, WorkloadInfo};
+use crate::workload::WorkloadKind;
 
 impl<E: Effects> Controller<E> {
     pub fn snapshot(&self) -> Snapshot {
@@ -27,6 +29,16 @@ impl<E: Effects> Controller<E> {
                     reason =
                         format!("{reason}; kept running: no valid desired state says what it is");
                 }
+                // The unit that holds the workload: a shell workload's service, a pod's
+                // slice (podman's pod slice is below it).
+                let unit = st.hierarchy_info.slice.as_ref().and_then(|slice| {
+                    let n = UnitNames::of(slice, name.as_str());
+                    match e.kind {
+                        WorkloadKind::Shell => Some(n.service),
+                        WorkloadKind::Pod => Some(n.slice),
+                        WorkloadKind::K8s => None,
+                    }
+                });
                 WorkloadInfo {
                     name: name.to_string(),
                     kind: e.kind.name().into(),
@@ -39,12 +51,14 @@ impl<E: Effects> Controller<E> {
                     priority: e.spec.as_ref().map_or(0, |s| s.priority),
                     limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
                     usage: e.usage.clone(),
-                    cgroup: (e.kind != crate::workload::WorkloadKind::K8s)
+                    cgroup: (e.kind != WorkloadKind::K8s)
                         .then(|| e.cgroup.display_path().display().to_string()),
                     notice: e.notice.clone(),
-                    log: (e.kind == crate::workload::WorkloadKind::Shell)
+                    // Under systemd a shell workload's output is in the journal (its unit).
+                    log: (e.kind == WorkloadKind::Shell && unit.is_none())
                         .then(|| st.workloads.store().log_path(name).display().to_string()),
                     uid: e.uid,
+                    unit,
                 }
             })
             .collect();
@@ -71,6 +85,7 @@ impl<E: Effects> Controller<E> {
                 notice: None,
                 log: None,
                 uid: None,
+                unit: None,
             });
         }
         Snapshot {
@@ -78,8 +93,10 @@ impl<E: Effects> Controller<E> {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
                 uptime_seconds: st.started.elapsed().as_secs(),
-                cgroup_layout: st.hierarchy_info.0.clone(),
-                cgroup_base: st.hierarchy_info.1.clone(),
+                cgroup_layout: st.hierarchy_info.layout.clone(),
+                cgroup_base: st.hierarchy_info.base.clone(),
+                cgroup_driver: st.hierarchy_info.driver.into(),
+                systemd_slice: st.hierarchy_info.slice.clone(),
                 state_dir: st.settings.state_dir.display().to_string(),
                 desired_state: st
                     .settings

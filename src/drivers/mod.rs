@@ -134,6 +134,10 @@ impl Driver for AnyDriver {
 pub struct DriverSettings {
     pub state_dir: PathBuf,
     pub layout: Layout,
+    /// The systemd cgroup driver's slices; `None`: the cgroupfs driver.
+    pub systemd: Option<crate::cgroup::systemd::SliceTree>,
+    /// STOP_TIMEOUT: how long a stopped unit gets between SIGTERM and SIGKILL.
+    pub stop_timeout: Duration,
     pub rootless_user: Option<String>,
     pub xdg_runtime_dir: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
@@ -149,10 +153,12 @@ pub struct Drivers {
 impl Drivers {
     pub fn new(s: &DriverSettings) -> Drivers {
         Drivers {
-            shell: AnyDriver::Shell(shell::ShellDriver::new()),
+            shell: AnyDriver::Shell(shell::ShellDriver::new(s.systemd.clone(), s.stop_timeout)),
             pod: AnyDriver::Pod(podman::PodDriver::new(podman::PodmanSettings {
                 state_dir: s.state_dir.clone(),
                 layout: s.layout.clone(),
+                systemd: s.systemd.clone(),
+                stop_timeout: s.stop_timeout,
                 rootless_user: s.rootless_user.clone(),
                 xdg_runtime_dir: s.xdg_runtime_dir.clone(),
             })),

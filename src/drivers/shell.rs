@@ -5,13 +5,14 @@
 
 use std::ffi::CString;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User};
 
 use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
+use crate::cgroup::systemd::SliceTree;
 use crate::cgroup::CgroupError;
 use crate::store::WorkloadRecord;
 
@@ -31,9 +32,16 @@ pub enum ShellError {
     NotShell,
 }
 
-/// The shell driver (no settings of its own yet).
-#[derive(Debug, Default)]
-pub struct ShellDriver {}
+/// The shell driver: the agent forks the workload into its cgroup (cgroupfs driver), or
+/// systemd starts it as a transient service in the workload's slice (systemd driver,
+/// `drivers::systemd`).
+#[derive(Debug)]
+pub struct ShellDriver {
+    systemd: Option<SliceTree>,
+    stop_timeout: Duration,
+    /// The agent's binary (`exec-as` for services that run as a uid of their own).
+    exe: PathBuf,
+}
 
 struct Identity {
     uid: Uid,
@@ -73,14 +81,21 @@ fn dynamic(uid: u32) -> Identity {
 }
 
 impl ShellDriver {
-    pub fn new() -> ShellDriver {
-        ShellDriver {}
+    pub fn new(systemd: Option<SliceTree>, stop_timeout: Duration) -> ShellDriver {
+        ShellDriver {
+            systemd,
+            stop_timeout,
+            exe: std::env::current_exe().unwrap_or_else(|_| "/usr/bin/device-worker-ng".into()),
+        }
     }
 }
 
 impl Driver for ShellDriver {
     /// Prepares the cgroup (limits applied, leftovers killed) and starts the process in it.
     fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        if let Some(tree) = &self.systemd {
+            return super::systemd::start(tree, run, self.stop_timeout, &self.exe);
+        }
         let (spec, cgroup, log_path) = (run.spec, run.cgroup, run.log);
         let shell = spec.shell.as_ref().ok_or(ShellError::NotShell)?;
         cgroup.create()?;
@@ -150,10 +165,16 @@ impl Driver for ShellDriver {
     }
 
     fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        if let Some(tree) = &self.systemd {
+            return super::systemd::stop(tree, at, grace);
+        }
         Ok(at.cgroup.stop_all(grace)?)
     }
 
     fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        if let Some(tree) = &self.systemd {
+            return super::systemd::cleanup(tree, at, self.stop_timeout);
+        }
         Ok(at.cgroup.remove()?)
     }
 
@@ -161,6 +182,9 @@ impl Driver for ShellDriver {
     /// It is no child of this agent: its exit status cannot be known, only that it ended
     /// (and, from the cgroup's counter, whether the kernel OOM-killed it).
     fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started> {
+        if let Some(tree) = &self.systemd {
+            return super::systemd::adopt(tree, at, record);
+        }
         let pid = record.pid?;
         let ticks = record.pid_start_ticks;
         if !super::process::is_same_process(pid, ticks)

@@ -33,6 +33,12 @@ pub struct AgentInfo {
     pub uptime_seconds: u64,
     pub cgroup_layout: String,
     pub cgroup_base: String,
+    /// Who makes the workloads' cgroups: `systemd` (units) or `cgroupfs` (the agent).
+    #[serde(default = "cgroupfs")]
+    pub cgroup_driver: String,
+    /// The systemd driver's slice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_slice: Option<String>,
     pub state_dir: String,
     pub desired_state: Option<String>,
     pub server: Option<String>,
@@ -129,6 +135,10 @@ pub struct WorkloadInfo {
     /// The uid its processes run as (a uid of its own unless its spec names a user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// The systemd unit that holds it (systemd driver): a shell workload's service, a pod's
+    /// slice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,6 +148,10 @@ pub struct TransitionInfo {
     pub from: String,
     pub to: String,
     pub reason: String,
+}
+
+fn cgroupfs() -> String {
+    "cgroupfs".into()
 }
 
 /// `HH:MM:SS` UTC of a unix time (no time-zone database on small devices).
@@ -198,13 +212,14 @@ impl Snapshot {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "device-worker-ng {}  pid {}  up {}  rss {}  cgroup {} ({})",
+            "device-worker-ng {}  pid {}  up {}  rss {}  cgroup {}, driver {} ({})",
             a.version,
             a.pid,
             duration(a.uptime_seconds),
             opt_bytes(a.rss_bytes),
             a.cgroup_layout,
-            a.cgroup_base
+            a.cgroup_driver,
+            a.systemd_slice.as_deref().unwrap_or(&a.cgroup_base)
         );
         let source = match (&a.server, &a.desired_state) {
             (Some(s), _) => format!("server {s}"),
@@ -288,13 +303,20 @@ impl Snapshot {
                     ]
                 })
                 .collect();
-            out.push_str(&table(
-                &[
-                    "WORKLOAD", "KIND", "STATE", "PID", "RESTARTS", "OOM", "MEMORY", "CPU", "PIDS",
-                    "REASON",
-                ],
-                &rows,
-            ));
+            let mut header = vec![
+                "WORKLOAD", "KIND", "STATE", "PID", "RESTARTS", "OOM", "MEMORY", "CPU", "PIDS",
+                "REASON",
+            ];
+            // The systemd driver's units, before the (long) reason.
+            let units = self.workloads.iter().any(|w| w.unit.is_some());
+            let mut rows = rows;
+            if units {
+                header.insert(9, "UNIT");
+                for (r, w) in rows.iter_mut().zip(&self.workloads) {
+                    r.insert(9, w.unit.clone().unwrap_or_else(|| "-".into()));
+                }
+            }
+            out.push_str(&table(&header, &rows));
         }
         if !self.transitions.is_empty() {
             out.push_str("\nrecent transitions (UTC)\n");

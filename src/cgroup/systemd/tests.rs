@@ -160,7 +160,6 @@ fn ticker() -> ServiceUnit {
         argv: vec!["/bin/sh".into(), "-c".into(), "sleep 1".into()],
         env: vec!["PATH=/usr/bin:/bin".into(), "WORKLOAD_NAME=ticker".into()],
         user: Some("nobody".into()),
-        group: None,
         working_dir: None,
         limits: Limits {
             memory_bytes: Some(16 << 20),

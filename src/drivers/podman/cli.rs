@@ -72,6 +72,9 @@ impl RootlessUser {
 #[derive(Debug, Clone, Default)]
 pub struct Podman {
     pub user: Option<RootlessUser>,
+    /// `--cgroup-manager=` on every call (`systemd` under the systemd cgroup driver, whatever
+    /// containers.conf says); `None`: podman's configured default.
+    pub cgroup_manager: Option<&'static str>,
 }
 
 /// What a podman call printed.
@@ -83,12 +86,24 @@ pub struct Output {
 
 impl Podman {
     pub fn rootful() -> Self {
-        Podman { user: None }
+        Podman {
+            user: None,
+            cgroup_manager: None,
+        }
     }
 
     pub fn rootless(user: RootlessUser) -> Result<Self, PodmanError> {
         user.ensure_runtime_dir()?;
-        Ok(Podman { user: Some(user) })
+        Ok(Podman {
+            user: Some(user),
+            cgroup_manager: None,
+        })
+    }
+
+    /// This podman with `--cgroup-manager=<manager>` on every call.
+    pub fn with_cgroup_manager(mut self, manager: Option<&'static str>) -> Self {
+        self.cgroup_manager = manager;
+        self
     }
 
     pub fn is_rootless(&self) -> bool {
@@ -112,6 +127,9 @@ impl Podman {
     ) -> Result<Output, PodmanError> {
         let shown = || format!("podman {}", args.join(" "));
         let mut cmd = Command::new("podman");
+        if let Some(m) = self.cgroup_manager {
+            cmd.arg(format!("--cgroup-manager={m}"));
+        }
         cmd.args(args)
             .env_clear()
             .env("PATH", PATH)

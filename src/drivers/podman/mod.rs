@@ -34,6 +34,7 @@ use nix::sys::signal::Signal;
 pub use cli::{Podman, RootlessUser};
 
 use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
+use crate::cgroup::systemd::SliceTree;
 use crate::cgroup::{CgroupError, Layout, WorkloadCgroup};
 use crate::store::WorkloadRecord;
 use crate::workload::{DesiredSecret, WorkloadName, WorkloadSpec};
@@ -70,6 +71,13 @@ pub struct PodmanSettings {
     pub rootless_user: Option<String>,
     /// XDG_RUNTIME_DIR of that user; default `/run/user/<uid>`.
     pub xdg_runtime_dir: Option<PathBuf>,
+    /// The systemd cgroup driver's slices (`None`: cgroupfs). Under systemd, podman runs with
+    /// its systemd cgroup manager: a rootful pod's slice goes below the workload's slice; a
+    /// rootless pod lives in its user's own systemd instance, which enforces its limits on
+    /// cgroup v2 (delegated memory, cpu and pids).
+    pub systemd: Option<SliceTree>,
+    /// How long systemd gives a removed workload's processes between SIGTERM and SIGKILL.
+    pub stop_timeout: Duration,
 }
 
 /// The pod driver.
@@ -126,10 +134,17 @@ impl PodDriver {
         self.settings.state_dir.join("pods").join(name.as_str())
     }
 
+    /// `--cgroup-manager` for podman: systemd's under the systemd driver; under cgroupfs,
+    /// what containers.conf says (as before there were two drivers).
+    fn cgroup_manager(&self) -> Option<&'static str> {
+        self.settings.systemd.as_ref().map(|_| "systemd")
+    }
+
     /// The podman that holds (or will hold) a workload's pod.
     fn podman_for(&self, rootless: bool) -> Result<Podman, PodmanError> {
+        let manager = self.cgroup_manager();
         if !rootless {
-            return Ok(Podman::rootful());
+            return Ok(Podman::rootful().with_cgroup_manager(manager));
         }
         let s = &self.settings;
         let user = s.rootless_user.as_deref().ok_or_else(|| {
@@ -137,7 +152,10 @@ impl PodDriver {
                 "the workload asks for rootless podman, but ROOTLESS_USER is not configured".into(),
             )
         })?;
-        Podman::rootless(RootlessUser::resolve(user, s.xdg_runtime_dir.clone())?)
+        Ok(
+            Podman::rootless(RootlessUser::resolve(user, s.xdg_runtime_dir.clone())?)?
+                .with_cgroup_manager(manager),
+        )
     }
 
     /// The podman of an existing workload (its rootless marker, written at start).
@@ -147,7 +165,7 @@ impl PodDriver {
                 return p;
             }
         }
-        Podman::rootful()
+        Podman::rootful().with_cgroup_manager(self.cgroup_manager())
     }
 
     /// Makes the desired state's secrets exist as podman secrets, as listed (a pod reads
@@ -174,9 +192,18 @@ impl PodDriver {
 
         // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
         remove_pods(&podman, name);
-        cgroup.create()?;
-        self.prune_children(cgroup)?;
-        cgroup.apply(&spec.limits)?;
+        match &self.settings.systemd {
+            // systemd makes and limits the workload's slice; podman's units below it are
+            // podman's to remove (remove_pods).
+            Some(tree) => tree
+                .prepare(name.as_str(), &spec.limits)
+                .map_err(CgroupError::from)?,
+            None => {
+                cgroup.create()?;
+                self.prune_children(cgroup)?;
+                cgroup.apply(&spec.limits)?;
+            }
+        }
         let oom_kills_at_start = cgroup.oom_kills();
 
         let dir = self.pod_dir(name);
@@ -205,6 +232,9 @@ impl PodDriver {
 
         let layout = &self.settings.layout;
         let mut notice = None;
+        // A rootless pod under systemd is its user's systemd's: kube play does not join the
+        // workload's cgroup (a cgroup of the system's manager the user cannot use).
+        let join = self.settings.systemd.is_none().then_some(cgroup);
         let result = if podman.is_rootless() {
             let mut manifest = pod.manifest.clone();
             if !matches!(layout, Layout::Unified { .. }) {
@@ -219,23 +249,24 @@ impl PodDriver {
             play.push("-".into());
             let args: Vec<&str> = play.iter().map(String::as_str).collect();
             podman
-                .run_with(
-                    &args,
-                    Some(manifest.as_bytes()),
-                    Some(cgroup),
-                    cli::PLAY_TIMEOUT,
-                )
+                .run_with(&args, Some(manifest.as_bytes()), join, cli::PLAY_TIMEOUT)
                 .map(|_| ())
         } else {
-            play_under(
-                &podman,
-                &mut play,
-                name.as_str(),
-                &pod.manifest,
-                &pod.containers,
-                cgroup,
-                layout,
-            )
+            let parent = match &self.settings.systemd {
+                // podman's systemd manager takes a slice: the pod's slice goes below it.
+                Some(tree) => Ok(tree.names(name.as_str()).slice),
+                None => cgroup_parent(cgroup, layout).map(|p| p.display().to_string()),
+            };
+            parent.and_then(|parent| {
+                play_under(
+                    &podman,
+                    &mut play,
+                    name.as_str(),
+                    &pod.manifest,
+                    &pod.containers,
+                    &parent,
+                )
+            })
         };
         if let Err(e) = result {
             remove_pods(&podman, name);
@@ -270,7 +301,7 @@ impl PodDriver {
                     .unwrap_or_default()
             ),
         );
-        let oom = OomWatch::start(cgroup);
+        let oom = self.oom_watch(&podman, cgroup, pids[0].0);
         Ok(Started {
             pid: Some(pids[0].0),
             start_ticks: pids[0].1,
@@ -358,6 +389,17 @@ impl PodDriver {
         Ok(())
     }
 
+    /// How a run's OOM kills are seen: in the workload's cgroup, or, for a rootless pod under
+    /// systemd, in the pod's own cgroup in its user's tree (found from a container's pid).
+    fn oom_watch(&self, podman: &Podman, cgroup: &WorkloadCgroup, pid: i32) -> OomWatch {
+        if podman.is_rootless() && self.settings.systemd.is_some() {
+            if let Some(events) = pod_memory_events(pid) {
+                return OomWatch::of_file(events);
+            }
+        }
+        OomWatch::start(cgroup)
+    }
+
     fn remove_in_other_hierarchies(&self, cgroup: &WorkloadCgroup) {
         for dir in self.everywhere(cgroup) {
             if dir.is_dir() {
@@ -382,7 +424,9 @@ impl Driver for PodDriver {
         if let Err(e) = podman.run(&["pod", "stop", "--ignore", "-t", &secs, at.name.as_str()]) {
             tracing::warn!(workload = %at.name, "podman pod stop: {e}");
         }
-        if at.cgroup.exists() {
+        // cgroupfs: what podman left in the workload's cgroup. Under systemd the slice has
+        // no processes of its own: podman's scopes below it stopped with the pod.
+        if self.settings.systemd.is_none() && at.cgroup.exists() {
             at.cgroup.stop_all(grace)?;
         }
         Ok(())
@@ -393,9 +437,16 @@ impl Driver for PodDriver {
     fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
         let podman = self.podman_of(&at.name);
         remove_pods(&podman, &at.name);
-        self.prune_children(&at.cgroup)?;
-        at.cgroup.remove()?;
-        self.remove_in_other_hierarchies(&at.cgroup);
+        match &self.settings.systemd {
+            Some(tree) => tree
+                .remove(at.name.as_str(), self.settings.stop_timeout)
+                .map_err(CgroupError::from)?,
+            None => {
+                self.prune_children(&at.cgroup)?;
+                at.cgroup.remove()?;
+                self.remove_in_other_hierarchies(&at.cgroup);
+            }
+        }
         let dir = self.pod_dir(&at.name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
@@ -412,14 +463,18 @@ impl Driver for PodDriver {
             .iter()
             .filter_map(|(_, pid)| {
                 let ticks = super::process::start_ticks(*pid)?;
-                self.in_subtree(&at.cgroup, *pid).then_some((*pid, ticks))
+                // A rootless pod under systemd lives in its user's systemd instance, not
+                // below the workload's slice: its user's podman and the label vouch for it.
+                let ours = (podman.is_rootless() && self.settings.systemd.is_some())
+                    || self.in_subtree(&at.cgroup, *pid);
+                ours.then_some((*pid, ticks))
             })
             .collect();
         if pids.is_empty() || pids.len() != containers.len() {
             return None;
         }
         let names: Vec<String> = containers.into_iter().map(|(n, _)| n).collect();
-        let oom = OomWatch::start(&at.cgroup);
+        let oom = self.oom_watch(&podman, &at.cgroup, pids[0].0);
         Some(Started {
             pid: Some(pids[0].0),
             start_ticks: pids[0].1,
@@ -473,16 +528,43 @@ fn exit_of(podman: &Podman, container: &str) -> RunEnd {
 /// container's cgroup, which podman deletes right after the container exits, so the count
 /// is sampled while the pod runs (v2 counts descendants in the workload's own memory.events).
 struct OomWatch {
-    cgroup: WorkloadCgroup,
+    counted: OomCount,
     baseline: u64,
     done: Arc<AtomicBool>,
     seen: Arc<AtomicBool>,
 }
 
+/// Where a pod's OOM kills are counted.
+enum OomCount {
+    Cgroup(WorkloadCgroup),
+    /// A cgroup v2 `memory.events` outside the agent's cgroups (a rootless pod's, under its
+    /// user's systemd): read only.
+    Events(PathBuf),
+}
+
+impl OomCount {
+    fn read(&self) -> u64 {
+        match self {
+            OomCount::Cgroup(cg) => subtree_oom_kills(cg),
+            OomCount::Events(f) => crate::cgroup::read_keyed(f, "oom_kill").unwrap_or(0),
+        }
+    }
+}
+
 impl OomWatch {
+    fn of_file(events: PathBuf) -> OomWatch {
+        let counted = OomCount::Events(events);
+        OomWatch {
+            baseline: counted.read(),
+            counted,
+            done: Arc::new(AtomicBool::new(false)),
+            seen: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     fn start(cgroup: &WorkloadCgroup) -> OomWatch {
         let w = OomWatch {
-            cgroup: cgroup.clone(),
+            counted: OomCount::Cgroup(cgroup.clone()),
             baseline: subtree_oom_kills(cgroup),
             done: Arc::new(AtomicBool::new(false)),
             seen: Arc::new(AtomicBool::new(false)),
@@ -509,19 +591,39 @@ impl OomWatch {
     /// Whether the run was OOM-killed; ends the watch.
     fn finish(&self) -> bool {
         self.done.store(true, SeqCst);
-        self.seen.load(SeqCst) || subtree_oom_kills(&self.cgroup) > self.baseline
+        self.seen.load(SeqCst) || self.counted.read() > self.baseline
     }
 }
 
-/// The rootful path: play stopped under a staging name, clone under the workload cgroup.
+/// The `memory.events` of the pod slice a (rootless, systemd-managed) container's process is
+/// in: `/proc/PID/cgroup` names `.../<x>-libpod_pod_<id>.slice/libpod-<id>.scope/...`. v2
+/// counts its containers' OOM kills there, and it stays while the pod exists.
+fn pod_memory_events(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut pod = PathBuf::from("/sys/fs/cgroup");
+    for part in path.trim_start_matches('/').split('/') {
+        // the path comes from the kernel, but no component may climb out of cgroupfs
+        if part.is_empty() || part == "." || part == ".." {
+            return None;
+        }
+        pod.push(part);
+        if part.contains("libpod_pod_") && part.ends_with(".slice") {
+            return Some(pod.join("memory.events"));
+        }
+    }
+    None
+}
+
+/// The rootful path: play stopped under a staging name, clone under `parent` (the workload
+/// cgroup's path for podman's cgroupfs manager, the workload's slice for its systemd one).
 fn play_under(
     podman: &Podman,
     play: &mut Vec<String>,
     name: &str,
     manifest: &str,
     containers: &[String],
-    cgroup: &WorkloadCgroup,
-    layout: &Layout,
+    parent: &str,
 ) -> Result<(), PodmanError> {
     let staging = staging_name(name);
     let staged = stage_manifest(manifest, name, &staging);
@@ -529,12 +631,11 @@ fn play_under(
     play.push("-".into());
     let args: Vec<&str> = play.iter().map(String::as_str).collect();
     podman.run_with(&args, Some(staged.as_bytes()), None, cli::PLAY_TIMEOUT)?;
-    let parent = cgroup_parent(cgroup, layout)?;
     podman.run(&[
         "pod",
         "clone",
         "--destroy",
-        &format!("--cgroup-parent={}", parent.display()),
+        &format!("--cgroup-parent={parent}"),
         "--name",
         name,
         &staging,
