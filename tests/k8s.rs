@@ -506,6 +506,7 @@ fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
         restarts: 0,
         oom_kills_at_start: 0,
         uid: None,
+        restart: None,
         cgroup: None,
     };
     let adopted = d.adopt(&at, &record).expect("its Deployment is adopted");

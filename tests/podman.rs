@@ -269,6 +269,7 @@ fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
         restarts: 0,
         oom_kills_at_start: 0,
         uid: None,
+        restart: None,
         cgroup: None,
     };
     let adopted = driver()

@@ -635,6 +635,7 @@ impl Workloads {
             restarts: e.machine.inner().restarts,
             oom_kills_at_start: e.oom_baseline,
             uid: e.uid,
+            restart: e.spec.as_ref().map(|s| s.restart),
             cgroup: serde_json::to_value(&e.cgroup).ok(),
         })
     }
@@ -719,11 +720,10 @@ impl Workloads {
             return;
         };
         let spec = self.desired.as_ref().and_then(|d| d.get(name)).cloned();
-        let (restart, backoff) = spec
-            .as_ref()
-            .map_or((Default::default(), BackoffPolicy::default()), |s| {
-                (s.restart, s.backoff)
-            });
+        let (restart, backoff) = spec.as_ref().map_or(
+            (rec.restart.unwrap_or_default(), BackoffPolicy::default()),
+            |s| (s.restart, s.backoff),
+        );
         let mut shared = WorkloadMachine::new(restart, backoff);
         shared.restarts = rec.restarts;
         let mut out = Context::default();

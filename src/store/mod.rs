@@ -124,6 +124,11 @@ pub struct WorkloadRecord {
     /// The uid the workload's processes run as (allocated from WORKLOAD_UID_RANGE).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The run's restart policy: a run adopted before the desired state is read again may
+    /// turn out to have ended meanwhile (systemd knows), and must not be restarted against
+    /// its policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::workload::RestartPolicy>,
     /// Where the workload's cgroup was, for people reading the file; checked on load, never
     /// used to find the cgroup (that comes from the name alone).
     #[serde(default)]
@@ -447,6 +452,7 @@ mod tests {
 
     fn record(n: &str) -> WorkloadRecord {
         WorkloadRecord {
+            restart: None,
             name: name(n),
             kind: WorkloadKind::Shell,
             fingerprint: "f".into(),
