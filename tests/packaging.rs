@@ -13,7 +13,9 @@
 //!   errors (warnings are printed).
 //! * `deb_installs_and_runs_in_systemd_guest`: `tests/vm/systemd/guest.sh` boots Debian 12 +
 //!   systemd 252 (cgroup v2) under qemu TCG, installs the .deb with dpkg and runs
-//!   `tests/vm/systemd/probe` (~2-3 min with a cached rootfs; DWNG_SKIP_VM=1 skips it).
+//!   `tests/vm/systemd/probe`: the package's lifecycle and the systemd cgroup driver's
+//!   scenario (shell and pod workloads as units, OOM, restart, upgrade, a run that ended
+//!   while the agent was down, a rootless pod, removal) in one boot (DWNG_SKIP_VM=1 skips it).
 //!
 //! A test whose tools (or root) are missing shows as ignored, with what it needs (CI installs
 //! it: .ci/run).
@@ -108,16 +110,25 @@ const GUEST_PASSES: &[&str] = &[
     "PASS active:",
     "PASS notify:",
     "PASS status:",
-    "PASS agent_cgroup:",
+    "PASS systemd_driver:",
     "PASS user_and_state:",
     "PASS bad_config_no_restart:",
+    "PASS journal_priorities:",
     "PASS recovered_after_fix:",
-    "PASS ticker_running:",
-    "PASS hog_oom_killed:",
+    "PASS ticker_unit:",
+    "PASS web_unit:",
+    "PASS slice_budget:",
+    "PASS status_units:",
+    "PASS journal_output:",
+    "PASS hog_oom_restarted:",
+    "PASS rootless_oom:",
     "PASS service_survives_oom:",
-    "PASS restart_keeps_workload:",
-    "PASS upgrade_keeps_workload:",
+    "PASS restart_keeps_workloads:",
+    "PASS ended_while_away:",
+    "PASS upgrade_keeps_workloads:",
     "PASS conffile_kept:",
+    "PASS removal_leaves_nothing:",
+    "PASS no_root_cgroup:",
     "PASS remove:",
     "PASS purge:",
 ];

@@ -1,6 +1,7 @@
 # device-worker-ng %preun ($1: 0 = erase, 1+ = upgrade). On erase: stop and disable the
-# service, then stop the workloads it leaves running (KillMode=process), since nothing would
-# manage them any more. Upgrades do not stop anything.
+# service, then stop the workloads it leaves running (systemd units of their own, or
+# KillMode=process under the cgroupfs driver), since nothing would manage them any more.
+# Upgrades do not stop anything.
 if [ "$1" -eq 0 ]; then
     cg=
     if [ -d /run/systemd/system ]; then

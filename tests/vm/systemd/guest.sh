@@ -23,7 +23,7 @@
 # Environment:
 #   CACHE=/var/tmp/dwng-systemd-rootfs-*  debootstrap cache
 #   MIRROR=...        Debian mirror (default: the one this machine's apt uses)
-#   TIMEOUT=420       seconds before qemu is killed
+#   TIMEOUT=1200      seconds before qemu is killed
 #   MEM=1024 SMP=2    guest memory (MiB) and vCPUs
 #   KERNEL=...        kernel image (default: newest /boot/vmlinuz-*-amd64, with its initrd)
 #   EXTRA_DROPIN=F    install F as a drop-in for device-worker-ng.service (experiments)
@@ -46,7 +46,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # kmod and iptables for the kernel modules podman's network and storage load.
 PACKAGES=systemd,systemd-sysv,dbus,procps,jq,podman,containernetworking-plugins,crun,catatonit,uidmap,slirp4netns,dbus-user-session,libpam-systemd,busybox-static,kmod,iptables
 CACHE=${CACHE:-/var/tmp/dwng-systemd-rootfs-$(echo "$PACKAGES" | md5sum | cut -c1-8)}
-TIMEOUT=${TIMEOUT:-420}
+TIMEOUT=${TIMEOUT:-1200}
 MEM=${MEM:-1024}
 SMP=${SMP:-2}
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot)"
@@ -100,11 +100,12 @@ trap 'exit 130' INT TERM
 R=$WORK/root
 cp -a "$CACHE" "$R"
 gcc -O2 -static -o "$R/usr/local/bin/hog" "$HERE/../hog.c" || die "cannot build hog.c (static libc: libc6-dev)"
-# The kernel modules podman needs (overlay storage, bridge/veth networks, netfilter), from the
+# The kernel modules podman needs (overlay storage, bridge/veth networks, netfilter, tun for a
+# rootless pod's slirp4netns), from the
 # host's copy of the guest kernel's modules: the root file system has none of its own.
 KVER=${KERNEL#/boot/vmlinuz-}
 if [ -d "/lib/modules/$KVER/kernel" ]; then
-    for m in kernel/net kernel/lib kernel/fs/overlayfs kernel/drivers/net/veth.ko; do
+    for m in kernel/net kernel/lib kernel/fs/overlayfs kernel/drivers/net/veth.ko kernel/drivers/net/tun.ko; do
         [ -e "/lib/modules/$KVER/$m" ] || continue
         mkdir -p "$R/lib/modules/$KVER/$(dirname "$m")"
         cp -a "/lib/modules/$KVER/$m" "$R/lib/modules/$KVER/$(dirname "$m")/"
@@ -129,6 +130,7 @@ install -m 644 "$HERE/desired.yaml" "$R/etc/dwng-probe/desired.yaml"
 cat > "$R/etc/dwng-probe/probe.conf" <<'EOF'
 [Service]
 Environment=EDGE_DEVICE_DESIRED_STATE=/etc/dwng-probe/desired.yaml
+Environment=EDGE_DEVICE_ROOTLESS_USER=dwngrl
 EOF
 cat > "$R/etc/systemd/system/dwng-probe.service" <<'EOF'
 [Unit]
