@@ -325,7 +325,7 @@ fn status_table_and_json_from_a_running_agent() {
 /// SIGTERM is removed, then desired again while its stop still waits for the grace time.
 fn a_workload_desired_again_during_its_stop_runs_again() {
     let stubborn = shell("stubborn", "trap '' TERM; while :; do sleep 1; done", "");
-    let mut a = Agent::new(BIN, &desired(&[stubborn.clone()]));
+    let mut a = Agent::new(BIN, &desired(std::slice::from_ref(&stubborn)));
     a.start();
     let s = a.wait_for("stubborn running", Duration::from_secs(10), |s| {
         Agent::workload(s, "stubborn").is_some_and(|w| w.state == "running")
