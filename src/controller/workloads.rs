@@ -36,6 +36,23 @@ use crate::workload::{
     WorkloadName, WorkloadSpec,
 };
 
+/// A run's main process: its pid, and its start time in clock ticks since boot, which with
+/// the pid names one process for good (a recycled pid has another start time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MainProcess {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl MainProcess {
+    fn of(s: &Started) -> Option<MainProcess> {
+        s.pid.map(|pid| MainProcess {
+            pid,
+            start_ticks: s.start_ticks,
+        })
+    }
+}
+
 /// Everything the controller holds for one actual workload.
 pub struct Entry {
     /// The spec it runs (or will run); `None` for a run adopted while no valid desired state
@@ -51,8 +68,8 @@ pub struct Entry {
     pub run: Generation,
     retry: Generation,
     cron: Generation,
-    /// Main process (pid, start ticks) of the current run.
-    pub process: Option<(i32, u64)>,
+    /// Main process of the current run.
+    pub process: Option<MainProcess>,
     pub started_at: Option<Instant>,
     started_unix: u64,
     pub oom_baseline: u64,
@@ -619,7 +636,7 @@ impl Workloads {
         let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        e.process = s.pid.map(|p| (p, s.start_ticks));
+        e.process = MainProcess::of(&s);
         e.oom_baseline = s.oom_kills_at_start;
         e.started_unix = unix_now();
         if s.notice != e.notice {
@@ -657,8 +674,8 @@ impl Workloads {
             name: name.clone(),
             kind: e.kind.clone(),
             fingerprint: e.fingerprint.clone(),
-            pid: e.process.map(|p| p.0),
-            pid_start_ticks: e.process.map_or(0, |p| p.1),
+            pid: e.process.map(|p| p.pid),
+            pid_start_ticks: e.process.map_or(0, |p| p.start_ticks),
             started_at_unix: e.started_unix,
             restarts: e.machine.inner().restarts,
             oom_kills_at_start: e.oom_baseline,
@@ -767,7 +784,7 @@ impl Workloads {
             rec.uid,
         );
         let gen = entry.run.bump();
-        entry.process = s.pid.map(|p| (p, s.start_ticks));
+        entry.process = MainProcess::of(&s);
         entry.started_at = Some(Instant::now());
         entry.started_unix = rec.started_at_unix;
         entry.oom_baseline = rec.oom_kills_at_start;
