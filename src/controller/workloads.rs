@@ -727,7 +727,7 @@ impl Workloads {
         let mut shared = WorkloadMachine::new(restart, backoff);
         shared.restarts = rec.restarts;
         let mut out = Context::default();
-        let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
+        let machine = workload::machine_in(shared, State::adopted(s.pid), &mut out);
         self.seq += 1;
         let mut run = Generation::default();
         let gen = run.bump();
@@ -756,12 +756,13 @@ impl Workloads {
             uid: rec.uid,
             adopted: true,
         };
+        let adopted_as = entry.machine.state().name();
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),
             &crate::machines::Transition {
                 from: "-",
-                to: "running",
+                to: adopted_as,
                 reason: match s.pid {
                     Some(pid) => format!("adopted pid {pid}"),
                     None => "adopted its Deployment".into(),
