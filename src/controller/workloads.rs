@@ -231,6 +231,12 @@ impl Workloads {
         self.rejected = rejected;
 
         let first = self.desired.is_none();
+        let k8s: Vec<(String, String)> = new
+            .values()
+            .filter(|s| s.kind == WorkloadKind::K8s)
+            .filter_map(|s| Some((s.name.to_string(), s.pod.as_ref()?.manifest.clone())))
+            .collect();
+        cx.fx.run(Effect::PruneK8s(k8s));
         let old = self.desired.replace(new);
         let new = self
             .desired
