@@ -194,6 +194,8 @@ impl Workloads {
                 cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
             }
         }
+        // The desired order is the order of arrival (older first among equal priorities).
+        let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
         // A workload whose new spec is refused keeps running the last good one.
@@ -238,16 +240,17 @@ impl Workloads {
             .collect();
         cx.fx.run(Effect::PruneK8s(k8s));
         let old = self.desired.replace(new);
-        let new = self
-            .desired
+        let desired = self.desired.as_ref();
+        let gone = old
             .as_ref()
-            .map(|d| d.keys())
+            .map(|o| {
+                o.keys()
+                    .filter(|n| !desired.is_some_and(|d| d.contains_key(*n)))
+            })
             .into_iter()
             .flatten();
-        let old_names = old.as_ref().map(|d| d.keys()).into_iter().flatten();
-        let names: BTreeSet<&WorkloadName> = new.chain(old_names).collect();
-        let desired = self.desired.as_ref();
-        for name in names {
+        // (A refused name is never among the valid ones: `order` and `refused` are disjoint.)
+        for name in order.iter().chain(refused.iter()).chain(gone) {
             let before = old.as_ref().and_then(|d| d.get(name));
             let after = desired.and_then(|d| d.get(name));
             let same = match (before, after) {
