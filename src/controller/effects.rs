@@ -145,9 +145,9 @@ pub enum Effect {
     Sample(Vec<Target>),
     /// sd_notify (READY, STATUS, WATCHDOG).
     Notify(String),
-    /// A desired state was applied: tell the k8s driver its k8s workloads (name, rendered
-    /// manifest) at once, then prune the cluster of what no desired workload explains (on
-    /// the cluster lane).
+    /// The desired k8s workloads (name, rendered manifest) changed, or the first desired
+    /// state was applied: tell the k8s driver at once, then prune the cluster of what no
+    /// desired workload explains (on the cluster lane).
     PruneK8s(Vec<(String, String)>),
 }
 

@@ -122,6 +122,8 @@ pub struct Workloads {
     store: Store,
     stop_timeout: Duration,
     uids: Option<(u32, u32)>,
+    /// The desired k8s workloads (name, manifest) last given to the k8s driver.
+    k8s_desired: Option<Vec<(String, String)>>,
 }
 
 impl Workloads {
@@ -138,6 +140,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            k8s_desired: None,
         }
     }
 
@@ -238,7 +241,12 @@ impl Workloads {
             .filter(|s| s.kind == WorkloadKind::K8s)
             .filter_map(|s| Some((s.name.to_string(), s.pod.as_ref()?.manifest.clone())))
             .collect();
-        cx.fx.run(Effect::PruneK8s(k8s));
+        // The cluster is pruned at the first desired state and whenever its k8s workloads
+        // change; the same ones again ask nothing of it.
+        if self.k8s_desired.as_ref() != Some(&k8s) {
+            self.k8s_desired = Some(k8s.clone());
+            cx.fx.run(Effect::PruneK8s(k8s));
+        }
         let old = self.desired.replace(new);
         let desired = self.desired.as_ref();
         let gone = old

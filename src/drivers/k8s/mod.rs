@@ -19,9 +19,9 @@
 //! **Removal and pruning.** Only objects that carry our label are changed or deleted.
 //! ConfigMaps and Secrets may be shared by several workloads, so they are garbage collected
 //! by reference: after each apply and each removal, every one of ours that no Deployment of
-//! ours in its namespace refers to is deleted. After each applied desired state the
-//! controller asks for [`K8sDriver::prune`]: Deployments of ours that no desired workload
-//! explains (left by an agent that lost its state) are deleted.
+//! ours in its namespace refers to is deleted. At the first desired state and whenever its
+//! k8s workloads change, the controller asks for [`K8sDriver::prune`]: Deployments of ours
+//! that no desired workload explains (left by an agent that lost its state) are deleted.
 //!
 //! **Runs.** There is no local process (`Started.pid` is `None`): the run is the Deployment's
 //! pod. `start` applies and returns at once; the run is then watched by polling (every
