@@ -557,7 +557,8 @@ impl K8sDriver {
                     .iter()
                     .map(termination_grace)
                     .fold(pod_grace, Duration::max);
-                if started.elapsed() >= pod_grace + grace {
+                // Both come from outside (the pod's spec, the API's answer): no overflow.
+                if started.elapsed() >= pod_grace.saturating_add(grace) {
                     for p in pods {
                         if let Some(pn) = p["metadata"]["name"].as_str() {
                             tracing::warn!(workload = %name, "pod {ns}/{pn} is still there {:?} after its grace period: deleting it with grace 0 (its node does not confirm)", grace);
