@@ -924,4 +924,9 @@ fn bodies_and_codes_match_the_real_server() {
     assert_eq!(code, 415);
     assert_eq!(v["message"], "415: Unsupported Media Type");
     assert_eq!(v["details"], json!({}));
+    // Pretty-printed for curl, compact for the agent.
+    let (_, curl) = fake.call_as("curl/7.88.1", None, "GET", DEPLOY, None, b"");
+    assert!(curl.contains("\n  \"kind\": \"DeploymentList\""), "{curl}");
+    let (_, agent) = fake.call_as("device-worker-ng/0.1.0", None, "GET", DEPLOY, None, b"");
+    assert!(agent.starts_with("{\"") && !agent.contains('\n'), "{agent}");
 }

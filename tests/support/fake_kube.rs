@@ -21,6 +21,7 @@
 //!   (Ready=False when the node stops), the garbage collector.
 //! - Asynchronous deletion: unbound pods vanish, bound ones are Terminating until the kubelet
 //!   confirms or a force delete; DELETE of a pod answers the Pod, of anything else a `Status`.
+//! - JSON pretty-printed for curl's user agent, compact for everyone else.
 //!
 //! Not implemented: watches, strategic-merge and JSON patches (`415`), most of validation
 //! beyond what a workload's objects meet, Services and everything else.
@@ -519,8 +520,9 @@ impl FakeKube {
         );
     }
 
-    /// One raw request, as the admin (`token: None`, the client certificate) or with a token.
-    /// Returns the status and the JSON body (`Null` when it is not JSON).
+    /// One raw request as curl sends it, as the admin (`token: None`, the client
+    /// certificate) or with a token. Returns the status and the JSON body (`Null` when it is
+    /// not JSON).
     pub fn call(
         &self,
         token: Option<&str>,
@@ -529,6 +531,27 @@ impl FakeKube {
         content_type: Option<&str>,
         body: &[u8],
     ) -> (u16, Value) {
+        let (status, text) = self.call_as(
+            "curl/7.88.1",
+            token,
+            method,
+            path_and_query,
+            content_type,
+            body,
+        );
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// One raw request with the given User-Agent; the status and the body as sent.
+    pub fn call_as(
+        &self,
+        user_agent: &str,
+        token: Option<&str>,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> (u16, String) {
         let provider = https::tls_provider();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
@@ -558,7 +581,7 @@ impl FakeKube {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         let mut head = format!(
-            "{method} {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: curl/7.88.1\r\nAccept: application/json\r\nContent-Length: {}\r\n",
+            "{method} {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: {user_agent}\r\nAccept: application/json\r\nContent-Length: {}\r\n",
             body.len()
         );
         if let Some(t) = token {
@@ -582,7 +605,7 @@ impl FakeKube {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        (status, body.to_string())
     }
 
     pub fn stop(mut self) {
@@ -793,7 +816,17 @@ fn handle(shared: &Shared, client: &Client<'_>, http: &Request) -> Option<Respon
         status: answer.as_ref().map_or(0, |a| a.0),
     });
     // The real server pretty-prints for curl only; the agent gets compact JSON.
-    answer.map(|(code, body)| Response::json(code, &body))
+    let curl = http
+        .header("user-agent")
+        .is_some_and(|u| u.starts_with("curl/"));
+    answer.map(|(code, body)| {
+        if curl {
+            let text = serde_json::to_vec_pretty(&body).unwrap_or_default();
+            Response::new(code).with_body("application/json", text)
+        } else {
+            Response::json(code, &body)
+        }
+    })
 }
 
 fn respond(
