@@ -166,6 +166,10 @@ pub enum Effect {
     Sample(Vec<Target>),
     /// sd_notify (READY, STATUS, WATCHDOG).
     Notify(String),
+    /// The desired k8s workloads (name, rendered manifest) changed, or the first desired
+    /// state was applied: tell the k8s driver at once, then prune the cluster of what no
+    /// desired workload explains (on the cluster lane).
+    PruneK8s(Vec<(String, String)>),
 }
 
 /// The world as the controller sees it.
@@ -226,6 +230,8 @@ pub struct RealEffects {
     watches: HashMap<WorkloadName, smol::Task<()>>,
     store_lane: Lane,
     session_lane: Lane,
+    /// Work on the Kubernetes cluster as a whole (pruning).
+    cluster_lane: Lane,
     sampler: Option<Sender<Vec<Target>>>,
 }
 
@@ -247,6 +253,7 @@ impl RealEffects {
             watches: HashMap::new(),
             store_lane: Lane::new(),
             session_lane: Lane::new(),
+            cluster_lane: Lane::new(),
             sampler,
         }
     }
@@ -432,6 +439,28 @@ impl Effects for RealEffects {
                 }
             }
             Effect::Notify(state) => crate::notify::notify(&state),
+            Effect::PruneK8s(desired) => {
+                let Some(k8s) = self.drivers.k8s() else {
+                    return;
+                };
+                // Before any start of this desired state is queued: a prune still queued
+                // from an earlier one never deletes what this one wants.
+                k8s.desire(desired);
+                let drivers = self.drivers.clone();
+                self.cluster_lane.push(Box::new(move || {
+                    let Some(k8s) = drivers.k8s() else { return };
+                    match k8s.prune() {
+                        Ok(removed) if !removed.is_empty() => {
+                            tracing::info!(
+                                "pruned Deployments no workload wants: {}",
+                                removed.join(", ")
+                            )
+                        }
+                        Ok(_) | Err(crate::drivers::k8s::K8sError::NotConfigured) => {}
+                        Err(e) => tracing::warn!("pruning the Kubernetes cluster: {e}"),
+                    }
+                }));
+            }
         }
     }
 }

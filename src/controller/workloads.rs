@@ -176,6 +176,8 @@ pub struct Workloads {
     store: Store,
     stop_timeout: Duration,
     uids: Option<(u32, u32)>,
+    /// The desired k8s workloads (name, manifest) last given to the k8s driver.
+    k8s_desired: Option<Vec<(String, String)>>,
 }
 
 impl Workloads {
@@ -192,6 +194,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            k8s_desired: None,
         }
     }
 
@@ -287,6 +290,17 @@ impl Workloads {
         self.rejected = rejected;
 
         let first = self.desired.is_none();
+        let k8s: Vec<(String, String)> = new
+            .values()
+            .filter(|s| s.kind == WorkloadKind::K8s)
+            .filter_map(|s| Some((s.name.to_string(), s.pod.as_ref()?.manifest.clone())))
+            .collect();
+        // The cluster is pruned at the first desired state and whenever its k8s workloads
+        // change; the same ones again ask nothing of it.
+        if self.k8s_desired.as_ref() != Some(&k8s) {
+            self.k8s_desired = Some(k8s.clone());
+            cx.fx.run(Effect::PruneK8s(k8s));
+        }
         let old = self.desired.replace(new);
         let desired = self.desired.as_ref();
         let gone = old
@@ -772,7 +786,7 @@ impl Workloads {
         let mut shared = WorkloadMachine::new(restart, backoff);
         shared.restarts = rec.restarts;
         let mut out = Context::default();
-        let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
+        let machine = workload::machine_in(shared, State::adopted(s.pid), &mut out);
         self.seq += 1;
         let mut entry = Entry::new(
             spec.filter(|sp| sp.fingerprint == rec.fingerprint),
@@ -789,12 +803,13 @@ impl Workloads {
         entry.started_unix = rec.started_at_unix;
         entry.oom_baseline = rec.oom_kills_at_start;
         entry.adopted = true;
+        let adopted_as = entry.machine.state().name();
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),
             &crate::machines::Transition {
                 from: "-",
-                to: "running",
+                to: adopted_as,
                 reason: match s.pid {
                     Some(pid) => format!("adopted pid {pid}"),
                     None => "adopted its Deployment".into(),

@@ -18,6 +18,12 @@ use crate::workload::{DesiredSecret, WORKLOAD_LABEL};
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "device-worker-ng";
 
+/// `progressDeadlineSeconds` of every Deployment. Kubernetes' default (600 s) marks a rollout
+/// failed when an image pull over a slow edge link takes more than 10 minutes; the agent
+/// treats the condition as a reason, never as a crash, so the deadline only decides when
+/// `status` starts saying the rollout is stalled: after an hour without progress.
+pub const PROGRESS_DEADLINE_SECONDS: u32 = 3600;
+
 /// Label selector of everything the agent owns.
 pub fn owned_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
@@ -70,6 +76,7 @@ pub fn render(
         .cloned()
         .unwrap_or_default();
     let mut spec = pod["spec"].as_object().cloned().unwrap_or_default();
+    requests_within_limits(&Value::Object(spec.clone()))?;
     // A Deployment's pods restart Always (the only policy it accepts); the kubelet restarts
     // a crashed container and the agent sees it through the pod's status.
     spec.insert("restartPolicy".into(), "Always".into());
@@ -103,6 +110,7 @@ pub fn render(
         "spec": {
             "replicas": 1,
             "revisionHistoryLimit": 2,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
             // One replica on one node: the old pod goes before the new one starts, so a
             // hostPort is never held twice and the device never runs both.
             "strategy": { "type": "Recreate" },
@@ -186,6 +194,45 @@ pub fn render(
         );
     }
     Ok(out)
+}
+
+/// Kubernetes refuses a container whose request of a resource exceeds its limit (422, after
+/// the ConfigMaps would have been applied): refused here, with the field, before anything is.
+fn requests_within_limits(pod_spec: &Value) -> Result<(), (String, String)> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for key in ["initContainers", "containers"] {
+        for (i, c) in pod_spec[key].as_array().into_iter().flatten().enumerate() {
+            let limits = &c["resources"]["limits"];
+            for (name, req) in c["resources"]["requests"].as_object().into_iter().flatten() {
+                let Some(lim) = limits.get(name) else {
+                    continue;
+                };
+                let parse = |q: &str| match name.as_str() {
+                    "cpu" => crate::units::parse_cpu(q).ok(),
+                    n if n == "memory"
+                        || n == "ephemeral-storage"
+                        || n.starts_with("hugepages-") =>
+                    {
+                        crate::units::parse_memory(q).ok()
+                    }
+                    _ => None,
+                };
+                let (r, l) = (text(req), text(lim));
+                if let (Some(rv), Some(lv)) = (parse(&r), parse(&l)) {
+                    if rv > lv {
+                        return Err((
+                            format!("specification.{key}[{i}].resources.requests.{name}"),
+                            format!("{r} is more than its limit {l} (Kubernetes refuses a request above the limit)"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn first_document(text: &str) -> Result<Value, String> {
@@ -382,6 +429,43 @@ mod tests {
         assert!(refs.configmaps.contains("web-config"));
         assert!(refs.secrets.contains("db"));
         assert!(refs.secrets.contains("web-registry-auth"));
+    }
+
+    #[test]
+    fn a_request_above_its_limit_is_refused_before_anything_is_applied() {
+        let pod = |res: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: a\n    image: x\n  - name: b\n    image: y\n    resources: {res}\n")
+        };
+        let e = render(
+            &pod("{limits: {memory: 64Mi, cpu: 250m}, requests: {memory: 128Mi}}"),
+            "edge",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "specification.containers[1].resources.requests.memory");
+        assert!(e.1.contains("128Mi is more than its limit 64Mi"), "{}", e.1);
+        let e = render(
+            &pod("{limits: {cpu: 0.5}, requests: {cpu: 600m}}"),
+            "edge",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "specification.containers[1].resources.requests.cpu");
+        assert!(render(
+            &pod("{limits: {cpu: 500m, memory: 1Gi}, requests: {cpu: 0.5, memory: 1024Mi}}"),
+            "edge",
+            &[],
+            None
+        )
+        .is_ok());
+        let m = render(&pod("{}"), "edge", &[], None).unwrap();
+        let d = WorkloadObjects::parse(&m).unwrap().deployment.body;
+        assert_eq!(
+            d["spec"]["progressDeadlineSeconds"],
+            PROGRESS_DEADLINE_SECONDS
+        );
     }
 
     #[test]
