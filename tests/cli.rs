@@ -39,10 +39,27 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 fn version() {
     let (code, out, _) = run(&["--version"], &[]);
     assert_eq!(code, 0);
-    assert_eq!(
-        out.trim(),
-        format!("device-worker-ng {}", env!("CARGO_PKG_VERSION"))
-    );
+    // Built from a git checkout (as the tests are): the commit is part of the version.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = match head {
+        Some(c) => format!(
+            "device-worker-ng {} (commit {c})",
+            env!("CARGO_PKG_VERSION")
+        ),
+        None => format!("device-worker-ng {}", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(out.trim(), want);
+    // --help points to documentation the package installs, not to the README.
+    let (code, out, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("man device-worker-ng"), "{out}");
+    assert!(!out.contains("README"), "{out}");
 }
 
 fn configuration_errors_exit_78_with_one_line() {
@@ -93,7 +110,19 @@ fn status_without_an_agent_says_so() {
     let (code, out, err) = run(&["status", "--socket", sock.to_str().unwrap()], &[]);
     assert_eq!(code, 3);
     assert!(out.is_empty());
-    assert!(err.contains("not running"), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "device-worker-ng: not running: nothing answers on {} (no such file or directory)",
+            sock.display()
+        )
+    );
     let env = [("EDGE_DEVICE_CONTROL_SOCKET", sock.to_str().unwrap())];
     assert_eq!(run(&["status", "--json"], &env).0, 3);
+    // The health check says the same with its exit status, and nothing with --quiet.
+    let (code, out, err) = run(&["check"], &env);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("not running"), "{err}");
+    let (code, out, err) = run(&["check", "--quiet"], &env);
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "", ""));
 }

@@ -501,6 +501,8 @@ impl SessionPart {
             last_contact_unix: m.last_contact.as_ref().map(|(at, _)| instant_to_unix(*at)),
             last_answer: m.last_contact.as_ref().map(|(_, what)| what.clone()),
             failures: m.failures,
+            last_failure: m.last_failure.as_ref().map(|(_, what)| what.clone()),
+            last_failure_unix: m.last_failure.as_ref().map(|(at, _)| instant_to_unix(*at)),
             next_attempt: self
                 .next_attempt
                 .map(|(t, at)| (format!("{t:?}").to_lowercase(), at)),
