@@ -429,8 +429,11 @@ impl SessionPart {
         };
         match s.identity.load()? {
             LoadedIdentity::None => {
-                // Enrolment needs the bootstrap pair: check it now, with a clear error.
-                TlsMaterial::from_paths(&s.bootstrap)?;
+                // Enrolment needs the bootstrap pair: what can never work stops the agent
+                // now with its reason, instead of failing every enrolment with a TLS error.
+                for w in crate::flotta::client::check_bootstrap(&s.bootstrap)? {
+                    warn!("{w}");
+                }
             }
             LoadedIdentity::Current(pair) => s.use_identity(pair)?,
             LoadedIdentity::Unproven { current, .. } => {

@@ -93,6 +93,116 @@ impl TlsMaterial {
     }
 }
 
+/// Checks the bootstrap identity (CA_ROOT, CERT, KEY) before it is first used, so that what
+/// can never work stops the agent with its reason (exit 78) instead of failing every
+/// enrolment attempt with a TLS error. `Ok` carries what may still work out: validity
+/// periods, since a device may boot with a wrong clock and set it later.
+pub fn check_bootstrap(paths: &TlsPaths) -> Result<Vec<String>, ClientError> {
+    let tls = TlsMaterial::from_paths(paths)?;
+    let cert_path = paths.cert.display();
+    let bad = |what: &'static str, reason: String| ClientError::Config { what, reason };
+    let info = super::identity::CertificateInfo::from_pem(&tls.cert_pem).map_err(|e| {
+        bad(
+            "CERT",
+            format!("{cert_path} is not a PEM certificate ({e}): use the bootstrap certificate of your Flotta server's CA"),
+        )
+    })?;
+    if info.version != 3 {
+        return Err(bad(
+            "CERT",
+            format!(
+                "{cert_path} is an X.509 v{} certificate, which TLS refuses (plain `openssl x509 -req` makes v1): re-issue it as v3, e.g. with `-extfile` naming extendedKeyUsage=clientAuth",
+                info.version
+            ),
+        ));
+    }
+    let provider = tls13_only_provider();
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| {
+        bad(
+            "KEY",
+            format!(
+                "{} holds no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}",
+                paths.key.display()
+            ),
+        )
+    })?;
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
+        bad(
+            "KEY",
+            format!("{}: unsupported key: {e}", paths.key.display()),
+        )
+    })?;
+    if let Some(spki) = signing.public_key() {
+        if spki.as_ref() != info.public_key_der.as_slice() {
+            return Err(bad(
+                "KEY",
+                format!(
+                    "{} is not the key of {cert_path}: use the key the certificate was issued for",
+                    paths.key.display()
+                ),
+            ));
+        }
+    }
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            bad(
+                "CA_ROOT",
+                format!("{} is not PEM: {e}", paths.ca_root.display()),
+            )
+        })?;
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots);
+    if added == 0 {
+        return Err(bad(
+            "CA_ROOT",
+            format!("{} holds no usable CA certificate", paths.ca_root.display()),
+        ));
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+            .build()
+            .map_err(|e| bad("CA_ROOT", e.to_string()))?;
+    let mut chain = CertificateDer::pem_slice_iter(&tls.cert_pem).flatten();
+    let Some(end_entity) = chain.next() else {
+        return Err(bad("CERT", format!("{cert_path}: no CERTIFICATE block")));
+    };
+    let intermediates: Vec<CertificateDer<'static>> = chain.collect();
+    let mut warnings = Vec::new();
+    if let Err(e) = verifier.verify_client_cert(
+        &end_entity,
+        &intermediates,
+        rustls_pki_types::UnixTime::now(),
+    ) {
+        use rustls::CertificateError as C;
+        match e {
+            rustls::Error::InvalidCertificate(
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+            ) => warnings.push(format!(
+                "the bootstrap certificate {cert_path} is not valid now ({e}): enrolment fails until the clock or the certificate is fixed"
+            )),
+            rustls::Error::InvalidCertificate(
+                C::UnknownIssuer | C::BadSignature,
+            ) => {
+                return Err(bad(
+                    "CERT",
+                    format!(
+                        "{cert_path} is not signed by CA_ROOT {}: use the bootstrap certificate of the CA that signs the server",
+                        paths.ca_root.display()
+                    ),
+                ))
+            }
+            other => {
+                return Err(bad(
+                    "CERT",
+                    format!("{cert_path} cannot be used as a TLS client certificate: {other}"),
+                ))
+            }
+        }
+    }
+    Ok(warnings)
+}
+
 /// Outcome of `enrolment` (§2.4.1): 200 while the EDSR waits for approval,
 /// 208 once the EdgeDevice exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -232,6 +232,8 @@ pub struct CertificateInfo {
     pub not_after: SystemTime,
     /// DER SubjectPublicKeyInfo.
     pub public_key_der: Vec<u8>,
+    /// X.509 version (1 or 3): TLS stacks refuse v1, which plain `openssl x509 -req` makes.
+    pub version: u8,
 }
 
 impl CertificateInfo {
@@ -303,6 +305,7 @@ mod der {
     const SEQUENCE: u8 = 0x30;
     const SET: u8 = 0x31;
     const OID: u8 = 0x06;
+    const INTEGER: u8 = 0x02;
     const UTC_TIME: u8 = 0x17;
     const GENERALIZED_TIME: u8 = 0x18;
     const CONTEXT_0: u8 = 0xa0;
@@ -375,8 +378,15 @@ mod der {
         let cert = Reader::new(der).expect(SEQUENCE, "Certificate")?;
         let tbs = Reader::new(cert.content).expect(SEQUENCE, "TBSCertificate")?;
         let mut r = Reader::new(tbs.content);
+        // `[0] EXPLICIT Version DEFAULT v1`: absent means v1; the INTEGER is the version - 1.
+        let mut version = 1;
         if r.peek_tag() == Some(CONTEXT_0) {
-            r.next()?; // version
+            let v = r.next()?;
+            let int = Reader::new(v.content).expect(INTEGER, "version")?;
+            version = match int.content {
+                [n @ 0..=2] => n + 1,
+                _ => return Err("unknown certificate version".into()),
+            };
         }
         r.next()?; // serialNumber
         r.expect(SEQUENCE, "signature")?;
@@ -396,6 +406,7 @@ mod der {
             not_before,
             not_after,
             public_key_der: spki.raw.to_vec(),
+            version,
         };
         let mut rdns = Reader::new(subject.content);
         while !rdns.is_empty() {
@@ -849,6 +860,7 @@ mod tests {
         assert!(!info.needs_renewal(now, 0.75));
         assert!(info.needs_renewal(now + Duration::from_secs(23 * 86_400), 0.75));
         assert!(!info.is_registration_cert());
+        assert_eq!(info.version, 3);
         assert!(CertificateInfo::from_pem(b"junk").is_err());
     }
 
