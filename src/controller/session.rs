@@ -392,6 +392,8 @@ impl SessionPart {
             connect_timeout: settings.server_timeout,
             request_timeout: settings.server_timeout,
             max_body_bytes: settings.max_message_size,
+            proxy: settings.https_proxy.clone(),
+            no_proxy: settings.no_proxy.clone(),
             ..ClientOptions::default()
         };
         let machine = session::new_machine(SessionMachine {

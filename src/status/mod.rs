@@ -42,6 +42,9 @@ pub struct AgentInfo {
     pub longest_handler_ms: f64,
     #[serde(default)]
     pub longest_handler_event: String,
+    /// Workloads evicted since start (over budget, or a profile no longer holding).
+    #[serde(default)]
+    pub evictions_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -417,7 +420,7 @@ impl Snapshot {
         }
         let _ = writeln!(
             out,
-            "budget   memory {} used of {} ({} total - {} reserved)   cpu {}m used of {}m ({}m - {}m)",
+            "budget   memory {} used of {} ({} total - {} reserved)\n         cpu {}m used of {}m ({}m - {}m)",
             Bytes(b.memory_used_bytes),
             Bytes(b.memory_budget_bytes),
             Bytes(b.memory_total_bytes),

@@ -14,6 +14,7 @@ fn snapshot(state: &str, problems: &[&str], server: Option<ServerInfo>) -> Snaps
             rss_bytes: None,
             longest_handler_ms: 0.25,
             longest_handler_event: "status".into(),
+            evictions_total: 0,
         },
         device: DeviceInfo {
             state: state.into(),
