@@ -50,7 +50,9 @@ fn main() {
         let comp_dir = profile_dir.join("completions");
         let _ = fs::create_dir_all(&man_dir);
         let _ = fs::create_dir_all(&comp_dir);
-        write_if_changed(&man_dir.join("device-worker-ng.8"), man.as_bytes());
+        let page = man_dir.join("device-worker-ng.8");
+        write_if_changed(&page, man.as_bytes());
+        gzip(&page);
         for f in fs::read_dir(&comp).expect("read completions").flatten() {
             if let Ok(bytes) = fs::read(f.path()) {
                 write_if_changed(&comp_dir.join(f.file_name()), &bytes);
@@ -95,6 +97,26 @@ fn abs(base: &str, p: &str) -> PathBuf {
         p.to_path_buf()
     } else {
         Path::new(base).join(p)
+    }
+}
+
+/// `PAGE.gz` beside `page`, as Debian policy wants man pages (`gzip -9n`: no name or time
+/// stamp, so the bytes are reproducible). gzip is part of every build host's base system.
+fn gzip(page: &Path) {
+    let out = Command::new("gzip")
+        .args(["-9n", "--stdout"])
+        .arg(page)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            write_if_changed(&page.with_extension("8.gz"), &o.stdout);
+        }
+        Ok(o) => println!(
+            "cargo:warning=gzip {}: {}",
+            page.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => println!("cargo:warning=no gzip for the man page: {e}"),
     }
 }
 

@@ -89,6 +89,22 @@ fn client(a: &Agent, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The greenboot script both packages install, run against the test's agent.
+fn greenboot(a: &Agent, wait_secs: u32) -> (i32, String) {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/greenboot/40-device-worker-ng.sh");
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let o = Command::new("sh")
+        .arg(script)
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
+        .env("EDGE_DEVICE_CONTROL_SOCKET", a.socket())
+        .env("DEVICE_WORKER_NG_GREENBOOT_WAIT", wait_secs.to_string())
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
 /// `check`'s exit status and line.
 fn check(a: &Agent) -> (i32, String) {
     let o = client(a, &["check"]);
@@ -257,6 +273,10 @@ fn status_and_check_in_each_serverless_state() {
     let status = text(&client(&a, &["status"]));
     assert!(status.contains("problems 1\n  - "), "{status}");
     assert!(status.contains("desired"), "{status}");
+    // A degraded device is no reason for greenboot to roll an OS update back.
+    let (code, out) = greenboot(&a, 5);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no reason to roll back"), "{out}");
 
     // reconciling
     a.set_desired(TICKER);
@@ -266,6 +286,8 @@ fn status_and_check_in_each_serverless_state() {
     let (code, line) = check(&a);
     assert_eq!(code, 0, "{line}");
     assert!(line.starts_with("healthy: device reconciling"), "{line}");
+    let (code, out) = greenboot(&a, 5);
+    assert_eq!(code, 0, "{out}");
     let status = text(&client(&a, &["status"]));
     assert!(!status.contains("problems"), "{status}");
 
@@ -297,10 +319,13 @@ fn status_and_check_in_each_serverless_state() {
     assert!(!err.contains("not running"), "{err}");
     assert_eq!(err.matches("device-worker-ng").count(), 1, "{err}");
 
-    // not running
+    // not running: greenboot's check fails once its wait is over.
     a.terminate();
     let (code, line) = check(&a);
     assert_eq!(code, 3, "{line}");
+    let (code, out) = greenboot(&a, 1);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no healthy agent after 1s"), "{out}");
 }
 
 fn config(workloads: &[(&str, &str)]) -> DeviceConfigurationMessage {
