@@ -221,24 +221,23 @@ impl Health {
     }
 }
 
-/// `HH:MM:SS` UTC of a unix time (no time-zone database on small devices).
+/// `HH:MM:SS` UTC of a unix time.
 pub fn clock(unix: u64) -> String {
-    let s = unix % 86400;
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    crate::clock::time_of_day(unix)
 }
 
 /// `2026-12-24 18:00 UTC` of a unix time.
 pub fn date(unix: i64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp(unix) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-            t.year(),
-            t.month() as u8,
-            t.day(),
-            t.hour(),
-            t.minute()
-        ),
-        Err(_) => format!("unix time {unix}"),
+    match crate::clock::civil_from_days(unix.div_euclid(86_400)) {
+        Some((y, m, d)) => {
+            let s = unix.rem_euclid(86_400);
+            format!(
+                "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+                s / 3600,
+                s / 60 % 60
+            )
+        }
+        None => format!("unix time {unix}"),
     }
 }
 
