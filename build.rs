@@ -157,11 +157,17 @@ fn man_page(cmd: &clap::Command) -> String {
     let mut page = String::from_utf8(buf).expect("clap_mangen writes UTF-8");
     // Inline, not clap_mangen's references to one page per subcommand (none is installed).
     page.push_str(".SH COMMANDS\n");
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    // Hidden subcommands and options (internal modes) stay out of the page, as out of --help.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
         let mut synopsis = format!("\\fBdevice\\-worker\\-ng {}\\fR", roff(sub.get_name()));
         let own: Vec<&clap::Arg> = sub
             .get_arguments()
-            .filter(|a| !a.is_global_set() && a.get_long().is_some_and(|l| l != "help"))
+            .filter(|a| {
+                !a.is_global_set() && !a.is_hide_set() && a.get_long().is_some_and(|l| l != "help")
+            })
             .collect();
         for a in &own {
             let long = a.get_long().unwrap_or_default();
