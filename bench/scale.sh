@@ -81,12 +81,19 @@ for n in 10 100 1000; do
   stop_agent
 done
 
-start_agent 256
-desired 10000 > "$WORK/next.yaml"
-bytes=$(stat -c %s "$WORK/next.yaml")
-t0=$(now_ms); write_desired "$WORK/next.yaml"
-refused=$(wait_for "$t0" "[.device.problems[] | select(test(\"past MAX_WORKLOADS\"))] | length == 1" 120)
-printf '%-44s %9s ms %12s %26s\n' "10000 in one file ($((bytes / 1024)) KiB), 9744 refused" "$refused" "-" "$(longest)"
-up=$(wait_for "$(now_ms)" "[.workloads[] | select(.state == \"running\")] | length == 256" 300)
-printf '%-44s %9s ms %12s %26s\n' "  ... and the first 256 running (after)" "$up" "-" "$(longest)"
-stop_agent
+# 10 000 workloads, as YAML and as JSON (the shape of a server message).
+json() { # n
+  jq -n --argjson n "$1" '{workloads: [range(1; $n + 1) | {name: "w\(.)", kind: "shell",
+    specification: "command: [/bin/sleep, \"100000\"]\nuser: root\n"}]}'
+}
+for format in yaml json; do
+  start_agent 256
+  if [ "$format" = yaml ]; then desired 10000 > "$WORK/next.yaml"; else json 10000 > "$WORK/next.yaml"; fi
+  bytes=$(stat -c %s "$WORK/next.yaml")
+  t0=$(now_ms); write_desired "$WORK/next.yaml"
+  refused=$(wait_for "$t0" "[.device.problems[] | select(test(\"past MAX_WORKLOADS\"))] | length == 1" 120)
+  printf '%-44s %9s ms %12s %26s\n' "10000 in one $format file ($((bytes / 1024)) KiB), 9744 refused" "$refused" "-" "$(longest)"
+  up=$(wait_for "$(now_ms)" "[.workloads[] | select(.state == \"running\")] | length == 256" 300)
+  printf '%-44s %9s ms %12s %26s\n' "  ... and the first 256 running (after)" "$up" "-" "$(longest)"
+  stop_agent
+done

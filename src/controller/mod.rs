@@ -273,6 +273,8 @@ pub struct State {
     sample_gen: Generation,
     started: Instant,
     hierarchy_info: (String, String),
+    /// How many workloads there were when freed memory was last given back to the system.
+    peak_since_trim: usize,
 }
 
 /// What the controller is built from.
@@ -310,6 +312,7 @@ impl<E: Effects> Controller<E> {
                 sample_gen: Generation::default(),
                 started: Instant::now(),
                 hierarchy_info,
+                peak_since_trim: 0,
                 settings,
                 inputs,
             },
@@ -606,11 +609,27 @@ impl State {
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
+        self.give_back_memory();
         if let Some(p) = pressure {
             cx.push(Internal::Device(match p {
                 crate::budget::Pressure::Exceeded(reason) => DeviceEvent::BudgetExceeded { reason },
                 crate::budget::Pressure::Recovered => DeviceEvent::BudgetRecovered,
             }));
+        }
+    }
+
+    /// After many workloads are gone, hands the freed heap back to the system (glibc keeps
+    /// it otherwise, and the agent's RSS would stay at its high-water mark).
+    fn give_back_memory(&mut self) {
+        let n = self.workloads.entries().len();
+        self.peak_since_trim = self.peak_since_trim.max(n);
+        if self.peak_since_trim >= n + 16 {
+            self.peak_since_trim = n;
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+            unsafe {
+                nix::libc::malloc_trim(0);
+            }
         }
     }
 
