@@ -55,20 +55,8 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         // Read by the blocking pool on first use; set before any thread exists.
         std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
     }
-    let hierarchy = hierarchy(&settings)?;
-    info!(
-        layout = hierarchy.layout.name(),
-        base = %hierarchy.base_display().display(),
-        "cgroup hierarchy ready"
-    );
     let store = Store::open(&settings.state_dir)?;
-    let drivers = Arc::new(Drivers::new(&DriverSettings {
-        state_dir: settings.state_dir.clone(),
-        layout: hierarchy.layout.clone(),
-        rootless_user: settings.rootless_user.clone(),
-        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
-        kubeconfig: settings.kubeconfig.clone(),
-    }));
+    // The identity first: one that can never work stops the agent before it touches cgroups.
     let session = match &settings.server {
         Some(url) => {
             let s = SessionPart::open(&settings, url, &store)
@@ -78,6 +66,19 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let hierarchy = hierarchy(&settings)?;
+    info!(
+        layout = hierarchy.layout.name(),
+        base = %hierarchy.base_display().display(),
+        "cgroup hierarchy ready"
+    );
+    let drivers = Arc::new(Drivers::new(&DriverSettings {
+        state_dir: settings.state_dir.clone(),
+        layout: hierarchy.layout.clone(),
+        rootless_user: settings.rootless_user.clone(),
+        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
+        kubeconfig: settings.kubeconfig.clone(),
+    }));
     let expected = {
         let h = hierarchy.clone();
         move |n: &crate::workload::WorkloadName| {

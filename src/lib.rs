@@ -17,6 +17,7 @@ pub mod drivers;
 pub mod flotta;
 pub mod logging;
 pub mod machines;
+pub mod metrics;
 pub mod mountinfo;
 pub mod notify;
 pub mod profiles;

@@ -79,6 +79,11 @@ pub enum Write {
     CapWorkloads(Limits),
     /// Make the desired state's secrets podman secrets (pods read them at creation).
     SyncSecrets(Arc<Vec<DesiredSecret>>),
+    /// METRICS_TEXTFILE, rendered from the snapshot (off the controller task).
+    Metrics {
+        path: PathBuf,
+        snapshot: Box<crate::status::Snapshot>,
+    },
 }
 
 /// What a finished write was about: enough to act on its result, without carrying (and
@@ -115,12 +120,16 @@ impl Write {
             Write::ForgetServerState => "forgetting the server state".into(),
             Write::CapWorkloads(_) => "the cap on all workloads".into(),
             Write::SyncSecrets(_) => "the podman secrets".into(),
+            Write::Metrics { path, .. } => format!("METRICS_TEXTFILE {}", path.display()),
         }
     }
 
     /// Writes to STATE_DIR (their failure is a storage problem).
     pub fn is_state_dir(&self) -> bool {
-        !matches!(self, Write::CapWorkloads(_) | Write::SyncSecrets(_))
+        !matches!(
+            self,
+            Write::CapWorkloads(_) | Write::SyncSecrets(_) | Write::Metrics { .. }
+        )
     }
 }
 
@@ -355,6 +364,13 @@ impl RealEffects {
                     Some(p) => p.sync_secrets(s).map_err(|e| e.to_string()),
                     None => Ok(()),
                 },
+                // Readable by the collector, which need not run as root.
+                Write::Metrics { path, snapshot } => crate::store::write_atomic(
+                    path,
+                    crate::metrics::render(snapshot).as_bytes(),
+                    0o644,
+                )
+                .map_err(|e| e.to_string()),
             };
             let _ = tx.send_blocking(Event::Persisted {
                 written: Box::new(w.written()),

@@ -220,6 +220,8 @@ pub struct History {
     pub transitions: VecDeque<TransitionInfo>,
     /// The longest single event handling since start, and its event kind.
     pub longest_handler: (Duration, &'static str),
+    /// Workload transitions into `evicted` since start (for the metrics).
+    pub evictions: u64,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -227,6 +229,9 @@ const MAX_TRANSITIONS: usize = 100;
 impl History {
     pub fn record(&mut self, machine: &str, t: &Transition) {
         info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
+        if t.to == "evicted" && machine.starts_with("workload/") {
+            self.evictions += 1;
+        }
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }
@@ -249,6 +254,9 @@ pub struct Controller<E: Effects> {
     queue: VecDeque<Internal>,
     history: History,
     admission_due: bool,
+    /// When METRICS_TEXTFILE was last written (at most once per SAMPLE_INTERVAL, also while
+    /// the sampler runs faster near the budget).
+    metrics_written: Option<Instant>,
 }
 
 /// The parts and what the loop keeps besides them.
@@ -311,6 +319,7 @@ impl<E: Effects> Controller<E> {
             queue: VecDeque::new(),
             history: History::default(),
             admission_due: false,
+            metrics_written: None,
         }
     }
 
@@ -420,7 +429,10 @@ impl<E: Effects> Controller<E> {
                     self.fx.run(Effect::Sample(targets));
                 }
             }
-            Event::Sampled(report) => self.dispatch(|st, cx| st.on_sampled(*report, cx)),
+            Event::Sampled(report) => {
+                self.dispatch(|st, cx| st.on_sampled(*report, cx));
+                self.write_metrics();
+            }
             Event::Run { name, gen, outcome } => {
                 self.dispatch(|st, cx| st.workloads.on_run(&name, gen, outcome, cx))
             }
@@ -450,6 +462,23 @@ impl<E: Effects> Controller<E> {
             }
         }
         true
+    }
+
+    /// Hands the metrics to the store lane, which renders and writes them (METRICS_TEXTFILE).
+    fn write_metrics(&mut self) {
+        let Some(path) = self.st.settings.metrics_textfile.clone() else {
+            return;
+        };
+        let due = self
+            .metrics_written
+            .map_or(true, |t| t.elapsed() >= self.st.settings.sample_interval);
+        if !due {
+            return;
+        }
+        self.metrics_written = Some(Instant::now());
+        let snapshot = Box::new(self.snapshot());
+        self.fx
+            .run(Effect::Persist(Box::new(Write::Metrics { path, snapshot })));
     }
 
     /// Runs the loop until shutdown.
