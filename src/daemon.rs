@@ -30,11 +30,6 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// Threads of smol's blocking pool (driver calls, store writes, server requests): bounded,
-/// so a burst of workload starts queues instead of spawning a thread each. Idle threads
-/// leave after a moment.
-const BLOCKING_THREADS: usize = 8;
-
 /// Detects the cgroup layout and prepares the agent's subtree.
 ///
 /// On cgroup v2 the workloads live in a top-level subtree (`/sys/fs/cgroup/<CGROUP_ROOT>`),
@@ -51,10 +46,6 @@ pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> 
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
-    if std::env::var_os("BLOCKING_MAX_THREADS").is_none() {
-        // Read by the blocking pool on first use; set before any thread exists.
-        std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
-    }
     let store = Store::open(&settings.state_dir)?;
     // The identity first: one that can never work stops the agent before it touches cgroups.
     let session = match &settings.server {

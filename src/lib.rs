@@ -20,6 +20,7 @@ pub mod machines;
 pub mod metrics;
 pub mod mountinfo;
 pub mod notify;
+pub mod pool;
 pub mod profiles;
 pub mod sampler;
 pub mod status;

@@ -54,23 +54,31 @@ fn one(v: f64) -> Vec<(String, f64)> {
 /// The text-format file for `snap`.
 pub fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
+    device_families(&mut out, snap);
+    workload_families(&mut out, snap);
+    server_families(&mut out, snap);
+    out
+}
+
+/// The agent, device and budget families.
+fn device_families(out: &mut String, snap: &Snapshot) {
     let a = &snap.agent;
     family(
-        &mut out,
+        out,
         "info",
         "gauge",
         "The agent's version (always 1).",
         &[(format!("version=\"{}\"", label(&a.version)), 1.0)],
     );
     family(
-        &mut out,
+        out,
         "agent_resident_memory_bytes",
         "gauge",
         "Resident memory of the agent process.",
         &a.rss_bytes.map(|b| one(b as f64)).unwrap_or_default(),
     );
     family(
-        &mut out,
+        out,
         "agent_uptime_seconds",
         "gauge",
         "Seconds since the agent started.",
@@ -84,14 +92,14 @@ pub fn render(snap: &Snapshot) -> String {
         })
         .collect();
     family(
-        &mut out,
+        out,
         "device_state",
         "gauge",
         "The device state (1 for the current one).",
         &states,
     );
     family(
-        &mut out,
+        out,
         "device_problems",
         "gauge",
         "Open device problems (device-worker-ng status lists them).",
@@ -99,41 +107,44 @@ pub fn render(snap: &Snapshot) -> String {
     );
     let b = &snap.budget;
     family(
-        &mut out,
+        out,
         "budget_memory_bytes",
         "gauge",
         "Memory the workloads may use together (total minus RESERVED_MEMORY).",
         &one(b.memory_budget_bytes as f64),
     );
     family(
-        &mut out,
+        out,
         "budget_memory_used_bytes",
         "gauge",
         "Memory the workloads use together.",
         &one(b.memory_used_bytes as f64),
     );
     family(
-        &mut out,
+        out,
         "budget_cpu_cores",
         "gauge",
         "CPU the workloads may use together, in cores.",
         &one(b.cpu_budget_millicores as f64 / 1000.0),
     );
     family(
-        &mut out,
+        out,
         "budget_cpu_used_cores",
         "gauge",
         "CPU the workloads use together, in cores.",
         &one(b.cpu_used_millicores as f64 / 1000.0),
     );
     family(
-        &mut out,
+        out,
         "evictions_total",
         "counter",
         "Workloads evicted to bring the device back under its budget since the agent started.",
         &one(a.evictions_total as f64),
     );
+}
 
+/// One family per workload measure, a sample per workload.
+fn workload_families(out: &mut String, snap: &Snapshot) {
     let wl = |w: &crate::status::WorkloadInfo| {
         format!(
             "workload=\"{}\",kind=\"{}\"",
@@ -153,104 +164,105 @@ pub fn render(snap: &Snapshot) -> String {
         .map(|w| (format!("{},state=\"{}\"", wl(w), label(&w.state)), 1.0))
         .collect();
     family(
-        &mut out,
+        out,
         "workload_state",
         "gauge",
         "Each workload's state (1 for the current one).",
         &states,
     );
     family(
-        &mut out,
+        out,
         "workload_memory_bytes",
         "gauge",
         "Memory a workload uses.",
         &per(&|w| w.usage.as_ref().map(|u| u.memory_bytes as f64)),
     );
     family(
-        &mut out,
+        out,
         "workload_memory_limit_bytes",
         "gauge",
         "A workload's memory limit.",
         &per(&|w| w.limits.memory_bytes.map(|v| v as f64)),
     );
     family(
-        &mut out,
+        out,
         "workload_cpu_cores",
         "gauge",
         "CPU a workload uses, in cores.",
         &per(&|w| w.usage.as_ref().map(|u| u.cpu_millicores as f64 / 1000.0)),
     );
     family(
-        &mut out,
+        out,
         "workload_cpu_limit_cores",
         "gauge",
         "A workload's cpu limit, in cores.",
         &per(&|w| w.limits.cpu_millicores.map(|v| v as f64 / 1000.0)),
     );
     family(
-        &mut out,
+        out,
         "workload_pids",
         "gauge",
         "Processes of a workload.",
         &per(&|w| w.usage.as_ref().map(|u| u.pids as f64)),
     );
     family(
-        &mut out,
+        out,
         "workload_pids_limit",
         "gauge",
         "A workload's pids limit.",
         &per(&|w| w.limits.pids.map(|v| v as f64)),
     );
     family(
-        &mut out,
+        out,
         "workload_restarts_total",
         "counter",
         "Restarts of a workload since the agent started it.",
         &per(&|w| Some(w.restarts as f64)),
     );
     family(
-        &mut out,
+        out,
         "workload_oom_kills_total",
         "counter",
         "OOM kills of a workload.",
         &per(&|w| Some(w.oom_kills as f64)),
     );
+}
 
-    if let Some(sv) = &snap.server {
-        family(
-            &mut out,
-            "server_last_contact_timestamp_seconds",
-            "gauge",
-            "When the Flotta server last answered (unix time).",
-            &sv.last_contact_unix
-                .map(|t| one(t as f64))
-                .unwrap_or_default(),
-        );
-        family(
-            &mut out,
-            "server_failures",
-            "gauge",
-            "Requests to the server failed in a row.",
-            &one(sv.failures as f64),
-        );
-        family(
-            &mut out,
-            "certificate_expiry_timestamp_seconds",
-            "gauge",
-            "When the device certificate expires (unix time).",
-            &sv.certificate_expires_unix
-                .map(|t| one(t as f64))
-                .unwrap_or_default(),
-        );
-        family(
-            &mut out,
-            "outbox_events",
-            "gauge",
-            "Events waiting for a heartbeat to deliver them.",
-            &one(sv.outbox_length as f64),
-        );
-    }
-    out
+/// The server families (only with a server).
+fn server_families(out: &mut String, snap: &Snapshot) {
+    let Some(sv) = &snap.server else { return };
+    family(
+        out,
+        "server_last_contact_timestamp_seconds",
+        "gauge",
+        "When the Flotta server last answered (unix time).",
+        &sv.last_contact_unix
+            .map(|t| one(t as f64))
+            .unwrap_or_default(),
+    );
+    family(
+        out,
+        "server_failures",
+        "gauge",
+        "Requests to the server failed in a row.",
+        &one(sv.failures as f64),
+    );
+    family(
+        out,
+        "certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the device certificate expires (unix time).",
+        &sv.certificate_expires_unix
+            .map(|t| one(t as f64))
+            .unwrap_or_default(),
+    );
+    family(
+        out,
+        "outbox_events",
+        "gauge",
+        "Events waiting for a heartbeat to deliver them.",
+        &one(sv.outbox_length as f64),
+    );
 }
 
 #[cfg(test)]

@@ -189,7 +189,7 @@ pub trait Effects {
 /// A blocking operation queued on a lane.
 pub type LaneOp = Box<dyn FnOnce() + Send>;
 
-/// A queue of blocking operations run one at a time, in order, on the blocking pool.
+/// A queue of blocking operations run one at a time, in order, on the agent's pool.
 struct Lane {
     tx: Sender<LaneOp>,
     /// Queued or running operations (a retired lane is dropped once this is 0).
@@ -201,7 +201,8 @@ impl Lane {
         let (tx, rx) = async_channel::unbounded::<LaneOp>();
         smol::spawn(async move {
             while let Ok(op) = rx.recv().await {
-                smol::unblock(op).await;
+                // A panicking operation is logged by the pool; the lane goes on with the next.
+                crate::pool::unblock(op).await;
             }
         })
         .detach();

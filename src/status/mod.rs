@@ -448,46 +448,7 @@ impl Snapshot {
         if self.workloads.is_empty() {
             out.push_str("no workloads\n");
         } else {
-            let rows: Vec<Vec<String>> = self
-                .workloads
-                .iter()
-                .map(|w| {
-                    let u = w.usage.clone().unwrap_or_default();
-                    let used = w.usage.is_some();
-                    vec![
-                        w.name.clone(),
-                        w.kind.clone(),
-                        w.state.clone(),
-                        w.pid.map_or("-".into(), |p| p.to_string()),
-                        w.restarts.to_string(),
-                        w.oom_kills.to_string(),
-                        format!(
-                            "{}/{}",
-                            if used {
-                                Bytes(u.memory_bytes).to_string()
-                            } else {
-                                "-".into()
-                            },
-                            opt_bytes(w.limits.memory_bytes)
-                        ),
-                        format!(
-                            "{}/{}",
-                            if used {
-                                format!("{}m", u.cpu_millicores)
-                            } else {
-                                "-".into()
-                            },
-                            opt_millis(w.limits.cpu_millicores)
-                        ),
-                        format!(
-                            "{}/{}",
-                            if used { u.pids.to_string() } else { "-".into() },
-                            w.limits.pids.map_or("-".into(), |p| p.to_string())
-                        ),
-                        w.reason.clone(),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = self.workloads.iter().map(workload_row).collect();
             out.push_str(&table(
                 &[
                     "WORKLOAD", "KIND", "STATE", "PID", "RESTARTS", "OOM", "MEMORY", "CPU", "PIDS",
@@ -513,6 +474,44 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// One row of the workload table.
+fn workload_row(w: &WorkloadInfo) -> Vec<String> {
+    let u = w.usage.clone().unwrap_or_default();
+    let used = w.usage.is_some();
+    vec![
+        w.name.clone(),
+        w.kind.clone(),
+        w.state.clone(),
+        w.pid.map_or("-".into(), |p| p.to_string()),
+        w.restarts.to_string(),
+        w.oom_kills.to_string(),
+        format!(
+            "{}/{}",
+            if used {
+                Bytes(u.memory_bytes).to_string()
+            } else {
+                "-".into()
+            },
+            opt_bytes(w.limits.memory_bytes)
+        ),
+        format!(
+            "{}/{}",
+            if used {
+                format!("{}m", u.cpu_millicores)
+            } else {
+                "-".into()
+            },
+            opt_millis(w.limits.cpu_millicores)
+        ),
+        format!(
+            "{}/{}",
+            if used { u.pids.to_string() } else { "-".into() },
+            w.limits.pids.map_or("-".into(), |p| p.to_string())
+        ),
+        w.reason.clone(),
+    ]
 }
 
 #[cfg(test)]

@@ -122,47 +122,7 @@ pub fn render(
     let mut docs = vec![deployment];
     for (i, cm) in configmaps.iter().enumerate() {
         let field = format!("configmaps[{i}]");
-        let mut v = first_document(cm).map_err(|why| e(&field, why))?;
-        let cm_name = v["metadata"]["name"]
-            .as_str()
-            .filter(|n| is_subdomain(n))
-            .ok_or_else(|| e(&field, "metadata.name must be a DNS subdomain name".into()))?
-            .to_string();
-        if let Some(other) = v["metadata"]["namespace"].as_str() {
-            if other != namespace {
-                return Err(e(
-                    &field,
-                    format!(
-                        "namespace '{other}' differs from the workload's namespace '{namespace}'"
-                    ),
-                ));
-            }
-        }
-        let Some(obj) = v.as_object_mut() else {
-            return Err(e(&field, "expected a mapping".into()));
-        };
-        obj.insert("apiVersion".into(), "v1".into());
-        obj.remove("status");
-        let meta = obj
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(m) = meta {
-            // `creationTimestamp: null` is what ghodss/yaml writes; the server owns it.
-            m.remove("creationTimestamp");
-            m.remove("resourceVersion");
-            m.remove("uid");
-            m.remove("managedFields");
-            m.insert("namespace".into(), namespace.into());
-            let labels = m
-                .entry("labels")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !labels.is_object() {
-                *labels = Value::Object(Map::new());
-            }
-            if let Value::Object(l) = labels {
-                l.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-            }
-        }
+        let (cm_name, v) = configmap(cm, namespace).map_err(|why| e(&field, why))?;
         if docs
             .iter()
             .skip(1)
@@ -194,6 +154,50 @@ pub fn render(
         );
     }
     Ok(out)
+}
+
+/// One ConfigMap of the workload, made the agent's: in the workload's namespace, labelled,
+/// without the fields the server owns. Returns its name and the object.
+fn configmap(document: &str, namespace: &str) -> Result<(String, Value), String> {
+    let mut v = first_document(document)?;
+    let cm_name = v["metadata"]["name"]
+        .as_str()
+        .filter(|n| is_subdomain(n))
+        .ok_or_else(|| "metadata.name must be a DNS subdomain name".to_string())?
+        .to_string();
+    if let Some(other) = v["metadata"]["namespace"].as_str() {
+        if other != namespace {
+            return Err(format!(
+                "namespace '{other}' differs from the workload's namespace '{namespace}'"
+            ));
+        }
+    }
+    let Some(obj) = v.as_object_mut() else {
+        return Err("expected a mapping".into());
+    };
+    obj.insert("apiVersion".into(), "v1".into());
+    obj.remove("status");
+    let meta = obj
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(m) = meta {
+        // `creationTimestamp: null` is what ghodss/yaml writes; the server owns it.
+        m.remove("creationTimestamp");
+        m.remove("resourceVersion");
+        m.remove("uid");
+        m.remove("managedFields");
+        m.insert("namespace".into(), namespace.into());
+        let labels = m
+            .entry("labels")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !labels.is_object() {
+            *labels = Value::Object(Map::new());
+        }
+        if let Value::Object(l) = labels {
+            l.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+        }
+    }
+    Ok((cm_name, v))
 }
 
 /// Kubernetes refuses a container whose request of a resource exceeds its limit (422, after
