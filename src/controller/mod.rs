@@ -273,8 +273,10 @@ pub struct State {
     sample_gen: Generation,
     started: Instant,
     hierarchy_info: (String, String),
-    /// How many workloads there were when freed memory was last given back to the system.
+    /// The most workloads since freed memory was last given back to the system, and how
+    /// many there were at the previous sample.
     peak_since_trim: usize,
+    workloads_at_last_sample: usize,
 }
 
 /// What the controller is built from.
@@ -313,6 +315,7 @@ impl<E: Effects> Controller<E> {
                 started: Instant::now(),
                 hierarchy_info,
                 peak_since_trim: 0,
+                workloads_at_last_sample: 0,
                 settings,
                 inputs,
             },
@@ -618,12 +621,15 @@ impl State {
         }
     }
 
-    /// After many workloads are gone, hands the freed heap back to the system (glibc keeps
-    /// it otherwise, and the agent's RSS would stay at its high-water mark).
+    /// Once workloads have gone and their number has held still for a sample (their stops
+    /// and writes are over), hands the freed heap back to the system: glibc keeps it
+    /// otherwise, and the agent's RSS would stay at its high-water mark.
     fn give_back_memory(&mut self) {
         let n = self.workloads.entries().len();
+        let settled = n == self.workloads_at_last_sample;
+        self.workloads_at_last_sample = n;
         self.peak_since_trim = self.peak_since_trim.max(n);
-        if self.peak_since_trim >= n + 16 {
+        if settled && self.peak_since_trim > n {
             self.peak_since_trim = n;
             #[cfg(target_env = "gnu")]
             // SAFETY: malloc_trim only returns free memory of the allocator to the system.

@@ -239,48 +239,12 @@ impl Workloads {
             secrets,
             profiles: _,
         } = v;
-        if secrets != *self.secrets {
-            // Secrets no longer listed are removed now; listed ones are (re)written here and,
-            // to be sure they exist when a pod is created, again by each pod start.
-            let had = !self.secrets.is_empty();
-            self.secrets = Arc::new(secrets);
-            let pods = had
-                || !self.secrets.is_empty()
-                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
-            if pods {
-                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
-            }
-        }
+        self.sync_secrets(secrets, cx);
         // The desired order is the order of arrival (older first among equal priorities).
         let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-        // A workload whose new spec is refused keeps running the last good one.
-        let mut refused = BTreeSet::new();
-        for r in &rejected {
-            let Some(name) = &r.name else { continue };
-            let last_good = self
-                .desired
-                .as_ref()
-                .and_then(|d| d.get(name))
-                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
-            if let Some(good) = last_good {
-                new.insert(name.clone(), good.clone());
-                refused.insert(name.clone());
-                let why = format!("{}: {}", r.error.field, r.error.why);
-                if let Some(e) = self.entries.get_mut(name) {
-                    if e.update_rejected.as_deref() != Some(&why) {
-                        cx.problem(
-                            ProblemKey::Workload(name.to_string()),
-                            Some(format!(
-                                "workload {name}: its new spec is refused ({why}); running the last good one"
-                            )),
-                        );
-                    }
-                    e.update_rejected = Some(why);
-                }
-            }
-        }
+        let refused = self.keep_last_good(&rejected, &mut new, cx);
         for (name, e) in self.entries.iter_mut() {
             if !refused.contains(name) && e.update_rejected.take().is_some() {
                 cx.push(Internal::Converge(name.clone()));
@@ -332,6 +296,57 @@ impl Workloads {
                 cx.push(Internal::Converge(name.clone()));
             }
         }
+    }
+
+    /// Secrets no longer listed are removed now; listed ones are (re)written here and, to be
+    /// sure they exist when a pod is created, again by each pod start.
+    fn sync_secrets(&mut self, secrets: Vec<DesiredSecret>, cx: &mut Ctx) {
+        if secrets != *self.secrets {
+            let had = !self.secrets.is_empty();
+            self.secrets = Arc::new(secrets);
+            let pods = had
+                || !self.secrets.is_empty()
+                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
+            if pods {
+                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
+            }
+        }
+    }
+
+    /// A workload whose new spec is refused keeps running the last good one: puts it back
+    /// into `new` and returns the names so kept.
+    fn keep_last_good(
+        &mut self,
+        rejected: &[Rejection],
+        new: &mut BTreeMap<WorkloadName, WorkloadSpec>,
+        cx: &mut Ctx,
+    ) -> BTreeSet<WorkloadName> {
+        let mut refused = BTreeSet::new();
+        for r in rejected {
+            let Some(name) = &r.name else { continue };
+            let last_good = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.get(name))
+                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
+            if let Some(good) = last_good {
+                new.insert(name.clone(), good.clone());
+                refused.insert(name.clone());
+                let why = format!("{}: {}", r.error.field, r.error.why);
+                if let Some(e) = self.entries.get_mut(name) {
+                    if e.update_rejected.as_deref() != Some(&why) {
+                        cx.problem(
+                        ProblemKey::Workload(name.to_string()),
+                        Some(format!(
+                            "workload {name}: its new spec is refused ({why}); running the last good one"
+                        )),
+                    );
+                    }
+                    e.update_rejected = Some(why);
+                }
+            }
+        }
+        refused
     }
 
     /// Reports new rejections once (not again on every identical desired state).

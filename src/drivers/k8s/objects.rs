@@ -91,33 +91,7 @@ pub fn render(
             }
         }
     }
-    let mut template_meta = Map::new();
-    template_meta.insert("labels".into(), Value::Object(labels.clone()));
-    if !annotations.is_empty() {
-        template_meta.insert("annotations".into(), Value::Object(annotations.clone()));
-    }
-    let mut meta = Map::new();
-    meta.insert("name".into(), name.clone().into());
-    meta.insert("namespace".into(), namespace.into());
-    meta.insert("labels".into(), Value::Object(labels));
-    if !annotations.is_empty() {
-        meta.insert("annotations".into(), Value::Object(annotations));
-    }
-    let deployment = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": 1,
-            "revisionHistoryLimit": 2,
-            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
-            // One replica on one node: the old pod goes before the new one starts, so a
-            // hostPort is never held twice and the device never runs both.
-            "strategy": { "type": "Recreate" },
-            "selector": { "matchLabels": { WORKLOAD_LABEL: name } },
-            "template": { "metadata": template_meta, "spec": spec },
-        }
-    });
+    let deployment = deployment(&name, namespace, labels, annotations, spec);
 
     let mut docs = vec![deployment];
     for (i, cm) in configmaps.iter().enumerate() {
@@ -154,6 +128,44 @@ pub fn render(
         );
     }
     Ok(out)
+}
+
+/// The Deployment running the pod: one replica, recreated (never two at once), its pods
+/// labelled as the agent's.
+fn deployment(
+    name: &str,
+    namespace: &str,
+    labels: Map<String, Value>,
+    annotations: Map<String, Value>,
+    spec: Map<String, Value>,
+) -> Value {
+    let mut template_meta = Map::new();
+    template_meta.insert("labels".into(), Value::Object(labels.clone()));
+    if !annotations.is_empty() {
+        template_meta.insert("annotations".into(), Value::Object(annotations.clone()));
+    }
+    let mut meta = Map::new();
+    meta.insert("name".into(), name.into());
+    meta.insert("namespace".into(), namespace.into());
+    meta.insert("labels".into(), Value::Object(labels));
+    if !annotations.is_empty() {
+        meta.insert("annotations".into(), Value::Object(annotations));
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            // One replica on one node: the old pod goes before the new one starts, so a
+            // hostPort is never held twice and the device never runs both.
+            "strategy": { "type": "Recreate" },
+            "selector": { "matchLabels": { WORKLOAD_LABEL: name } },
+            "template": { "metadata": template_meta, "spec": spec },
+        }
+    })
 }
 
 /// One ConfigMap of the workload, made the agent's: in the workload's namespace, labelled,
