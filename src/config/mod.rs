@@ -29,6 +29,7 @@ enum Kind {
     DeviceId,
     Fraction,
     IdRange,
+    DefaultLimits,
 }
 
 impl Kind {
@@ -46,6 +47,9 @@ impl Kind {
             Kind::Fraction => "a fraction between 0 and 1 like 0.75 or 75%",
             Kind::IdRange => {
                 "a range of ids like 524288-589823 (at least 1000 ids, none below 1000)"
+            }
+            Kind::DefaultLimits => {
+                "limits like memory=50%,cpu=1,pids=1024 (a quantity or a percentage of the budget; none: no defaults)"
             }
         }
     }
@@ -276,6 +280,12 @@ pub const KEYS: &[KeySpec] = &[
         Some("0.9"),
         "fraction of the budget usage must fall under before evicted workloads may return"
     ),
+    key!(
+        "DEFAULT_LIMITS",
+        DefaultLimits,
+        Some("memory=50%,pids=1024"),
+        "limits of shell and pod workloads that declare none (memory, cpu: a quantity or a % of the budget; pids); none: no defaults"
+    ),
 ];
 
 /// Where a value came from, for error messages.
@@ -385,6 +395,7 @@ pub struct Settings {
     pub budget_window: Duration,
     pub budget_hold: Duration,
     pub budget_low_watermark: f64,
+    pub default_limits: DefaultLimits,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -490,6 +501,7 @@ enum Value {
     Quantity(u64),
     Fraction(f64),
     Range(u32, u32),
+    DefaultLimits(DefaultLimits),
 }
 
 fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
@@ -567,7 +579,79 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Fraction(v)
         }
+        Kind::DefaultLimits => Value::DefaultLimits(DefaultLimits::parse(raw).ok_or_else(wrong)?),
     })
+}
+
+/// A default memory or cpu limit: a quantity, or a share of the device budget (which differs
+/// from device to device, so one setting fits a fleet).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Share {
+    Quantity(u64),
+    OfBudget(f64),
+}
+
+impl Share {
+    fn resolve(self, budget: u64) -> u64 {
+        match self {
+            Share::Quantity(q) => q,
+            Share::OfBudget(f) => (budget as f64 * f) as u64,
+        }
+    }
+}
+
+/// DEFAULT_LIMITS: the limits a workload gets for what it does not declare itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DefaultLimits {
+    pub memory: Option<Share>,
+    pub cpu: Option<Share>,
+    pub pids: Option<u64>,
+}
+
+impl DefaultLimits {
+    /// `memory=50%,cpu=1,pids=1024` (any of them, in any order), or `none`.
+    fn parse(raw: &str) -> Option<DefaultLimits> {
+        let raw = raw.trim();
+        let mut out = DefaultLimits::default();
+        if raw.eq_ignore_ascii_case("none") {
+            return Some(out);
+        }
+        let share = |v: &str, parse: fn(&str) -> Result<u64, units::UnitError>| {
+            let share = match v.strip_suffix('%') {
+                Some(p) => {
+                    let p: f64 = p.trim().parse().ok()?;
+                    (p > 0.0 && p <= 100.0).then_some(Share::OfBudget(p / 100.0))?
+                }
+                None => Share::Quantity(parse(v).ok().filter(|q| *q > 0)?),
+            };
+            Some(share)
+        };
+        for part in raw.split(',') {
+            let (k, v) = part.split_once('=')?;
+            let v = v.trim();
+            match k.trim() {
+                "memory" if out.memory.is_none() => {
+                    out.memory = Some(share(v, units::parse_memory)?)
+                }
+                "cpu" if out.cpu.is_none() => out.cpu = Some(share(v, units::parse_cpu)?),
+                "pids" if out.pids.is_none() => {
+                    out.pids = Some(v.parse::<u64>().ok().filter(|p| *p > 0)?)
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// The limits for a device whose workload budget is `memory_budget` bytes and
+    /// `cpu_budget` millicores.
+    pub fn resolve(&self, memory_budget: u64, cpu_budget: u64) -> crate::cgroup::Limits {
+        crate::cgroup::Limits {
+            memory_bytes: self.memory.map(|s| s.resolve(memory_budget)),
+            cpu_millicores: self.cpu.map(|s| s.resolve(cpu_budget).max(1)),
+            pids: self.pids,
+        }
+    }
 }
 
 /// A lowercase RFC 1123 DNS label sequence, as Kubernetes object names require (PROTOCOL §1.3).
@@ -680,6 +764,7 @@ impl Settings {
             budget_window: take.duration("BUDGET_WINDOW"),
             budget_hold: take.duration("BUDGET_HOLD"),
             budget_low_watermark: take.fraction("BUDGET_LOW_WATERMARK"),
+            default_limits: take.default_limits("DEFAULT_LIMITS"),
             sources,
         })
     }
@@ -767,6 +852,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Range(a, b)) => Some((a, b)),
             _ => None,
+        }
+    }
+    fn default_limits(&mut self, k: &str) -> DefaultLimits {
+        match self.0.remove(k) {
+            Some(Value::DefaultLimits(l)) => l,
+            _ => DefaultLimits::default(),
         }
     }
     fn quantity(&mut self, k: &str) -> u64 {

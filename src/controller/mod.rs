@@ -287,11 +287,16 @@ impl<E: Effects> Controller<E> {
             hierarchy.base_display().display().to_string(),
         );
         let reports = reports::Reports::new(&store, session.is_some());
+        let resources = resources::Resources::new(&settings);
+        let mut session = session;
+        if let Some(s) = session.as_mut() {
+            s.set_defaults(workloads::spec_defaults(&settings, &resources.budget()));
+        }
         Controller {
             fx,
             st: State {
                 workloads: workloads::Workloads::new(&settings, hierarchy, store),
-                resources: resources::Resources::new(&settings),
+                resources,
                 device: device::DevicePart::new(),
                 session,
                 reports,
@@ -479,6 +484,11 @@ impl<E: Effects> Controller<E> {
 }
 
 impl State {
+    /// What specs fall back to: the settings, DEFAULT_LIMITS resolved against the budget.
+    fn spec_defaults(&self) -> crate::workload::SpecDefaults {
+        workloads::spec_defaults(&self.settings, &self.resources.budget())
+    }
+
     fn internal(&mut self, i: Internal, cx: &mut Ctx) {
         match i {
             Internal::Device(ev) => self.device.handle(&ev, cx),
@@ -523,7 +533,7 @@ impl State {
             path,
             fallback: at_start,
             serverless: self.session.is_none(),
-            defaults: workloads::spec_defaults(&self.settings),
+            defaults: self.spec_defaults(),
             max_workloads: self.settings.max_workloads,
         }));
     }
@@ -549,13 +559,21 @@ impl State {
     }
 
     /// Applies a validated desired state (from the file or the server).
-    pub(crate) fn apply_desired(&mut self, raw: DesiredState, v: ValidatedDesired, cx: &mut Ctx) {
+    pub(crate) fn apply_desired(
+        &mut self,
+        raw: DesiredState,
+        mut v: ValidatedDesired,
+        cx: &mut Ctx,
+    ) {
         cx.push(Internal::Persist(Write::Desired(raw)));
-        let profiles = crate::profiles::DeviceProfiles::from_config(&v.profiles);
+        let mut profiles = std::mem::take(&mut v.profiles);
+        self.workloads.apply(v, cx);
+        // The workloads' own profiles: those of the specs that run, refused updates included.
+        profiles.extend(self.workloads.inline_profiles());
+        let profiles = crate::profiles::DeviceProfiles::from_config(&profiles);
         if self.resources.set_profiles(profiles) {
             cx.push(Internal::ProfilesChanged);
         }
-        self.workloads.apply(v, cx);
         cx.push(Internal::Device(DeviceEvent::DesiredStateApplied));
     }
 
@@ -609,6 +627,10 @@ impl State {
                 ) = keep;
                 self.workloads.reconfigure(&self.settings);
                 self.resources.reconfigure(&self.settings);
+                let defaults = self.spec_defaults();
+                if let Some(session) = self.session.as_mut() {
+                    session.reconfigure(defaults);
+                }
                 info!("configuration reloaded");
                 self.read_desired(false, cx);
             }

@@ -424,7 +424,8 @@ impl SessionPart {
             timers: Default::default(),
             next_attempt: None,
             jitter: Jitter::new(),
-            defaults: super::workloads::spec_defaults(settings),
+            // Set by the controller, which knows the budget (Controller::new, reload).
+            defaults: SpecDefaults::default(),
             max_workloads: settings.max_workloads,
         };
         match s.identity.load()? {
@@ -456,6 +457,23 @@ impl SessionPart {
         self.cert_gen.bump();
         self.cert = Some(pair.info);
         Ok(())
+    }
+
+    /// The defaults specs are validated with (at start).
+    pub fn set_defaults(&mut self, defaults: SpecDefaults) {
+        self.defaults = defaults;
+    }
+
+    /// New defaults for specs (a reload): a configuration validated with other defaults is
+    /// validated again at the next poll, even if the server's is unchanged.
+    pub fn reconfigure(&mut self, defaults: SpecDefaults) {
+        let changed = self.defaults.default_limits != defaults.default_limits
+            || self.defaults.backoff != defaults.backoff
+            || self.defaults.workload_user != defaults.workload_user;
+        self.defaults = defaults;
+        if changed {
+            self.applied.fingerprint.clear();
+        }
     }
 
     /// Holds a device certificate the server may still accept (an expired one can renew).
