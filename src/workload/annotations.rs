@@ -190,6 +190,9 @@ pub(super) fn resolve(w: &DesiredWorkload, name: &WorkloadName) -> Result<Resolv
     if let Some(s) = specification {
         out.specification = s;
     }
+    // Read here, they are no concern of podman's (whose `kube play` refuses annotation values
+    // over 63 characters, which a resources annotation easily is) or of Kubernetes'.
+    out.annotations.retain(|k, _| !k.starts_with(PREFIX));
     Ok(Resolved {
         workload: out,
         notices,

@@ -136,6 +136,8 @@ fn pod_annotations_reach_podman() {
     assert_eq!(s.requests.memory_bytes, Some(48 << 20));
     // podman sets each container's own limits from the manifest.
     let doc: Value = serde_yaml_ng::from_str(pod.manifest.split("---").next().unwrap()).unwrap();
+    // podman 4.3 refuses annotation values over 63 characters: the agent's own stay home.
+    assert!(doc["metadata"].get("annotations").is_none(), "{doc:?}");
     let app = &doc["spec"]["containers"][0]["resources"];
     assert_eq!(app["limits"]["memory"], Value::from("64Mi"));
     assert_eq!(app["requests"]["cpu"], Value::from("100m"));
