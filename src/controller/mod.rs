@@ -24,7 +24,7 @@ pub mod sources;
 pub mod workloads;
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use tracing::{debug, error, info, warn};
@@ -233,11 +233,7 @@ impl History {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::unix_now;
 
 /// The controller: the effects, the parts' state, and the local queue.
 pub struct Controller<E: Effects> {
@@ -437,29 +433,10 @@ impl<E: Effects> Controller<E> {
                 let _ = reply.try_send(answer);
             }
             Event::WatchdogTick => self.fx.run(Effect::Notify("WATCHDOG=1".into())),
-            Event::Session(result) => self.dispatch(|st, cx| {
-                let State {
-                    session,
-                    workloads,
-                    device,
-                    reports,
-                    ..
-                } = st;
-                if let Some(s) = session.as_mut() {
-                    s.on_result(*result, workloads, device, reports, cx);
-                }
-            }),
+            Event::Session(result) => self
+                .dispatch(|st, cx| st.with_session(|s, w, d, r| s.on_result(*result, w, d, r, cx))),
             Event::SessionTimer { timer, gen } => self.dispatch(|st, cx| {
-                let State {
-                    session,
-                    workloads,
-                    device,
-                    reports,
-                    ..
-                } = st;
-                if let Some(s) = session.as_mut() {
-                    s.on_timer(timer, gen, workloads, device, reports, cx);
-                }
+                st.with_session(|s, w, d, r| s.on_timer(timer, gen, w, d, r, cx))
             }),
             Event::Persisted { write, error } => {
                 self.dispatch(|st, cx| st.reports.persisted(*write, error, &st.workloads, cx))
@@ -487,6 +464,21 @@ impl State {
     /// What specs fall back to: the settings, DEFAULT_LIMITS resolved against the budget.
     fn spec_defaults(&self) -> crate::workload::SpecDefaults {
         workloads::spec_defaults(&self.settings, &self.resources.budget())
+    }
+
+    /// Runs `f` on the session (if there is one) with what it reads of the other parts.
+    fn with_session(
+        &mut self,
+        f: impl FnOnce(
+            &mut session::SessionPart,
+            &workloads::Workloads,
+            &device::DevicePart,
+            &mut reports::Reports,
+        ),
+    ) {
+        if let Some(s) = self.session.as_mut() {
+            f(s, &self.workloads, &self.device, &mut self.reports);
+        }
     }
 
     fn internal(&mut self, i: Internal, cx: &mut Ctx) {
