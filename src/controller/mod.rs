@@ -354,7 +354,13 @@ impl<E: Effects> Controller<E> {
                 disconnected,
             }));
             st.workloads.adopt_records(records, cx);
-            st.read_desired(true, cx);
+            if disconnected {
+                // A disconnected device runs nothing, whatever an earlier agent left behind
+                // (a desired.json written before the disconnect, runs to adopt).
+                cx.push(Internal::WipeWorkloads);
+            } else {
+                st.read_desired(true, cx);
+            }
             if let Some(s) = st.session.as_mut() {
                 s.boot(cx);
             }
@@ -496,7 +502,11 @@ impl State {
                 self.workloads.shed_load(used, &budget, cx)
             }
             Internal::Readmit => self.workloads.readmit(cx),
-            Internal::WipeWorkloads => self.workloads.wipe(cx),
+            Internal::WipeWorkloads => {
+                self.workloads.wipe(cx);
+                // Nothing for a restarted agent to deploy from STATE_DIR either.
+                cx.push(Internal::Persist(Write::Desired(DesiredState::default())));
+            }
             Internal::ProfilesChanged => self
                 .workloads
                 .profiles_changed(&self.resources.profiles, cx),
