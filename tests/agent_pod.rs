@@ -131,6 +131,25 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
         Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid == Some(pid))
     });
 
+    // The adopted pod's container is killed: its exit code comes from podman (issue 11
+    // defect 3: it was "status unknown" for an adopted run), and the pod is restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = a.wait_for("restarted after the kill", Duration::from_secs(60), |s| {
+        Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid != Some(pid))
+    });
+    let end = s
+        .transitions
+        .iter()
+        .find(|t| t.machine == "workload/e2e-web" && t.from == "running")
+        .map(|t| t.reason.clone())
+        .unwrap_or_default();
+    assert!(end.starts_with("exited with code 137"), "{end}");
+    let pid = Agent::workload(&s, "e2e-web").unwrap().pid.unwrap();
+
     // Updated: a changed spec redeploys the pod (new process, new output); the same spec
     // sent again (a new version only) does not.
     server.set_configuration(ID, pod_config("e2e-web", "echo v2 pw=$PASSWORD; sleep 600"));
