@@ -37,6 +37,11 @@ fn main() {
             the_stock_operator_drops_what_the_real_one_drops,
         ),
         test(
+            "the_readme_s_edge_workloads_are_valid_through_a_stock_operator",
+            &[],
+            the_readme_s_edge_workloads_are_valid_through_a_stock_operator,
+        ),
+        test(
             "shell_cron_retry_priority_profile_and_limits_by_annotation",
             ROOT_CGROUPS,
             shell_cron_retry_priority_profile_and_limits_by_annotation,
@@ -128,6 +133,50 @@ fn the_stock_operator_drops_what_the_real_one_drops() {
         let cfg = serde_json::from_value(json!({"workloads": [bad]})).unwrap();
         assert!(stock_operator(cfg).is_err());
     }
+}
+
+/// README's "With the Flotta operator" EdgeWorkloads, as the device receives them.
+fn the_readme_s_edge_workloads_are_valid_through_a_stock_operator() {
+    use device_worker_ng::workload::{DesiredState, SpecDefaults, WorkloadKind};
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("EdgeWorkloads, one per example")
+        .nth(1)
+        .and_then(|r| r.split("```yaml\n").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("README's EdgeWorkload examples");
+    let workloads: Vec<Value> = serde_yaml_ng::Deserializer::from_str(block)
+        .map(|d| {
+            let ew: Value = serde::Deserialize::deserialize(d).unwrap();
+            assert_eq!(ew["kind"], "EdgeWorkload");
+            assert_eq!(ew["spec"]["type"], "pod");
+            json!({"name": ew["metadata"]["name"], "namespace": "default",
+                   "labels": ew["metadata"].get("labels").cloned().unwrap_or(json!({})),
+                   "annotations": ew["metadata"].get("annotations").cloned().unwrap_or(json!({})),
+                   "specification": serde_yaml_ng::to_string(&ew["spec"]["pod"]["spec"]).unwrap()})
+        })
+        .collect();
+    let delivered = stock_operator(configuration(workloads)).unwrap();
+    let desired: DesiredState =
+        serde_json::from_value(serde_json::to_value(&delivered).unwrap()).unwrap();
+    let specs: Vec<_> = desired
+        .validate(&SpecDefaults::default())
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("README's {e}")))
+        .collect();
+    let by = |n: &str| specs.iter().find(|s| s.name.as_str() == n).unwrap();
+    assert_eq!(by("web").limits.memory_bytes, Some(96 * MI));
+    assert_eq!(by("web").requests.memory_bytes, Some(32 * MI));
+    assert_eq!(by("collector").kind, WorkloadKind::Shell);
+    assert_eq!(
+        by("collector").shell.as_ref().unwrap().user.as_deref(),
+        Some("1000")
+    );
+    assert!(by("report").scheduling.cron.is_some());
+    assert!(by("sandboxed").pod.as_ref().unwrap().rootless);
+    assert_eq!((by("control").priority, by("batch").priority), (10, -5));
+    assert_eq!(by("fan").scheduling.inline_profiles[0].name, "fan:thermal");
 }
 
 fn mem_total() -> u64 {
