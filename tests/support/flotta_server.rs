@@ -1003,7 +1003,9 @@ fn register(shared: &Shared, peer: &Peer, cn_matches: bool, id: &str, msg: &Mess
         if ns == "default" && !cn_matches && !d.namespace.is_empty() {
             ns = d.namespace.clone();
         }
-        if !d.approved {
+        // A renewal (the device's own certificate, expired or not: §3.5) needs the
+        // EdgeDevice in the certificate's namespace.
+        if !d.approved || (cn_matches && d.namespace != ns) {
             return empty(404);
         }
         if d.registered && !cn_matches {
