@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use async_channel::Sender;
 use tracing::{debug, error};
 
 use super::generation::Generation;
+use super::lanes::{Lane, LaneOp, WorkloadLanes};
 use super::session::{Request, SessionResult};
 use super::{Event, RunOutcome};
 use crate::cgroup::{Hierarchy, Limits, WorkloadCgroup};
@@ -186,57 +186,13 @@ pub trait Effects {
     fn run(&mut self, effect: Effect);
 }
 
-/// A blocking operation queued on a lane.
-pub type LaneOp = Box<dyn FnOnce() + Send>;
-
-/// A queue of blocking operations run one at a time, in order, on the agent's pool.
-struct Lane {
-    tx: Sender<LaneOp>,
-    /// Queued or running operations (a retired lane is dropped once this is 0).
-    pending: Arc<AtomicUsize>,
-}
-
-impl Lane {
-    fn new() -> Lane {
-        let (tx, rx) = async_channel::unbounded::<LaneOp>();
-        smol::spawn(async move {
-            while let Ok(op) = rx.recv().await {
-                // A panicking operation is logged by the pool; the lane goes on with the next.
-                crate::pool::unblock(op).await;
-            }
-        })
-        .detach();
-        Lane {
-            tx,
-            pending: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    fn push(&self, op: LaneOp) {
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let _ = self.tx.try_send(Box::new(move || {
-            op();
-            pending.fetch_sub(1, Ordering::SeqCst);
-        }));
-    }
-
-    fn idle(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
-    }
-}
-
 /// What carries effects out on this host.
 pub struct RealEffects {
     tx: Sender<Event>,
     drivers: Arc<Drivers>,
     store: Store,
     hierarchy: Hierarchy,
-    lanes: HashMap<WorkloadName, Lane>,
-    /// Lanes of workloads that are gone, dropped once their last operation has run (a
-    /// workload desired again meanwhile gets its old lane back: a start never overtakes the
-    /// cleanup before it).
-    retired: Vec<WorkloadName>,
+    lanes: WorkloadLanes,
     watches: HashMap<WorkloadName, smol::Task<()>>,
     store_lane: Lane,
     session_lane: Lane,
@@ -258,30 +214,13 @@ impl RealEffects {
             drivers,
             store,
             hierarchy,
-            lanes: HashMap::new(),
-            retired: Vec::new(),
+            lanes: WorkloadLanes::default(),
             watches: HashMap::new(),
-            store_lane: Lane::new(),
-            session_lane: Lane::new(),
-            cluster_lane: Lane::new(),
+            store_lane: Lane::start(),
+            session_lane: Lane::start(),
+            cluster_lane: Lane::start(),
             sampler,
         }
-    }
-
-    fn lane(&mut self, name: &WorkloadName) -> &Lane {
-        self.retired.retain(|n| n != name);
-        self.lanes.entry(name.clone()).or_insert_with(Lane::new)
-    }
-
-    fn sweep_retired(&mut self) {
-        let lanes = &mut self.lanes;
-        self.retired.retain(|n| match lanes.get(n) {
-            Some(l) if !l.idle() => true,
-            _ => {
-                lanes.remove(n);
-                false
-            }
-        });
     }
 
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
@@ -341,7 +280,7 @@ impl RealEffects {
                 ))
             }),
         };
-        self.lane(&name).push(lane_op);
+        self.lanes.push(&name, lane_op);
     }
 
     fn persist(&mut self, w: Write) {
@@ -383,6 +322,9 @@ impl RealEffects {
 
 impl Effects for RealEffects {
     fn run(&mut self, effect: Effect) {
+        // A lane retired while its last operation was still reporting is dropped at a later
+        // effect (there is one at least every sample), not kept for good.
+        self.lanes.sweep();
         match effect {
             Effect::Driver { name, gen, op } => {
                 debug!(workload = %name, run = %gen, "driver: {}", op.what());
@@ -415,10 +357,7 @@ impl Effects for RealEffects {
             }
             Effect::Forget { name } => {
                 self.watches.remove(&name);
-                if !self.retired.contains(&name) {
-                    self.retired.push(name);
-                }
-                self.sweep_retired();
+                self.lanes.retire(name);
             }
             Effect::Timer { after, event } => {
                 let tx = self.tx.clone();

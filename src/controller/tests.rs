@@ -107,7 +107,7 @@ impl Harness {
         };
         let d = parse_desired(&text).unwrap();
         let s = &self.c.st.settings;
-        let v = d.validated(&workloads::spec_defaults(s), s.max_workloads);
+        let v = d.validated(&self.c.st.spec_defaults(), s.max_workloads);
         let gen = self.c.st.desired_gen;
         self.c.handle(Event::DesiredRead {
             gen,
@@ -613,4 +613,90 @@ fn the_cluster_is_pruned_at_the_first_desired_state_and_when_its_k8s_workloads_c
     assert_eq!(prunes(&h.take()), [["web"]], "the k8s workload changed");
     h.desired(&[]);
     assert_eq!(prunes(&h.take()), [Vec::<String>::new()], "none is desired");
+}
+
+#[test]
+fn default_limits_are_ceilings_not_claims_and_move_in_place() {
+    // Budget 1000 MiB: DEFAULT_LIMITS' 50% is 500 MiB for each workload that declares none.
+    let mut h = Harness::new(&[]);
+    let three = [
+        shell("a", "", "", ""),
+        shell("b", "", "", ""),
+        shell("c", "", "limits: {memory: 100Mi}", ""),
+    ];
+    h.desired(&three);
+    let starts: Vec<(String, crate::cgroup::Limits)> =
+        h.c.effects()
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Driver {
+                    name,
+                    op: DriverOp::Start { spec, .. },
+                    ..
+                } => Some((name.to_string(), spec.limits)),
+                _ => None,
+            })
+            .collect();
+    // Counted as claims, 500 + 500 + 100 MiB would not fit the budget.
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    assert_eq!(starts[0].1.memory_bytes, Some(500 * MI));
+    assert_eq!(starts[0].1.pids, Some(1024));
+    assert_eq!(starts[2].1.memory_bytes, Some(100 * MI), "declared");
+    h.start_all();
+    let snap = h.c.snapshot();
+    let a = snap.workloads.iter().find(|w| w.name == "a").unwrap();
+    assert_eq!(a.default_limits.memory_bytes, Some(500 * MI));
+    let c = snap.workloads.iter().find(|w| w.name == "c").unwrap();
+    assert_eq!(c.default_limits.memory_bytes, None);
+
+    // A reload with other defaults: the running workloads get them in place, no restart.
+    h.c.st
+        .inputs
+        .env
+        .push(("EDGE_DEVICE_DEFAULT_LIMITS".into(), "memory=25%".into()));
+    h.c.handle(Event::Reload);
+    h.take();
+    h.desired(&three);
+    let effects = h.take();
+    assert!(ops(&effects, "stop").is_empty(), "{effects:?}");
+    let moved: Vec<(String, Option<u64>)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Driver {
+                name,
+                op: DriverOp::SetLimits { limits, .. },
+                ..
+            } => Some((name.to_string(), limits.memory_bytes)),
+            _ => None,
+        })
+        .collect();
+    // `c` loses its default pids limit (the new defaults have none).
+    assert_eq!(
+        moved,
+        vec![
+            ("a".into(), Some(250 * MI)),
+            ("b".into(), Some(250 * MI)),
+            ("c".into(), Some(100 * MI))
+        ]
+    );
+}
+
+#[test]
+fn a_workload_defines_its_own_profile_by_annotation() {
+    let mut h = Harness::new(&[]);
+    h.desired(&[shell(
+        "gated",
+        "",
+        "",
+        "    annotations:\n      device-worker-ng.profiles: \"[{name: calm, conditions: [{name: low, expression: 'memory < 50%'}]}]\"\n",
+    )]);
+    assert_eq!(h.start_all(), vec!["gated"]);
+    assert!(h.c.st.resources.profiles.evaluation["gated:calm"]["low"]);
+    // Its own usage crosses the condition: it is stopped until the condition holds again.
+    h.sample(1000, &[("gated", 600 * MI)]);
+    assert_eq!(ops(&h.take(), "stop"), vec!["gated"]);
+    // Removed from the desired state, its profile goes with it.
+    h.desired(&[]);
+    assert!(h.c.st.resources.profiles.profiles.is_empty());
 }

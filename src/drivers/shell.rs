@@ -91,6 +91,17 @@ impl Driver for ShellDriver {
 
         let identity = match (shell.user.as_deref(), run.uid) {
             (Some("root"), _) => None,
+            // A uid (a PodSpec's runAsUser): its passwd entry if it has one, else itself, as
+            // Kubernetes runs it.
+            (Some(uid), _) if uid.bytes().all(|b| b.is_ascii_digit()) => {
+                let uid: u32 = uid
+                    .parse()
+                    .map_err(|_| ShellError::NoSuchUser(uid.into()))?;
+                match User::from_uid(Uid::from_raw(uid)) {
+                    Ok(Some(u)) => Some(resolve_user(&u.name)?),
+                    _ => Some(dynamic(uid)),
+                }
+            }
             (Some(name), _) => Some(resolve_user(name)?),
             (None, Some(uid)) => Some(dynamic(uid)),
             (None, None) => None,
