@@ -68,6 +68,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
         kubeconfig: settings.kubeconfig.clone(),
+        log_max: settings.workload_log_max,
     }));
     let session = match &settings.server {
         Some(url) => {

@@ -51,6 +51,10 @@ fn config_error(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // A shell workload's log writer is this binary in a hidden mode (drivers::output).
+    if let Some(code) = device_worker_ng::drivers::output::run_if_log_writer() {
+        return code;
+    }
     // glibc gives every thread that allocates its own malloc arena; the agent's short-lived
     // blocking threads would each pin one. One arena keeps its RSS small (issue targets); the
     // agent's threads allocate little, so there is nothing to contend for.
