@@ -39,6 +39,8 @@ pub enum DriverOp {
     },
     Cleanup {
         at: Placement,
+        /// Also delete its output (it left the desired state).
+        forget_output: bool,
     },
     /// New limits for a running workload (a profile's cpu quota), in place.
     SetLimits {
@@ -247,7 +249,7 @@ impl RealEffects {
     }
 
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
-        let (tx, drivers) = (self.tx.clone(), self.drivers.clone());
+        let (tx, drivers, store) = (self.tx.clone(), self.drivers.clone(), self.store.clone());
         let n = name.clone();
         let send = move |outcome: RunOutcome| {
             let _ = tx.send_blocking(Event::Run {
@@ -282,10 +284,17 @@ impl RealEffects {
                 }
                 send(RunOutcome::Stopped)
             }),
-            DriverOp::Cleanup { at } => Box::new(move || {
+            DriverOp::Cleanup { at, forget_output } => Box::new(move || {
                 let result = drivers.of(&at.kind).cleanup(&at);
                 if let Err(e) = &result {
                     error!(workload = %at.name, "cleaning up: {e}");
+                }
+                // On the workload's lane, after its log writer has ended with the cleanup:
+                // nothing writes the files any more, and a new run cannot have started yet.
+                if forget_output {
+                    if let Err(e) = store.remove_logs(&at.name) {
+                        error!(workload = %at.name, "removing its output: {e}");
+                    }
                 }
                 send(RunOutcome::CleanedUp(result.err().map(|e| e.to_string())))
             }),
