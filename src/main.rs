@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG};
-use device_worker_ng::{daemon, logging, status};
+use device_worker_ng::workload::WorkloadName;
+use device_worker_ng::{daemon, logging, logs, status};
 
 /// Exit code of `status` when no agent answers.
 const EXIT_NOT_RUNNING: u8 = 3;
@@ -33,6 +34,17 @@ enum Command {
         /// Control socket of the running agent (default: CONTROL_SOCKET).
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+    },
+    /// Show a workload's output (root only; the agent need not be running).
+    Logs {
+        /// The workload.
+        name: String,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Keep showing output as it comes.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Show the running agent's state.
     Status {
@@ -105,6 +117,28 @@ fn main() -> ExitCode {
                     eprintln!("device-worker-ng: {e}");
                     ExitCode::from(EXIT_NOT_RUNNING)
                 }
+                Err(e) => {
+                    eprintln!("device-worker-ng: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Logs { name, tail, follow } => {
+            let settings = match Settings::load(&inputs) {
+                Ok(s) => s,
+                Err(e) => return config_error(e),
+            };
+            let request =
+                WorkloadName::parse(&name).map(|name| logs::Request { name, tail, follow });
+            let shown = request.map_err(logs::LogsError::from).and_then(|r| {
+                logs::show(
+                    &logs::Source::of(&settings),
+                    &r,
+                    &mut std::io::stdout().lock(),
+                )
+            });
+            match shown {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("device-worker-ng: {e}");
                     ExitCode::FAILURE
