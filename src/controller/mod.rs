@@ -576,6 +576,7 @@ impl State {
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
+        self.reports.retry_storage(&self.workloads, cx);
         if let Some(p) = pressure {
             cx.push(Internal::Device(match p {
                 crate::budget::Pressure::Exceeded(reason) => DeviceEvent::BudgetExceeded { reason },

@@ -1,8 +1,9 @@
 //! What the agent reports: events into the log and, with a server, the durable heartbeat
 //! outbox; and the storage problem (STATE_DIR cannot be written: disk full, read-only), which
-//! clears on the next successful write, after which every record that failed is written again.
+//! clears on the next successful write, after which every file whose write failed is written
+//! again, as it is by then. While it fails, the failed writes are tried again now and then.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
@@ -11,7 +12,7 @@ use super::effects::Write;
 use super::workloads::Workloads;
 use super::{unix_now, Ctx, Internal};
 use crate::machines::device::ProblemKey;
-use crate::store::{Loaded, Outbox, Store, WorkloadRecord};
+use crate::store::{Loaded, Outbox, Store};
 use crate::workload::WorkloadName;
 
 /// How often failed writes are tried again while STATE_DIR cannot be written.
@@ -21,8 +22,10 @@ pub struct Reports {
     pub outbox: Outbox,
     /// With a server, events go into the outbox for the heartbeats.
     server: bool,
-    /// Records whose last write failed.
-    dirty: BTreeMap<WorkloadName, WorkloadRecord>,
+    /// Workloads whose record on disk may be stale: its last write (or removal) failed.
+    stale_records: BTreeSet<WorkloadName>,
+    /// The other files of STATE_DIR whose last write failed, by file, with that write.
+    failed_files: BTreeMap<&'static str, Write>,
     storage_failing: bool,
     last_retry: Option<Instant>,
 }
@@ -48,7 +51,8 @@ impl Reports {
         Reports {
             outbox,
             server,
-            dirty: BTreeMap::new(),
+            stale_records: BTreeSet::new(),
+            failed_files: BTreeMap::new(),
             storage_failing: false,
             last_retry: None,
         }
@@ -94,15 +98,22 @@ impl Reports {
     ) {
         match (error, write.is_state_dir()) {
             (Some(e), true) => {
-                if let Write::Record(r) = &write {
-                    self.dirty.insert(r.name.clone(), r.clone());
+                let what = write.describe();
+                match record_of(&write) {
+                    Some(name) => {
+                        self.stale_records.insert(name.clone());
+                    }
+                    // The outbox is written from memory again anyway.
+                    None if matches!(write, Write::Outbox(_)) => {}
+                    None => {
+                        self.failed_files.insert(file_of(&write), write);
+                    }
                 }
                 if !self.storage_failing {
                     self.storage_failing = true;
                     self.last_retry = Some(Instant::now());
                     let message = format!(
-                        "STATE_DIR cannot be written ({}): {e}; records will be written again once it can",
-                        write.describe()
+                        "STATE_DIR cannot be written ({what}): {e}; what failed is written again once it can"
                     );
                     error!("{message}");
                     cx.problem(ProblemKey::Storage, Some(message.clone()));
@@ -111,40 +122,88 @@ impl Reports {
             }
             (Some(e), false) => error!("{}: {e}", write.describe()),
             (None, true) => {
-                if let Write::Record(r) = &write {
-                    self.dirty.remove(&r.name);
+                match record_of(&write) {
+                    Some(name) => {
+                        self.stale_records.remove(name);
+                    }
+                    None => {
+                        self.failed_files.remove(file_of(&write));
+                    }
+                }
+                if matches!(write, Write::ForgetServerState) {
+                    // Those files are gone for good: a failed earlier write is not redone.
+                    for f in [
+                        "disconnected",
+                        "desired.json",
+                        "applied.json",
+                        "outbox.json",
+                    ] {
+                        self.failed_files.remove(f);
+                    }
                 }
                 if self.storage_failing {
                     self.storage_failing = false;
                     info!("STATE_DIR can be written again");
                     cx.problem(ProblemKey::Storage, None);
-                    self.rewrite_dirty(workloads, cx);
+                    self.rewrite_failed(workloads, cx);
                 }
             }
             (None, false) => {}
         }
     }
 
-    /// While STATE_DIR fails, tries the failed records again now and then.
+    /// While STATE_DIR fails, tries the failed writes again now and then (called on every
+    /// sample): nothing else may write, and a write is what tells that it works again.
     pub fn retry_storage(&mut self, workloads: &Workloads, cx: &mut Ctx) {
         if !self.storage_failing || self.last_retry.is_some_and(|t| t.elapsed() < STORAGE_RETRY) {
             return;
         }
         self.last_retry = Some(Instant::now());
-        self.rewrite_dirty(workloads, cx);
+        self.rewrite_failed(workloads, cx);
+    }
+
+    /// Writes again what failed, as it is now; a write that fails again comes back here.
+    fn rewrite_failed(&mut self, workloads: &Workloads, cx: &mut Ctx) {
+        for name in std::mem::take(&mut self.stale_records) {
+            // The workload's record as it is now (it may have restarted meanwhile); a workload
+            // that is gone has none, and one between runs gets its next at its next start.
+            match workloads.record_of(&name) {
+                Some(r) => cx.push(Internal::Persist(Write::Record(r))),
+                None if !workloads.entries().contains_key(&name) => {
+                    cx.push(Internal::Persist(Write::RemoveRecord(name)))
+                }
+                None => {}
+            }
+        }
+        for (_, write) in std::mem::take(&mut self.failed_files) {
+            cx.push(Internal::Persist(write));
+        }
         if self.server {
             cx.push(Internal::Persist(Write::Outbox(self.outbox.clone())));
         }
     }
+}
 
-    fn rewrite_dirty(&mut self, workloads: &Workloads, cx: &mut Ctx) {
-        for (name, old) in std::mem::take(&mut self.dirty) {
-            // The workload's record as it is now (it may have restarted meanwhile).
-            let current = workloads.record_of(&name).or(Some(old));
-            if let Some(r) = current {
-                self.dirty.insert(name, r.clone());
-                cx.push(Internal::Persist(Write::Record(r)));
-            }
-        }
+/// The workload whose record a write is about.
+fn record_of(w: &Write) -> Option<&WorkloadName> {
+    match w {
+        Write::Record(r) => Some(&r.name),
+        Write::RemoveRecord(n) => Some(n),
+        _ => None,
+    }
+}
+
+/// Which file of STATE_DIR a write (other than a record's) replaces: a later write of the
+/// same file makes an earlier failure of it moot.
+fn file_of(w: &Write) -> &'static str {
+    match w {
+        Write::Desired(_) => "desired.json",
+        Write::Outbox(_) => "outbox.json",
+        Write::Applied(_) => "applied.json",
+        Write::Disconnected(_) => "disconnected",
+        Write::ForgetServerState => "server state",
+        Write::Record(_) | Write::RemoveRecord(_) => "workloads/",
+        Write::CapWorkloads(_) => "the kernel's cap",
+        Write::SyncSecrets(_) => "podman secrets",
     }
 }
