@@ -54,9 +54,20 @@ pub fn signals(tx: Sender<Event>) -> std::io::Result<()> {
 /// truncates and then writes, or deletes and recreates, is read once, when it is done.
 pub const DESIRED_QUIET: Duration = Duration::from_millis(150);
 
+/// What one read of inotify events says about the desired-state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Events of other files in its directory only.
+    Unrelated,
+    /// Written, truncated, created or deleted: maybe not done yet.
+    Written,
+    /// Renamed into place: complete (README: the way to update it).
+    Replaced,
+}
+
 /// Watches the desired-state file with inotify on the reactor (on its directory, so editors
-/// that replace the file by rename are seen too) and sends `DesiredFileChanged` once the
-/// file has been quiet for [`DESIRED_QUIET`].
+/// that replace the file by rename are seen too) and sends `DesiredFileChanged` when a file
+/// is renamed into place, or once it has been quiet for [`DESIRED_QUIET`] after other changes.
 pub fn watch_file(tx: Sender<Event>, path: &Path) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
@@ -93,39 +104,53 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
         }
     };
     smol::spawn(async move {
-        let ours = |i: &Inotify| -> std::io::Result<bool> {
+        let ours = |i: &Inotify| -> std::io::Result<Change> {
             let events = i.read_events().map_err(std::io::Error::from)?;
+            // The file's last event decides: what was renamed into place last is complete.
             Ok(events
                 .iter()
-                .any(|e| e.name.as_deref() == Some(file.as_os_str())))
+                .rfind(|e| e.name.as_deref() == Some(file.as_os_str()))
+                .map_or(Change::Unrelated, |e| {
+                    if e.mask.contains(AddWatchFlags::IN_MOVED_TO) {
+                        Change::Replaced
+                    } else {
+                        Change::Written
+                    }
+                }))
         };
         loop {
-            match inotify.read_with(|i| ours(i)).await {
-                Ok(false) => continue,
-                Ok(true) => {}
+            let mut change = match inotify.read_with(|i| ours(i)).await {
+                Ok(Change::Unrelated) => continue,
+                Ok(c) => c,
                 Err(e) => {
                     error!("desired-state watcher stopped: {e}");
                     return;
                 }
-            }
-            // Debounce: more events within the quiet time restart the wait.
-            loop {
+            };
+            // Debounce: the file's own events restart the quiet time; others in its
+            // directory (the agent's own log, say) do not, so they cannot put a read off.
+            let mut quiet_at = std::time::Instant::now() + DESIRED_QUIET;
+            while change != Change::Replaced {
                 let more = smol::future::or(
                     async { Some(inotify.read_with(|i| ours(i)).await) },
                     async {
-                        smol::Timer::after(DESIRED_QUIET).await;
+                        smol::Timer::at(quiet_at).await;
                         None
                     },
                 )
                 .await;
-                match more {
+                change = match more {
                     None => break,
                     Some(Err(e)) => {
                         error!("desired-state watcher stopped: {e}");
                         return;
                     }
-                    Some(Ok(_)) => continue,
-                }
+                    Some(Ok(Change::Written)) => {
+                        quiet_at = std::time::Instant::now() + DESIRED_QUIET;
+                        Change::Written
+                    }
+                    Some(Ok(c)) => c,
+                };
             }
             if tx.send(Event::DesiredFileChanged).await.is_err() {
                 return;
