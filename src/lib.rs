@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod cgroup;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod cron;

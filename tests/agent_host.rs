@@ -42,6 +42,11 @@ fn main() {
             ROOT_CGROUPS,
             status_table_and_json_from_a_running_agent,
         ),
+        test(
+            "a_workload_desired_again_during_its_stop_runs_again",
+            ROOT_CGROUPS,
+            a_workload_desired_again_during_its_stop_runs_again,
+        ),
     ])
 }
 
@@ -313,5 +318,41 @@ fn status_table_and_json_from_a_running_agent() {
     assert!(
         !a.cgroup_procs("web").is_empty(),
         "workload survives a graceful stop"
+    );
+}
+
+/// Desired and actual converge whatever the timing (issue 13): a workload that ignores
+/// SIGTERM is removed, then desired again while its stop still waits for the grace time.
+fn a_workload_desired_again_during_its_stop_runs_again() {
+    let stubborn = shell("stubborn", "trap '' TERM; while :; do sleep 1; done", "");
+    let mut a = Agent::new(BIN, &desired(std::slice::from_ref(&stubborn)));
+    a.start();
+    let s = a.wait_for("stubborn running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "running")
+    });
+    let first = Agent::workload(&s, "stubborn").unwrap().pid;
+    a.set_desired("workloads: []\n");
+    a.wait_for("stopping", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "stopping")
+    });
+    // Desired again while the stop waits out STOP_TIMEOUT (2 s in these tests).
+    a.set_desired(&desired(&[stubborn]));
+    let s = a.wait_for("running again", Duration::from_secs(20), |s| {
+        Agent::workload(s, "stubborn")
+            .is_some_and(|w| w.state == "running" && w.pid.is_some() && w.pid != first)
+    });
+    // And it stays so: no late removal.
+    std::thread::sleep(Duration::from_secs(2));
+    let again = a.status();
+    assert_eq!(
+        Agent::workload(&again, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        Agent::workload(&s, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        "{}",
+        again.render()
+    );
+    assert!(
+        a.cgroup_procs("stubborn")
+            .contains(&Agent::workload(&s, "stubborn").unwrap().pid.unwrap()),
+        "the new run lives in its cgroup"
     );
 }

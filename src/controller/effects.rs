@@ -83,7 +83,65 @@ pub enum Write {
     SyncSecrets(Arc<Vec<DesiredSecret>>),
 }
 
+/// What a finished write was about: enough to act on its result, without carrying (and
+/// dropping on the controller task) the whole of what was written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub what: String,
+    pub state_dir: bool,
+    /// The workload whose record was written or removed.
+    pub record_of: Option<WorkloadName>,
+    /// The file of STATE_DIR (other than a record) it wrote or removed.
+    pub file: Option<&'static str>,
+    /// A failed write of such a file (not the outbox, which is kept in memory anyway) comes
+    /// back whole, to be redone once STATE_DIR can be written again.
+    pub failed: Option<Box<Write>>,
+}
+
+/// [`Written::file`] of a reset's removal of the server state.
+pub const FORGET_SERVER_STATE: &str = "the server state";
+
 impl Write {
+    /// What comes back once the write finished, `failed` or not.
+    pub fn finished(self, failed: bool) -> Written {
+        let mut written = self.written();
+        let redo = written.file.is_some() && !matches!(self, Write::Outbox(_));
+        if failed && redo {
+            written.failed = Some(Box::new(self));
+        }
+        written
+    }
+
+    fn written(&self) -> Written {
+        Written {
+            what: self.describe(),
+            state_dir: self.is_state_dir(),
+            record_of: match self {
+                Write::Record(r) => Some(r.name.clone()),
+                Write::RemoveRecord(n) => Some(n.clone()),
+                _ => None,
+            },
+            file: self.file(),
+            failed: None,
+        }
+    }
+
+    /// Which file of STATE_DIR (other than a record) the write replaces: a later write of the
+    /// same file makes an earlier failure of it moot.
+    fn file(&self) -> Option<&'static str> {
+        match self {
+            Write::Desired(_) => Some("desired.json"),
+            Write::Outbox(_) => Some("outbox.json"),
+            Write::Applied(_) => Some("applied.json"),
+            Write::Disconnected(_) => Some("disconnected"),
+            Write::ForgetServerState => Some(FORGET_SERVER_STATE),
+            Write::Record(_)
+            | Write::RemoveRecord(_)
+            | Write::CapWorkloads(_)
+            | Write::SyncSecrets(_) => None,
+        }
+    }
+
     /// What the write is about, for the storage problem and logs.
     pub fn describe(&self) -> String {
         match self {
@@ -338,7 +396,7 @@ impl RealEffects {
                 },
             };
             let _ = tx.send_blocking(Event::Persisted {
-                write: Box::new(w),
+                written: Box::new(w.finished(result.is_err())),
                 error: result.err(),
             });
         }));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::effects::Write;
+use super::effects::{Write, Written, FORGET_SERVER_STATE};
 use super::workloads::Workloads;
 use super::{unix_now, Ctx, Internal};
 use crate::machines::device::ProblemKey;
@@ -91,53 +91,42 @@ impl Reports {
     /// A write finished.
     pub fn persisted(
         &mut self,
-        write: Write,
+        written: Written,
         error: Option<String>,
         workloads: &Workloads,
         cx: &mut Ctx,
     ) {
-        match (error, write.is_state_dir()) {
+        match (error, written.state_dir) {
             (Some(e), true) => {
-                let what = write.describe();
-                match record_of(&write) {
-                    Some(name) => {
-                        self.stale_records.insert(name.clone());
-                    }
-                    // The outbox is written from memory again anyway.
-                    None if matches!(write, Write::Outbox(_)) => {}
-                    None => {
-                        self.failed_files.insert(file_of(&write), write);
-                    }
+                if let Some(name) = written.record_of {
+                    self.stale_records.insert(name);
+                }
+                if let (Some(file), Some(w)) = (written.file, written.failed) {
+                    self.failed_files.insert(file, *w);
                 }
                 if !self.storage_failing {
                     self.storage_failing = true;
                     self.last_retry = Some(Instant::now());
                     let message = format!(
-                        "STATE_DIR cannot be written ({what}): {e}; what failed is written again once it can"
+                        "STATE_DIR cannot be written ({}): {e}; what failed is written again once it can",
+                        written.what
                     );
                     error!("{message}");
                     cx.problem(ProblemKey::Storage, Some(message.clone()));
                     self.report(true, "StorageFailing".into(), message, cx);
                 }
             }
-            (Some(e), false) => error!("{}: {e}", write.describe()),
+            (Some(e), false) => error!("{}: {e}", written.what),
             (None, true) => {
-                match record_of(&write) {
-                    Some(name) => {
-                        self.stale_records.remove(name);
-                    }
-                    None => {
-                        self.failed_files.remove(file_of(&write));
-                    }
+                if let Some(name) = &written.record_of {
+                    self.stale_records.remove(name);
                 }
-                if matches!(write, Write::ForgetServerState) {
+                if let Some(file) = written.file {
+                    self.failed_files.remove(file);
+                }
+                if written.file == Some(FORGET_SERVER_STATE) {
                     // Those files are gone for good: a failed earlier write is not redone.
-                    for f in [
-                        "disconnected",
-                        "desired.json",
-                        "applied.json",
-                        "outbox.json",
-                    ] {
+                    for f in crate::store::SERVER_STATE_FILES {
                         self.failed_files.remove(f);
                     }
                 }
@@ -152,13 +141,15 @@ impl Reports {
         }
     }
 
-    /// While STATE_DIR fails, tries the failed writes again now and then (called on every
-    /// sample): nothing else may write, and a write is what tells that it works again.
-    pub fn retry_storage(&mut self, workloads: &Workloads, cx: &mut Ctx) {
-        if !self.storage_failing || self.last_retry.is_some_and(|t| t.elapsed() < STORAGE_RETRY) {
+    /// While STATE_DIR fails, tries the failed writes again now and then (called with every
+    /// sample's time): nothing else may write, and a write is what tells that it works again.
+    pub fn retry_storage(&mut self, now: Instant, workloads: &Workloads, cx: &mut Ctx) {
+        let recent = matches!(self.last_retry,
+            Some(t) if now.saturating_duration_since(t) < STORAGE_RETRY);
+        if !self.storage_failing || recent {
             return;
         }
-        self.last_retry = Some(Instant::now());
+        self.last_retry = Some(now);
         self.rewrite_failed(workloads, cx);
     }
 
@@ -181,29 +172,5 @@ impl Reports {
         if self.server {
             cx.push(Internal::Persist(Write::Outbox(self.outbox.clone())));
         }
-    }
-}
-
-/// The workload whose record a write is about.
-fn record_of(w: &Write) -> Option<&WorkloadName> {
-    match w {
-        Write::Record(r) => Some(&r.name),
-        Write::RemoveRecord(n) => Some(n),
-        _ => None,
-    }
-}
-
-/// Which file of STATE_DIR a write (other than a record's) replaces: a later write of the
-/// same file makes an earlier failure of it moot.
-fn file_of(w: &Write) -> &'static str {
-    match w {
-        Write::Desired(_) => "desired.json",
-        Write::Outbox(_) => "outbox.json",
-        Write::Applied(_) => "applied.json",
-        Write::Disconnected(_) => "disconnected",
-        Write::ForgetServerState => "server state",
-        Write::Record(_) | Write::RemoveRecord(_) => "workloads/",
-        Write::CapWorkloads(_) => "the kernel's cap",
-        Write::SyncSecrets(_) => "podman secrets",
     }
 }

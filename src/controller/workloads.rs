@@ -79,6 +79,43 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A workload entry with no run yet.
+    fn new(
+        spec: Option<WorkloadSpec>,
+        kind: WorkloadKind,
+        fingerprint: String,
+        machine: workload::Machine,
+        cgroup: WorkloadCgroup,
+        seq: u64,
+        uid: Option<u32>,
+    ) -> Entry {
+        Entry {
+            spec,
+            kind,
+            fingerprint,
+            machine,
+            cgroup,
+            run: Generation::default(),
+            retry: Generation::default(),
+            cron: Generation::default(),
+            process: None,
+            started_at: None,
+            started_unix: 0,
+            oom_baseline: 0,
+            usage: None,
+            last_cpu: None,
+            seq,
+            notice: None,
+            update_rejected: None,
+            hold: Hold::None,
+            cron_due: false,
+            cron_next: None,
+            profile_cpu_quota: None,
+            uid,
+            adopted: false,
+        }
+    }
+
     fn placement(&self, name: &WorkloadName) -> Placement {
         Placement {
             name: name.clone(),
@@ -194,6 +231,8 @@ impl Workloads {
                 cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
             }
         }
+        // The desired order is the order of arrival (older first among equal priorities).
+        let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
         // A workload whose new spec is refused keeps running the last good one.
@@ -232,16 +271,17 @@ impl Workloads {
 
         let first = self.desired.is_none();
         let old = self.desired.replace(new);
-        let new = self
-            .desired
+        let desired = self.desired.as_ref();
+        let gone = old
             .as_ref()
-            .map(|d| d.keys())
+            .map(|o| {
+                o.keys()
+                    .filter(|n| !desired.is_some_and(|d| d.contains_key(*n)))
+            })
             .into_iter()
             .flatten();
-        let old_names = old.as_ref().map(|d| d.keys()).into_iter().flatten();
-        let names: BTreeSet<&WorkloadName> = new.chain(old_names).collect();
-        let desired = self.desired.as_ref();
-        for name in names {
+        // (A refused name is never among the valid ones: `order` and `refused` are disjoint.)
+        for name in order.iter().chain(refused.iter()).chain(gone) {
             let before = old.as_ref().and_then(|d| d.get(name));
             let after = desired.and_then(|d| d.get(name));
             let same = match (before, after) {
@@ -374,30 +414,18 @@ impl Workloads {
             &mut out,
         );
         self.seq += 1;
-        let entry = Entry {
-            kind: spec.kind.clone(),
-            fingerprint: spec.fingerprint.clone(),
-            cgroup: self.hierarchy.workload(&name),
-            spec: Some(spec),
+        let entry = Entry::new(
+            None,
+            spec.kind.clone(),
+            spec.fingerprint.clone(),
             machine,
-            run: Generation::default(),
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: None,
-            started_at: None,
-            started_unix: 0,
-            oom_baseline: 0,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
+            self.hierarchy.workload(&name),
+            self.seq,
             uid,
-            adopted: false,
+        );
+        let entry = Entry {
+            spec: Some(spec),
+            ..entry
         };
         self.entries.insert(name.clone(), entry);
         cx.history.record(
@@ -738,33 +766,21 @@ impl Workloads {
         let mut out = Context::default();
         let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
         self.seq += 1;
-        let mut run = Generation::default();
-        let gen = run.bump();
-        let entry = Entry {
-            spec: spec.filter(|sp| sp.fingerprint == rec.fingerprint),
-            kind: rec.kind.clone(),
-            fingerprint: rec.fingerprint.clone(),
+        let mut entry = Entry::new(
+            spec.filter(|sp| sp.fingerprint == rec.fingerprint),
+            rec.kind.clone(),
+            rec.fingerprint.clone(),
             machine,
-            cgroup: self.hierarchy.workload(name),
-            run,
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: s.pid.map(|p| (p, s.start_ticks)),
-            started_at: Some(Instant::now()),
-            started_unix: rec.started_at_unix,
-            oom_baseline: rec.oom_kills_at_start,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
-            uid: rec.uid,
-            adopted: true,
-        };
+            self.hierarchy.workload(name),
+            self.seq,
+            rec.uid,
+        );
+        let gen = entry.run.bump();
+        entry.process = s.pid.map(|p| (p, s.start_ticks));
+        entry.started_at = Some(Instant::now());
+        entry.started_unix = rec.started_at_unix;
+        entry.oom_baseline = rec.oom_kills_at_start;
+        entry.adopted = true;
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),

@@ -368,12 +368,7 @@ impl Store {
     /// Forgets what ties the device to the server (an operator's reset): the disconnect,
     /// the desired state, the applied configuration, the outbox.
     pub fn forget_server_state(&self) -> Result<(), StoreError> {
-        for f in [
-            "disconnected",
-            "desired.json",
-            "applied.json",
-            "outbox.json",
-        ] {
+        for f in SERVER_STATE_FILES {
             let p = self.dir.join(f);
             match std::fs::remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
@@ -398,6 +393,14 @@ impl Store {
         }
     }
 }
+
+/// What ties the device to the server, under STATE_DIR (a reset forgets them).
+pub const SERVER_STATE_FILES: [&str; 4] = [
+    "disconnected",
+    "desired.json",
+    "applied.json",
+    "outbox.json",
+];
 
 /// The log of a workload's output under `state_dir` (for readers without a [`Store`]).
 pub fn log_path(state_dir: &Path, name: &WorkloadName) -> PathBuf {
