@@ -46,22 +46,16 @@ pub enum OutputError {
     },
 }
 
-/// The workload's end of the pipe (for its stdout and stderr) and the writer's pid.
-#[derive(Debug)]
-pub struct Output {
-    pub pipe: OwnedFd,
-    pub writer_pid: i32,
-}
-
 /// Starts the log writer of one run of a workload whose cgroup is `cgroup`: it appends what
-/// comes through the returned pipe to `log`, keeping at most `max_bytes` in `log` and
-/// `log.1` together. A writer of an earlier run still there is given a moment to finish,
-/// then killed (two writers must not rotate one file). Blocking (a lane's work).
+/// comes through the returned pipe (the workload's stdout and stderr) to `log`, keeping at
+/// most `max_bytes` in `log` and `log.1` together. A writer of an earlier run still there is
+/// given a moment to finish, then killed (two writers must not rotate one file). Blocking (a
+/// lane's work).
 pub fn start_writer(
     cgroup: &WorkloadCgroup,
     log: &Path,
     max_bytes: u64,
-) -> Result<Output, OutputError> {
+) -> Result<OwnedFd, OutputError> {
     cgroup.retire_log_writer()?;
     let writer_cgroup = cgroup.log_writer();
     writer_cgroup.create()?;
@@ -112,10 +106,7 @@ pub fn start_writer(
         |_, _| {},
     ))
     .detach();
-    Ok(Output {
-        pipe: write_end,
-        writer_pid,
-    })
+    Ok(write_end)
 }
 
 /// Where the log `log` is rotated to: `<name>.log.1`.

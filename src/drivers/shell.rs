@@ -103,9 +103,9 @@ impl Driver for ShellDriver {
 
         // After `kill_all`: the earlier run's writer has seen the end of its input (the new
         // one waits for it to finish).
-        let output = super::output::start_writer(cgroup, log_path, self.log_max)
+        let stdout = super::output::start_writer(cgroup, log_path, self.log_max)
             .map_err(ShellError::Output)?;
-        let stderr = output.pipe.try_clone().map_err(ShellError::Pipe)?;
+        let stderr = stdout.try_clone().map_err(ShellError::Pipe)?;
 
         let program = &shell.command[0];
         let mut cmd = Command::new(program);
@@ -117,7 +117,7 @@ impl Driver for ShellDriver {
             )
             .env("WORKLOAD_NAME", spec.name.as_str())
             .stdin(Stdio::null())
-            .stdout(Stdio::from(output.pipe))
+            .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))
             .current_dir(shell.working_dir.as_deref().unwrap_or(Path::new("/")));
         match &identity {
