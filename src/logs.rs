@@ -140,6 +140,11 @@ mod files {
                 _ => false,
             };
             if let Some(f) = &cur {
+                // Truncated in place: from its start again. Asked of the open file before
+                // reading it (a size seen earlier may predate what was appended since).
+                if f.metadata().is_ok_and(|m| m.len() < pos) {
+                    pos = 0;
+                }
                 // Whatever reached the file before it was rotated (or since the last look).
                 pos = copy_from(f, pos, out).map_err(read_err(&current))?;
             }
@@ -150,8 +155,6 @@ mod files {
                 if let Some(f) = &cur {
                     pos = copy_from(f, 0, out).map_err(read_err(&current))?;
                 }
-            } else if on_disk.as_ref().is_some_and(|m| m.len() < pos) {
-                pos = 0;
             }
             out.flush().map_err(read_err(&current))?;
         }

@@ -4,10 +4,9 @@
 //! kill or a stall; workloads must be kept apart; output and STATE_DIR must stay bounded.
 //! Root only.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use device_worker_ng::cgroup::Layout;
@@ -16,6 +15,7 @@ use device_worker_ng::status::Snapshot;
 use dwng_test_support::agent::Agent;
 use dwng_test_support::flotta_server::{FlottaTestServer, ServerOptions};
 use dwng_test_support::harness::{self, test, Need, Needs, ROOT_CGROUPS};
+use dwng_test_support::lines::Lines;
 use dwng_test_support::wait::{poll_until, wait_until};
 use serde_json::json;
 
@@ -812,27 +812,16 @@ fn output_is_capped_without_the_agent_in_its_path() {
     wait_running(&a, &["chatty", "polite"]);
 
     assert_eq!(logs(&a, &["polite", "--tail", "2"]), "line 4\nline 5\n");
-    let mut follow = a
-        .command()
-        .args(["logs", "polite", "--follow"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, seen) = std::sync::mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let next = || seen.recv_timeout(Duration::from_secs(10)).ok();
+    let mut cmd = a.command();
+    cmd.args(["logs", "polite", "--follow"]);
+    let follow = Lines::spawn(cmd);
+    let next = || follow.next(Duration::from_secs(10));
     assert_eq!(next().as_deref(), Some("line 1"));
     // Stopping it: its last words are written (the log writer outlives the stop's signals)
     // and `--follow` shows them.
     a.set_desired(&desired(&[chatty]));
     let last = std::iter::from_fn(next).find(|l| l == "last words");
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
     assert!(last.is_some(), "{}", logs(&a, &["polite"]));
     a.wait_for("polite removed", Duration::from_secs(10), |s| {
         Agent::workload(s, "polite").is_none()

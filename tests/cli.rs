@@ -1,11 +1,11 @@
 //! The command line without root: configuration errors, `status` without an agent, and
 //! `logs` over files laid out as the shell driver's log writer leaves them.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use dwng_test_support::harness::{self, test, Need};
+use dwng_test_support::lines::Lines;
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 /// The identity test makes its certificates the way operators do.
@@ -299,21 +299,12 @@ fn logs_tail_spans_the_rotation_and_follow_survives_one() {
     );
     assert_eq!(run(&["logs", "w", "--tail", "1"], &env).1, "five\n");
 
-    let mut follow = Command::new(BIN)
-        .env_clear()
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
         .env("EDGE_DEVICE_STATE_DIR", state)
-        .args(["logs", "w", "--tail", "1", "--follow"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, seen) = std::sync::mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let next = || seen.recv_timeout(Duration::from_secs(10)).ok();
+        .args(["logs", "w", "--tail", "1", "--follow"]);
+    let follow = Lines::spawn(cmd);
+    let next = || follow.next(Duration::from_secs(10));
     assert_eq!(next().as_deref(), Some("five"));
     let append = |text: &str| {
         use std::io::Write;
@@ -332,8 +323,6 @@ fn logs_tail_spans_the_rotation_and_follow_survives_one() {
     append("eight\n");
     assert_eq!(next().as_deref(), Some("seven"));
     assert_eq!(next().as_deref(), Some("eight"));
-    let _ = follow.kill();
-    let _ = follow.wait();
 }
 
 fn logs_refuses_names_that_are_no_names() {
