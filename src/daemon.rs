@@ -77,6 +77,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
         kubeconfig: settings.kubeconfig.clone(),
+        log_max: settings.workload_log_max,
     }));
     let expected = {
         let h = hierarchy.clone();

@@ -4,7 +4,8 @@
 //! (the one task that owns them and executes their commands), `drivers/` (running workloads),
 //! `cgroup/` (layout detection, limits, counters), `sampler` and `budget` (resource
 //! accounting), `workload/` (the desired state and its validation), `store/` (persistence),
-//! `status/` (the snapshot, control socket and `status` table), `config/` (settings).
+//! `status/` (the snapshot, control socket and `status` table), `logs` (the `logs` command),
+//! `config/` (settings).
 
 pub mod budget;
 pub mod cgroup;
@@ -16,6 +17,7 @@ pub mod daemon;
 pub mod drivers;
 pub mod flotta;
 pub mod logging;
+pub mod logs;
 pub mod machines;
 pub mod metrics;
 pub mod mountinfo;

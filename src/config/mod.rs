@@ -207,6 +207,12 @@ pub const KEYS: &[KeySpec] = &[
         "most workloads a desired state may hold; the rest are refused unread"
     ),
     key!(
+        "WORKLOAD_LOG_MAX",
+        Memory,
+        Some("10Mi"),
+        "most output of one shell workload kept in STATE_DIR/logs (its log and the one rotated file together; read at start)"
+    ),
+    key!(
         "RESTART_BACKOFF_INITIAL",
         Duration,
         Some("1s"),
@@ -408,6 +414,7 @@ pub struct Settings {
     pub workload_user: Option<String>,
     pub workload_uids: Option<(u32, u32)>,
     pub max_workloads: usize,
+    pub workload_log_max: u64,
     pub restart_backoff_initial: Duration,
     pub restart_backoff_max: Duration,
     pub restart_max_failures: u32,
@@ -854,6 +861,7 @@ impl Settings {
             workload_user: take.text("WORKLOAD_USER"),
             workload_uids: take.range("WORKLOAD_UIDS"),
             max_workloads: take.quantity("MAX_WORKLOADS") as usize,
+            workload_log_max: take.quantity("WORKLOAD_LOG_MAX"),
             restart_backoff_initial: take.duration("RESTART_BACKOFF_INITIAL"),
             restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
             restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
@@ -894,6 +902,15 @@ impl Settings {
             path: path.to_path_buf(),
             why,
         };
+        if self.workload_log_max < crate::drivers::output::MIN_LOG_MAX {
+            return Err(ConfigError::Invalid {
+                key: "WORKLOAD_LOG_MAX",
+                why: format!(
+                    "must be at least {}",
+                    units::Bytes(crate::drivers::output::MIN_LOG_MAX)
+                ),
+            });
+        }
         if let Some(p) = &self.desired_state {
             std::fs::File::open(p).map_err(|e| path_err("DESIRED_STATE", p, io_why(&e)))?;
         }

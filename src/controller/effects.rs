@@ -39,6 +39,8 @@ pub enum DriverOp {
     },
     Cleanup {
         at: Placement,
+        /// Also delete its output (it left the desired state).
+        forget_output: bool,
     },
     /// New limits for a running workload (a profile's cpu quota), in place.
     SetLimits {
@@ -88,23 +90,61 @@ pub enum Write {
 
 /// What a finished write was about: enough to act on its result, without carrying (and
 /// dropping on the controller task) the whole of what was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Written {
     pub what: String,
     pub state_dir: bool,
-    /// The record written, for a record (so a failed one can be written again).
-    pub record: Option<WorkloadRecord>,
+    /// The workload whose record was written or removed.
+    pub record_of: Option<WorkloadName>,
+    /// The file of STATE_DIR (other than a record) it wrote or removed.
+    pub file: Option<&'static str>,
+    /// A failed write of such a file (not the outbox, which is kept in memory anyway) comes
+    /// back whole, to be redone once STATE_DIR can be written again.
+    pub failed: Option<Box<Write>>,
 }
 
+/// [`Written::file`] of a reset's removal of the server state.
+pub const FORGET_SERVER_STATE: &str = "the server state";
+
 impl Write {
+    /// What comes back once the write finished, `failed` or not.
+    pub fn finished(self, failed: bool) -> Written {
+        let mut written = self.written();
+        let redo = written.file.is_some() && !matches!(self, Write::Outbox(_));
+        if failed && redo {
+            written.failed = Some(Box::new(self));
+        }
+        written
+    }
+
     fn written(&self) -> Written {
         Written {
             what: self.describe(),
             state_dir: self.is_state_dir(),
-            record: match self {
-                Write::Record(r) => Some(r.clone()),
+            record_of: match self {
+                Write::Record(r) => Some(r.name.clone()),
+                Write::RemoveRecord(n) => Some(n.clone()),
                 _ => None,
             },
+            file: self.file(),
+            failed: None,
+        }
+    }
+
+    /// Which file of STATE_DIR (other than a record) the write replaces: a later write of the
+    /// same file makes an earlier failure of it moot.
+    fn file(&self) -> Option<&'static str> {
+        match self {
+            Write::Desired(_) => Some("desired.json"),
+            Write::Outbox(_) => Some("outbox.json"),
+            Write::Applied(_) => Some("applied.json"),
+            Write::Disconnected(_) => Some("disconnected"),
+            Write::ForgetServerState => Some(FORGET_SERVER_STATE),
+            Write::Record(_)
+            | Write::RemoveRecord(_)
+            | Write::CapWorkloads(_)
+            | Write::SyncSecrets(_)
+            | Write::Metrics { .. } => None,
         }
     }
 
@@ -224,7 +264,7 @@ impl RealEffects {
     }
 
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
-        let (tx, drivers) = (self.tx.clone(), self.drivers.clone());
+        let (tx, drivers, store) = (self.tx.clone(), self.drivers.clone(), self.store.clone());
         let n = name.clone();
         let send = move |outcome: RunOutcome| {
             let _ = tx.send_blocking(Event::Run {
@@ -259,10 +299,17 @@ impl RealEffects {
                 }
                 send(RunOutcome::Stopped)
             }),
-            DriverOp::Cleanup { at } => Box::new(move || {
+            DriverOp::Cleanup { at, forget_output } => Box::new(move || {
                 let result = drivers.of(&at.kind).cleanup(&at);
                 if let Err(e) = &result {
                     error!(workload = %at.name, "cleaning up: {e}");
+                }
+                // On the workload's lane, after its log writer has ended with the cleanup:
+                // nothing writes the files any more, and a new run cannot have started yet.
+                if forget_output {
+                    if let Err(e) = store.remove_logs(&at.name) {
+                        error!(workload = %at.name, "removing its output: {e}");
+                    }
                 }
                 send(RunOutcome::CleanedUp(result.err().map(|e| e.to_string())))
             }),
@@ -313,7 +360,7 @@ impl RealEffects {
                 .map_err(|e| e.to_string()),
             };
             let _ = tx.send_blocking(Event::Persisted {
-                written: Box::new(w.written()),
+                written: Box::new(w.finished(result.is_err())),
                 error: result.err(),
             });
         }));

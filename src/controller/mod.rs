@@ -645,6 +645,7 @@ impl State {
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
+        self.reports.retry_storage(at, &self.workloads, cx);
         self.give_back_memory();
         if let Some(p) = pressure {
             cx.push(Internal::Device(match p {

@@ -128,12 +128,15 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
             };
             // A file renamed into place or closed by its writer is complete: read it now.
             // Anything else (truncated, half written, deleted) waits until it has been quiet
-            // for a while; more events within the quiet time restart the wait.
+            // for a while; more events of the file within the quiet time restart the wait,
+            // events of other files in its directory (the agent's own log, say) do not, or
+            // they could put the read off for as long as they go on.
+            let mut quiet_at = std::time::Instant::now() + DESIRED_QUIET;
             while touch == Touch::Busy {
                 let more = smol::future::or(
                     async { Some(inotify.read_with(|i| ours(i)).await) },
                     async {
-                        smol::Timer::after(DESIRED_QUIET).await;
+                        smol::Timer::at(quiet_at).await;
                         None
                     },
                 )
@@ -145,7 +148,11 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
                         return;
                     }
                     Some(Ok(Touch::None)) => Touch::Busy,
-                    Some(Ok(t)) => t,
+                    Some(Ok(Touch::Busy)) => {
+                        quiet_at = std::time::Instant::now() + DESIRED_QUIET;
+                        Touch::Busy
+                    }
+                    Some(Ok(Touch::Done)) => Touch::Done,
                 };
             }
             if touch == Touch::Done && tx.send(Event::DesiredFileChanged).await.is_err() {

@@ -700,3 +700,92 @@ fn a_workload_defines_its_own_profile_by_annotation() {
     h.desired(&[]);
     assert!(h.c.st.resources.profiles.profiles.is_empty());
 }
+
+/// The writes among `effects`.
+fn writes(effects: Vec<Effect>) -> Vec<Write> {
+    effects
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Persist(w) => Some(*w),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_degrades_and_what_failed_is_written_again_as_it_is_by_then() {
+    let mut h = Harness::new(&[]);
+    let text = [shell("a", "", "", "")];
+    h.desired(&text);
+    h.start_all();
+    let record = h.c.st.workloads.record_of(&name("a")).unwrap();
+    let desired = parse_desired(&format!("workloads:\n{}", text.join(""))).unwrap();
+    let fail = |h: &mut Harness, w: Write| {
+        h.c.handle(Event::Persisted {
+            written: Box::new(w.finished(true)),
+            error: Some("No space left on device (os error 28)".into()),
+        });
+    };
+    fail(&mut h, Write::Record(record.clone()));
+    fail(&mut h, Write::Desired(desired.clone()));
+    let (state, reason) = h.c.device_state();
+    assert_eq!(state, "degraded");
+    assert!(
+        h.c.snapshot()
+            .device
+            .problems
+            .iter()
+            .any(|p| p.contains("STATE_DIR cannot be written") && p.contains("No space")),
+        "{reason}"
+    );
+    h.take();
+
+    // Tried again with the samples, at most every 10 s.
+    h.sample(5_000, &[]);
+    assert!(writes(h.take()).is_empty(), "not yet");
+    h.sample(11_000, &[]);
+    let again = writes(h.take());
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again
+        .iter()
+        .any(|w| matches!(w, Write::Record(r) if *r == record)));
+    assert!(again
+        .iter()
+        .any(|w| matches!(w, Write::Desired(d) if *d == desired)));
+
+    // One works: the problem clears.
+    let record_write = again
+        .into_iter()
+        .find(|w| matches!(w, Write::Record(_)))
+        .unwrap();
+    h.c.handle(Event::Persisted {
+        written: Box::new(record_write.finished(false)),
+        error: None,
+    });
+    assert_eq!(h.c.device_state().0, "reconciling");
+    assert!(h.c.snapshot().device.problems.is_empty());
+}
+
+#[test]
+fn a_failed_record_of_a_workload_gone_since_is_removed_not_rewritten() {
+    let mut h = Harness::new(&[]);
+    h.desired(&[shell("a", "", "", ""), shell("b", "", "", "")]);
+    h.start_all();
+    let record = h.c.st.workloads.record_of(&name("b")).unwrap();
+    h.c.handle(Event::Persisted {
+        written: Box::new(Write::Record(record).finished(true)),
+        error: Some("read-only file system".into()),
+    });
+    // b goes away meanwhile (its stop and cleanup as the driver would answer them).
+    h.desired(&[shell("a", "", "", "")]);
+    let gen = h.gen("b");
+    h.run("b", gen, RunOutcome::Stopped);
+    assert!(!h.c.st.workloads.entries().contains_key(&name("b")));
+    h.take();
+    h.sample(11_000, &[]);
+    let again = writes(h.take());
+    assert!(
+        matches!(again.as_slice(), [Write::RemoveRecord(n)] if *n == name("b")),
+        "{again:?}"
+    );
+}

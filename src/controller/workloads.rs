@@ -643,6 +643,9 @@ impl Workloads {
                     gen: e.run,
                     op: DriverOp::Cleanup {
                         at: e.placement(name),
+                        // Removed: a workload that is gone owns nothing, its output included
+                        // (or a server renaming workloads would fill STATE_DIR, cap or not).
+                        forget_output: true,
                     },
                 });
                 cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
@@ -813,7 +816,10 @@ impl Workloads {
                     cx.fx.run(Effect::Driver {
                         name,
                         gen: Generation::default(),
-                        op: DriverOp::Cleanup { at },
+                        op: DriverOp::Cleanup {
+                            at,
+                            forget_output: false,
+                        },
                     });
                 }
                 Ok(_) => {}
@@ -836,7 +842,10 @@ impl Workloads {
             cx.fx.run(Effect::Driver {
                 name: name.clone(),
                 gen: Generation::default(),
-                op: DriverOp::Cleanup { at },
+                op: DriverOp::Cleanup {
+                    at,
+                    forget_output: false,
+                },
             });
             cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
             cx.push(Internal::Converge(name.clone()));

@@ -11,7 +11,7 @@ pub use desired::{
     parse_desired, DesiredError, DesiredSecret, DesiredState, DesiredWorkload, ImageRegistries,
     Rejection, Retry, SpecDefaults, ValidatedDesired, MAX_DESIRED_BYTES,
 };
-pub use name::WorkloadName;
+pub use name::{NameError, WorkloadName};
 pub use pod::{PodSpecData, DEFAULT_POD_PIDS, POD_MEMORY_OVERHEAD, WORKLOAD_LABEL};
 pub use shell::ShellSpec;
 
