@@ -2,7 +2,8 @@
 # Time from the device budget being exceeded to the first eviction started (issue 5's target:
 # <= 1 s at default settings), printed as a table; asserts nothing. Needs root.
 # A steady workload keeps usage at about two thirds of a 150 MiB budget (1 s sampling); a
-# second one then allocates 80 MB, notes the time it finished, and is evicted.
+# second one then allocates 80 MB, notes the time it finished, and is evicted. Both declare a
+# 200Mi limit: the budget, not DEFAULT_LIMITS (half the budget), is what they run into.
 # Usage: sudo bench/budget.sh [RUNS=5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +23,13 @@ steady='  - name: steady
     specification: |
       command: ["/bin/sh", "-c", "big=$(head -c 100000000 /dev/zero | tr \"\\\\0\" x); sleep 100000"]
       user: root
-      resources: {requests: {memory: 8Mi}}'
+      resources: {requests: {memory: 8Mi}, limits: {memory: 200Mi}}'
 spike() { printf '  - name: spike%s
     kind: shell
     specification: |
       command: ["/bin/sh", "-c", "big=$(head -c 80000000 /dev/zero | tr \\"\\\\\\\\0\\" x); date +%%s.%%N > %s/done%s; sleep 100000"]
       user: root
-      resources: {requests: {memory: 8Mi}}\n' "$1" "$WORK" "$1"; }
+      resources: {requests: {memory: 8Mi}, limits: {memory: 200Mi}}\n' "$1" "$WORK" "$1"; }
 write() { printf '%s\n' "$1" > "$WORK/desired.tmp" && mv "$WORK/desired.tmp" "$WORK/desired.yaml"; }
 write "workloads:
 $steady"

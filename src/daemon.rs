@@ -33,11 +33,6 @@ pub enum DaemonError {
     Systemd(String),
 }
 
-/// Threads of smol's blocking pool (driver calls, store writes, server requests): bounded,
-/// so a burst of workload starts queues instead of spawning a thread each. Idle threads
-/// leave after a moment.
-const BLOCKING_THREADS: usize = 8;
-
 /// Detects the cgroup layout, picks the cgroup driver and prepares where workloads go.
 ///
 /// systemd driver: a slice (SYSTEMD_SLICE) that systemd creates and limits, one unit per
@@ -121,27 +116,16 @@ fn slice_exists(settings: &Settings, layout: &cgroup::Layout) -> bool {
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
-    if std::env::var_os("BLOCKING_MAX_THREADS").is_none() {
-        // Read by the blocking pool on first use; set before any thread exists.
-        std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator. Two arenas are plenty for an agent whose
+    // threads mostly wait; glibc's default (8 per core) scatters short-lived allocations of
+    // the blocking threads over arenas that keep their pages.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 64 << 10);
     }
-    let hierarchy = hierarchy(&settings)?;
-    info!(
-        layout = hierarchy.layout.name(),
-        driver = hierarchy.driver_name(),
-        base = %hierarchy.base_display().display(),
-        "cgroup hierarchy ready"
-    );
     let store = Store::open(&settings.state_dir)?;
-    let drivers = Arc::new(Drivers::new(&DriverSettings {
-        state_dir: settings.state_dir.clone(),
-        layout: hierarchy.layout.clone(),
-        systemd: hierarchy.slice_tree().cloned(),
-        stop_timeout: settings.stop_timeout,
-        rootless_user: settings.rootless_user.clone(),
-        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
-        kubeconfig: settings.kubeconfig.clone(),
-    }));
+    // The identity first: one that can never work stops the agent before it touches cgroups.
     let session = match &settings.server {
         Some(url) => {
             let s = SessionPart::open(&settings, url, &store)
@@ -151,6 +135,23 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let hierarchy = hierarchy(&settings)?;
+    info!(
+        layout = hierarchy.layout.name(),
+        driver = hierarchy.driver_name(),
+        base = %hierarchy.base_display().display(),
+        "cgroup hierarchy ready"
+    );
+    let drivers = Arc::new(Drivers::new(&DriverSettings {
+        state_dir: settings.state_dir.clone(),
+        layout: hierarchy.layout.clone(),
+        systemd: hierarchy.slice_tree().cloned(),
+        stop_timeout: settings.stop_timeout,
+        rootless_user: settings.rootless_user.clone(),
+        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
+        kubeconfig: settings.kubeconfig.clone(),
+        log_max: settings.workload_log_max,
+    }));
     let expected = {
         let h = hierarchy.clone();
         move |n: &crate::workload::WorkloadName| {

@@ -4,10 +4,12 @@
 //! (the one task that owns them and executes their commands), `drivers/` (running workloads),
 //! `cgroup/` (layout detection, limits, counters), `sampler` and `budget` (resource
 //! accounting), `workload/` (the desired state and its validation), `store/` (persistence),
-//! `status/` (the snapshot, control socket and `status` table), `config/` (settings).
+//! `status/` (the snapshot, control socket and `status` table), `logs` (the `logs` command),
+//! `config/` (settings).
 
 pub mod budget;
 pub mod cgroup;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod cron;
@@ -17,8 +19,10 @@ pub mod flotta;
 pub mod logging;
 pub mod logs;
 pub mod machines;
+pub mod metrics;
 pub mod mountinfo;
 pub mod notify;
+pub mod pool;
 pub mod profiles;
 pub mod sampler;
 pub mod status;

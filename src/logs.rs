@@ -1,242 +1,333 @@
-//! `device-worker-ng logs NAME`: a workload's output, from wherever its driver put it. Under
-//! the systemd cgroup driver a shell workload's output is its service's journal
-//! (`journalctl -u <unit>`); under cgroupfs it is `STATE_DIR/logs/<name>.log`; a pod's is its
-//! containers' log, read by `podman pod logs` (podman's journald log driver under systemd).
+//! `device-worker-ng logs NAME [--tail N] [--follow]`: a workload's output, read where the
+//! agent keeps it: the files of the shell driver's log writer (`STATE_DIR/logs/<name>.log`
+//! and the rotated `<name>.log.1`, deleted with the workload) under the cgroupfs driver, the
+//! journal of the workload's service under the systemd driver. The agent is not asked: logs
+//! stay readable while it is down.
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::cgroup::systemd::{self, UnitNames};
 use crate::config::{CgroupDriverChoice, Settings};
-use crate::status::socket;
 use crate::workload::WorkloadName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogsError {
     #[error("{0}")]
-    Name(#[from] crate::workload::name::NameError),
-    #[error("no workload {0} (and no log of it in {1})")]
-    Unknown(String, String),
-    #[error("{what}: {why}")]
-    Io { what: String, why: String },
-    #[error("{0}")]
-    Rootless(String),
+    Name(#[from] crate::workload::NameError),
+    #[error("no output recorded for workload {name} (looked for {path})")]
+    NoLog { name: WorkloadName, path: PathBuf },
+    #[error("{path}: {why}")]
+    Read { path: PathBuf, why: String },
+    /// Whoever read the output went away (a closed pipe): not a failure.
+    #[error("the reader went away")]
+    ReaderGone,
 }
 
-/// Where a workload's output is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogSource {
-    /// A unit's journal.
-    Journal {
-        unit: String,
-    },
-    /// A pod's containers (podman as `user` when the pod is rootless).
-    Pod {
-        name: WorkloadName,
-        user: Option<String>,
-    },
-    File(PathBuf),
+/// Where workload output is read from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `<state_dir>/logs/<name>.log` and its rotated predecessor.
+    Files { state_dir: PathBuf },
+    /// The systemd cgroup driver's: a shell workload's service writes to the journal
+    /// (`journalctl -u <slice stem>-<name>.service`). Output the files hold instead (the
+    /// driver fell back to cgroupfs, or an older agent ran it) is read there.
+    Journal { slice: String, state_dir: PathBuf },
 }
 
-/// What `logs` shows.
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
+impl Source {
+    /// Where this agent's settings put workload output.
+    pub fn of(settings: &Settings) -> Source {
+        let files = Source::Files {
+            state_dir: settings.state_dir.clone(),
+        };
+        if settings.cgroup_driver == CgroupDriverChoice::Cgroupfs || !systemd::booted() {
+            return files;
+        }
+        Source::Journal {
+            slice: settings.systemd_slice.clone(),
+            state_dir: settings.state_dir.clone(),
+        }
+    }
+}
+
+/// What to show.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub name: WorkloadName,
+    /// Only the last this many lines (of everything kept).
+    pub tail: Option<usize>,
+    /// Then keep showing output as it comes, until interrupted.
     pub follow: bool,
-    pub lines: u32,
 }
 
-/// Finds where `name`'s output is: the running agent says (kind, unit); without one, the
-/// settings do (a systemd host's unit name, the log file, the pod's rootless marker).
-pub fn locate(settings: &Settings, socket: &Path, name: &str) -> Result<LogSource, LogsError> {
-    let name = WorkloadName::parse(name)?;
-    let rootless_marker = settings
-        .state_dir
-        .join("pods")
-        .join(name.as_str())
-        .join("rootless");
-    let pod = |name: WorkloadName| LogSource::Pod {
-        user: rootless_marker
-            .exists()
-            .then(|| settings.rootless_user.clone())
-            .flatten(),
-        name,
+/// Writes the requested output to `out`. A reader that goes away (a closed pipe) ends it
+/// without an error.
+pub fn show(source: &Source, req: &Request, out: &mut impl Write) -> Result<(), LogsError> {
+    let result = match source {
+        Source::Files { state_dir } => files::show(state_dir, req, out),
+        Source::Journal { slice, state_dir } => {
+            let current = crate::store::log_path(state_dir, &req.name);
+            let rotated = crate::drivers::output::rotated(&current);
+            if current.exists() || rotated.exists() {
+                files::show(state_dir, req, out)
+            } else {
+                journal::show(&UnitNames::of(slice, req.name.as_str()).service, req, out)
+            }
+        }
     };
-    let file = settings
-        .state_dir
-        .join("logs")
-        .join(format!("{}.log", name.as_str()));
-    if let Ok((snap, _)) = socket::request_status(socket) {
-        let w = snap
-            .workloads
-            .iter()
-            .find(|w| w.name == name.as_str())
-            .ok_or_else(|| {
-                LogsError::Unknown(name.to_string(), settings.state_dir.display().to_string())
-            })?;
-        return Ok(match (w.kind.as_str(), &w.unit) {
-            ("pod", _) => pod(name),
-            (_, Some(unit)) => LogSource::Journal { unit: unit.clone() },
-            _ => LogSource::File(w.log.clone().map_or(file, PathBuf::from)),
-        });
-    }
-    // No agent answers: a pod keeps its marker directory; a shell workload its log file
-    // (cgroupfs) or its journal (systemd).
-    if rootless_marker.parent().is_some_and(Path::is_dir) {
-        return Ok(pod(name));
-    }
-    if file.exists() {
-        return Ok(LogSource::File(file));
-    }
-    if settings.cgroup_driver != CgroupDriverChoice::Cgroupfs && systemd::booted() {
-        return Ok(LogSource::Journal {
-            unit: UnitNames::of(&settings.systemd_slice, name.as_str()).service,
-        });
-    }
-    Err(LogsError::Unknown(
-        name.to_string(),
-        settings.state_dir.display().to_string(),
-    ))
-}
-
-/// Shows the output: journalctl and podman replace this process (so `--follow` and paging
-/// behave as theirs do); a file is printed (and followed) here. Returns only on failure, or
-/// after printing a file without `follow`.
-pub fn show(source: &LogSource, opts: Options, settings: &Settings) -> Result<(), LogsError> {
-    let lines = opts.lines.to_string();
-    match source {
-        LogSource::Journal { unit } => {
-            let mut c = Command::new("journalctl");
-            c.args(["--no-pager", "-u", unit, "-n", &lines]);
-            if opts.follow {
-                c.arg("-f");
-            }
-            Err(exec_failed("journalctl", c.exec()))
-        }
-        LogSource::Pod { name, user } => {
-            let mut c = Command::new("podman");
-            c.args(["pod", "logs", "--tail", &lines]);
-            if opts.follow {
-                c.arg("-f");
-            }
-            c.arg(name.as_str()).current_dir("/");
-            if let Some(user) = user {
-                let u = crate::drivers::podman::RootlessUser::resolve(
-                    user,
-                    settings.xdg_runtime_dir.clone(),
-                )
-                .map_err(|e| LogsError::Rootless(e.to_string()))?;
-                c.uid(u.uid.as_raw())
-                    .gid(u.gid.as_raw())
-                    .env("HOME", &u.home)
-                    .env("USER", &u.name)
-                    .env("XDG_RUNTIME_DIR", &u.runtime_dir);
-            }
-            Err(exec_failed("podman", c.exec()))
-        }
-        LogSource::File(path) => print_file(path, opts),
+    match result {
+        Err(LogsError::ReaderGone) => Ok(()),
+        other => other,
     }
 }
 
-fn exec_failed(what: &str, e: std::io::Error) -> LogsError {
-    LogsError::Io {
-        what: format!("cannot run {what}"),
-        why: e.to_string(),
+/// An error of copying `path` to the output (either side may fail).
+fn read_err(path: &Path) -> impl Fn(std::io::Error) -> LogsError + '_ {
+    move |e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => LogsError::ReaderGone,
+        std::io::ErrorKind::PermissionDenied => LogsError::Read {
+            path: path.to_path_buf(),
+            why: "permission denied (workload output is root's)".into(),
+        },
+        _ => LogsError::Read {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        },
     }
 }
 
-/// The last `lines` lines of the file (read from its end, whatever its size), then, with
-/// `follow`, what is appended to it.
-fn print_file(path: &Path, opts: Options) -> Result<(), LogsError> {
-    let io = |e: std::io::Error| LogsError::Io {
-        what: path.display().to_string(),
-        why: e.to_string(),
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    // Enough of the end for the lines asked for, typically; never the whole of a huge log.
-    let window = (u64::from(opts.lines) * 256).clamp(4096, 16 << 20);
-    f.seek(SeekFrom::Start(len.saturating_sub(window)))
-        .map_err(io)?;
-    let mut tail = Vec::new();
-    f.read_to_end(&mut tail).map_err(io)?;
-    let text = String::from_utf8_lossy(&tail);
-    let all: Vec<&str> = text.lines().collect();
-    let start = all.len().saturating_sub(opts.lines as usize);
-    let mut out = std::io::stdout().lock();
-    for l in &all[start..] {
-        let _ = writeln!(out, "{l}");
-    }
-    let _ = out.flush();
-    drop(out);
-    if !opts.follow {
-        return Ok(());
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
+mod journal {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// The unit's entries, as the workload wrote them (`-o cat`), by journalctl, copied to
+    /// `out` (and followed with `--follow`).
+    pub fn show(unit: &str, req: &Request, out: &mut impl Write) -> Result<(), LogsError> {
+        let mut c = Command::new("journalctl");
+        c.args(["--no-pager", "--quiet", "-o", "cat", "-u", unit]);
+        if let Some(n) = req.tail {
+            c.args(["-n", &n.to_string()]);
         }
-        let mut out = std::io::stdout().lock();
-        if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+        if req.follow {
+            c.arg("--follow");
+        }
+        let what = Path::new("journalctl");
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(read_err(what))?;
+        let copied = match child.stdout.take() {
+            Some(mut from) => std::io::copy(&mut from, out).and_then(|_| out.flush()),
+            None => Ok(()),
+        };
+        if copied.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait().map_err(read_err(what))?;
+        copied.map_err(read_err(what))?;
+        if !status.success() {
+            return Err(LogsError::Read {
+                path: PathBuf::from(format!("the journal of {unit}")),
+                why: format!("journalctl {status}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+mod files {
+    use super::*;
+
+    /// How often a followed log is looked at again.
+    const FOLLOW_POLL: Duration = Duration::from_millis(200);
+    const BLOCK: u64 = 64 << 10;
+
+    fn open(path: &Path) -> Result<Option<File>, LogsError> {
+        match File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_err(path)(e)),
+        }
+    }
+
+    pub fn show(state_dir: &Path, req: &Request, out: &mut impl Write) -> Result<(), LogsError> {
+        let current = crate::store::log_path(state_dir, &req.name);
+        let rotated = crate::drivers::output::rotated(&current);
+        let (cur, old) = (open(&current)?, open(&rotated)?);
+        if cur.is_none() && old.is_none() && !req.follow {
+            return Err(LogsError::NoLog {
+                name: req.name.clone(),
+                path: current,
+            });
+        }
+        // Where each file's shown part starts: all of both, or the last `n` lines.
+        let mut from_cur = 0;
+        let mut from_old = Some(0);
+        if let Some(n) = req.tail {
+            let (start, found) = match &cur {
+                Some(f) => tail_start(f, n).map_err(read_err(&current))?,
+                None => (0, 0),
+            };
+            from_cur = start;
+            from_old = match &old {
+                Some(f) if found < n => {
+                    Some(tail_start(f, n - found).map_err(read_err(&rotated))?.0)
+                }
+                _ => None,
+            };
+        }
+        if let (Some(f), Some(start)) = (&old, from_old) {
+            copy_from(f, start, out).map_err(read_err(&rotated))?;
+        }
+        let mut pos = match &cur {
+            Some(f) => copy_from(f, from_cur, out).map_err(read_err(&current))?,
+            None => 0,
+        };
+        out.flush().map_err(read_err(&current))?;
+        if !req.follow {
             return Ok(());
         }
+        let mut cur = cur;
+        loop {
+            std::thread::sleep(FOLLOW_POLL);
+            let on_disk = std::fs::metadata(&current).ok();
+            let same = match (&cur, &on_disk) {
+                (Some(f), Some(m)) => f.metadata().is_ok_and(|o| o.ino() == m.ino()),
+                _ => false,
+            };
+            if let Some(f) = &cur {
+                // Truncated in place: from its start again. Asked of the open file before
+                // reading it (a size seen earlier may predate what was appended since).
+                if f.metadata().is_ok_and(|m| m.len() < pos) {
+                    pos = 0;
+                }
+                // Whatever reached the file before it was rotated (or since the last look).
+                pos = copy_from(f, pos, out).map_err(read_err(&current))?;
+            }
+            if !same && on_disk.is_some() {
+                // Rotated (or created): the new file from its start.
+                cur = open(&current)?;
+                pos = 0;
+                if let Some(f) = &cur {
+                    pos = copy_from(f, 0, out).map_err(read_err(&current))?;
+                }
+            }
+            out.flush().map_err(read_err(&current))?;
+        }
+    }
+
+    /// Copies `f` from `start` to its end; returns where it ended.
+    fn copy_from(mut f: &File, start: u64, out: &mut impl Write) -> std::io::Result<u64> {
+        f.seek(SeekFrom::Start(start))?;
+        let copied = std::io::copy(&mut f, out)?;
+        Ok(start + copied)
+    }
+
+    /// Where the last `n` lines of `f` start, and how many lines there were (at most `n`).
+    /// Scans backwards block by block: a long log is not read whole.
+    pub(super) fn tail_start(mut f: &File, n: usize) -> std::io::Result<(u64, usize)> {
+        let len = f.metadata()?.len();
+        if n == 0 || len == 0 {
+            return Ok((len, 0));
+        }
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut end = len;
+        let mut found = 0;
+        while end > 0 {
+            let start = end.saturating_sub(BLOCK);
+            let block = &mut buf[..(end - start) as usize];
+            f.seek(SeekFrom::Start(start))?;
+            f.read_exact(block)?;
+            for (i, _) in block.iter().enumerate().rev().filter(|(_, b)| **b == b'\n') {
+                let at = start + i as u64;
+                // A final newline ends the last line; it does not start another.
+                if at == len - 1 {
+                    continue;
+                }
+                found += 1;
+                if found == n {
+                    return Ok((at + 1, found));
+                }
+            }
+            end = start;
+        }
+        // The first line has no newline before it.
+        Ok((0, found + 1))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Inputs;
 
-    fn settings(dir: &Path) -> Settings {
-        let mut s = Settings::load(&Inputs::default()).unwrap();
-        s.state_dir = dir.to_path_buf();
-        s.cgroup_driver = CgroupDriverChoice::Cgroupfs;
-        s
+    fn shown(dir: &Path, tail: Option<usize>) -> String {
+        let mut out = Vec::new();
+        show(
+            &Source::Files {
+                state_dir: dir.to_path_buf(),
+            },
+            &Request {
+                name: WorkloadName::parse("w").unwrap(),
+                tail,
+                follow: false,
+            },
+            &mut out,
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
-    fn without_an_agent_the_files_tell() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = settings(dir.path());
-        let sock = dir.path().join("none.sock");
-        assert!(matches!(
-            locate(&s, &sock, "../etc/passwd"),
-            Err(LogsError::Name(_))
-        ));
-        assert!(matches!(
-            locate(&s, &sock, "ghost"),
-            Err(LogsError::Unknown(..))
-        ));
-        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        std::fs::write(dir.path().join("logs/ticker.log"), "a\nb\nc\n").unwrap();
-        assert_eq!(
-            locate(&s, &sock, "ticker").unwrap(),
-            LogSource::File(dir.path().join("logs/ticker.log"))
-        );
-        std::fs::create_dir_all(dir.path().join("pods/web")).unwrap();
-        let web = WorkloadName::parse("web").unwrap();
-        assert_eq!(
-            locate(&s, &sock, "web").unwrap(),
-            LogSource::Pod {
-                name: web.clone(),
-                user: None
-            }
-        );
-        let mut rl = s.clone();
-        rl.rootless_user = Some("dwngrl".into());
-        std::fs::write(dir.path().join("pods/web/rootless"), "").unwrap();
-        assert_eq!(
-            locate(&rl, &sock, "web").unwrap(),
-            LogSource::Pod {
-                name: web,
-                user: Some("dwngrl".into())
-            }
-        );
+    fn the_rotated_file_comes_first_and_tail_spans_both() {
+        let t = tempfile::tempdir().unwrap();
+        let logs = t.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::fs::write(logs.join("w.log.1"), "a\nb\nc\n").unwrap();
+        std::fs::write(logs.join("w.log"), "d\ne\n").unwrap();
+        assert_eq!(shown(t.path(), None), "a\nb\nc\nd\ne\n");
+        assert_eq!(shown(t.path(), Some(1)), "e\n");
+        assert_eq!(shown(t.path(), Some(2)), "d\ne\n");
+        assert_eq!(shown(t.path(), Some(3)), "c\nd\ne\n");
+        assert_eq!(shown(t.path(), Some(10)), "a\nb\nc\nd\ne\n");
+        assert_eq!(shown(t.path(), Some(0)), "");
+        // A last line still being written counts as a line.
+        std::fs::write(logs.join("w.log"), "d\ne").unwrap();
+        assert_eq!(shown(t.path(), Some(1)), "e");
+        assert_eq!(shown(t.path(), Some(2)), "d\ne");
+    }
+
+    #[test]
+    fn tail_scans_across_blocks() {
+        let t = tempfile::tempdir().unwrap();
+        let text: String = (0..30_000).map(|i| format!("line {i}\n")).collect();
+        std::fs::create_dir(t.path().join("logs")).unwrap();
+        std::fs::write(t.path().join("logs/w.log"), &text).unwrap();
+        assert_eq!(shown(t.path(), Some(2)), "line 29998\nline 29999\n");
+        let last = shown(t.path(), Some(20_000));
+        assert!(last.starts_with("line 10000\n"), "{}", &last[..20]);
+        assert_eq!(shown(t.path(), Some(40_000)), text);
+    }
+
+    #[test]
+    fn a_workload_without_output_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let e = show(
+            &Source::Files {
+                state_dir: t.path().to_path_buf(),
+            },
+            &Request {
+                name: WorkloadName::parse("none").unwrap(),
+                tail: None,
+                follow: false,
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no output recorded"), "{e}");
     }
 }

@@ -43,9 +43,9 @@ fn main() {
             status_table_and_json_from_a_running_agent,
         ),
         test(
-            "logs_prints_a_shell_workloads_output",
+            "a_workload_desired_again_during_its_stop_runs_again",
             ROOT_CGROUPS,
-            logs_prints_a_shell_workloads_output,
+            a_workload_desired_again_during_its_stop_runs_again,
         ),
     ])
 }
@@ -328,52 +328,38 @@ fn status_table_and_json_from_a_running_agent() {
     );
 }
 
-/// `device-worker-ng logs NAME` under the cgroupfs driver: the workload's log file, its last
-/// lines first (`-n`); an unknown or invalid name is an error.
-fn logs_prints_a_shell_workloads_output() {
-    let mut a = Agent::new(
-        BIN,
-        &desired(&[shell(
-            "talker",
-            "for i in 1 2 3 4 5; do echo line $i; done; sleep 600",
-            "",
-        )]),
-    );
+/// Desired and actual converge whatever the timing (issue 13): a workload that ignores
+/// SIGTERM is removed, then desired again while its stop still waits for the grace time.
+fn a_workload_desired_again_during_its_stop_runs_again() {
+    let stubborn = shell("stubborn", "trap '' TERM; while :; do sleep 1; done", "");
+    let mut a = Agent::new(BIN, &desired(std::slice::from_ref(&stubborn)));
     a.start();
-    a.wait_for("talker running", Duration::from_secs(10), |s| {
-        Agent::workload(s, "talker").is_some_and(|w| w.state == "running")
+    let s = a.wait_for("stubborn running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "running")
     });
-    let logs = |args: &[&str]| {
-        let out = a
-            .command()
-            .arg("logs")
-            .args(args)
-            .arg("--socket")
-            .arg(a.socket())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let mut all = String::new();
-    wait_until(
-        "the output in the log",
-        Duration::from_secs(10),
-        Duration::from_millis(50),
-        || {
-            all = logs(&["talker"]).1;
-            all.contains("line 5")
-        },
+    let first = Agent::workload(&s, "stubborn").unwrap().pid;
+    a.set_desired("workloads: []\n");
+    a.wait_for("stopping", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "stopping")
+    });
+    // Desired again while the stop waits out STOP_TIMEOUT (2 s in these tests).
+    a.set_desired(&desired(&[stubborn]));
+    let s = a.wait_for("running again", Duration::from_secs(20), |s| {
+        Agent::workload(s, "stubborn")
+            .is_some_and(|w| w.state == "running" && w.pid.is_some() && w.pid != first)
+    });
+    // And it stays so: no late removal.
+    std::thread::sleep(Duration::from_secs(2));
+    let again = a.status();
+    assert_eq!(
+        Agent::workload(&again, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        Agent::workload(&s, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        "{}",
+        again.render()
     );
-    assert!(all.starts_with("line 1\n"), "{all}");
-    let (ok, last, _) = logs(&["talker", "-n", "2"]);
-    assert!(ok);
-    assert_eq!(last, "line 4\nline 5\n");
-    let (ok, _, err) = logs(&["nobody-here"]);
-    assert!(!ok && err.contains("no workload nobody-here"), "{err}");
-    let (ok, _, err) = logs(&["../../etc/passwd"]);
-    assert!(!ok && err.contains("not a workload name"), "{err}");
+    assert!(
+        a.cgroup_procs("stubborn")
+            .contains(&Agent::workload(&s, "stubborn").unwrap().pid.unwrap()),
+        "the new run lives in its cgroup"
+    );
 }

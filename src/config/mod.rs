@@ -1,7 +1,9 @@
 //! Settings: one place that reads the YAML file, `EDGE_DEVICE_*` variables and `--set` flags,
 //! validates every key, and says exactly which key (and from where) is wrong.
 //!
-//! Precedence: flag > environment > file > default.
+//! Precedence: flag > environment > drop-ins > file > default. The file is `--config`, else
+//! [`DEFAULT_CONFIG_FILE`] when it exists; the drop-ins are `config.d/*.yaml` beside it, in
+//! lexical order (image builders add settings without editing the packaged conffile).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,6 +17,12 @@ use crate::units;
 pub const EXIT_CONFIG: i32 = 78;
 
 pub const ENV_PREFIX: &str = "EDGE_DEVICE_";
+
+/// The packaged configuration file: read when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/device-worker-ng/config.yaml";
+
+/// The directory of drop-ins, beside the configuration file.
+pub const DROPIN_DIR: &str = "config.d";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -31,6 +39,8 @@ enum Kind {
     IdRange,
     CgroupDriver,
     Slice,
+    ProxyUrl,
+    DefaultLimits,
 }
 
 impl Kind {
@@ -51,6 +61,10 @@ impl Kind {
             }
             Kind::CgroupDriver => "one of auto, systemd, cgroupfs",
             Kind::Slice => "a systemd slice name like device-worker-ng.slice",
+            Kind::ProxyUrl => "an http:// proxy URL like http://proxy.example:3128",
+            Kind::DefaultLimits => {
+                "limits like memory=50%,cpu=1,pids=1024 (a quantity or a percentage of the budget; none: no defaults)"
+            }
         }
     }
 }
@@ -209,6 +223,12 @@ pub const KEYS: &[KeySpec] = &[
         "most workloads a desired state may hold; the rest are refused unread"
     ),
     key!(
+        "WORKLOAD_LOG_MAX",
+        Memory,
+        Some("10Mi"),
+        "most output of one shell workload kept in STATE_DIR/logs (its log and the one rotated file together; read at start)"
+    ),
+    key!(
         "RESTART_BACKOFF_INITIAL",
         Duration,
         Some("1s"),
@@ -291,6 +311,30 @@ pub const KEYS: &[KeySpec] = &[
         Fraction,
         Some("0.9"),
         "fraction of the budget usage must fall under before evicted workloads may return"
+    ),
+    key!(
+        "HTTPS_PROXY",
+        ProxyUrl,
+        None,
+        "HTTP proxy (CONNECT) to reach SERVER through, e.g. http://proxy.example:3128; the process environment's proxy variables are never used"
+    ),
+    key!(
+        "NO_PROXY",
+        Text,
+        None,
+        "comma-separated hosts and domains (.example.com) reached without HTTPS_PROXY"
+    ),
+    key!(
+        "METRICS_TEXTFILE",
+        Path,
+        None,
+        "file the agent rewrites each sample with its metrics in Prometheus text format (for node_exporter's textfile collector); unset = none"
+    ),
+    key!(
+        "DEFAULT_LIMITS",
+        DefaultLimits,
+        Some("memory=50%,pids=1024"),
+        "limits of shell and pod workloads that declare none (memory, cpu: a quantity or a % of the budget; pids); none: no defaults"
     ),
 ];
 
@@ -397,6 +441,7 @@ pub struct Settings {
     pub workload_user: Option<String>,
     pub workload_uids: Option<(u32, u32)>,
     pub max_workloads: usize,
+    pub workload_log_max: u64,
     pub restart_backoff_initial: Duration,
     pub restart_backoff_max: Duration,
     pub restart_max_failures: u32,
@@ -412,6 +457,12 @@ pub struct Settings {
     pub budget_window: Duration,
     pub budget_hold: Duration,
     pub budget_low_watermark: f64,
+    pub https_proxy: Option<String>,
+    pub no_proxy: Vec<String>,
+    pub metrics_textfile: Option<PathBuf>,
+    /// The configuration files read, in the order applied (the file, then its drop-ins).
+    pub files: Vec<PathBuf>,
+    pub default_limits: DefaultLimits,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -419,14 +470,20 @@ pub struct Settings {
 /// The raw inputs to [`Settings::load`], so tests can pass an environment of their own.
 #[derive(Debug, Default, Clone)]
 pub struct Inputs {
+    /// The configuration file (its drop-ins are read beside it).
     pub file: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub flags: Vec<String>,
 }
 
 impl Inputs {
-    /// The process environment's `EDGE_DEVICE_*` variables.
+    /// The process environment's `EDGE_DEVICE_*` variables; without `--config`, the packaged
+    /// file if it exists.
     pub fn from_process(file: Option<PathBuf>, flags: Vec<String>) -> Self {
+        let file = file.or_else(|| {
+            let default = Path::new(DEFAULT_CONFIG_FILE);
+            default.exists().then(|| default.to_path_buf())
+        });
         let env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -492,6 +549,50 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     Ok(out)
 }
 
+/// Largest number of drop-ins read: a runaway directory is an error, not minutes of parsing.
+const MAX_DROPINS: usize = 256;
+
+/// `config.d/*.yaml` beside `file`, in lexical order of their names; none when the directory
+/// does not exist.
+pub fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = file
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(DROPIN_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ConfigError::File {
+                path: dir,
+                why: io_why(&e),
+            })
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ConfigError::File {
+            path: dir.clone(),
+            why: io_why(&e),
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Editors' and dpkg's leftovers (.swp, .dpkg-old) do not end in .yaml; hidden files
+        // are nobody's drop-in.
+        if name.ends_with(".yaml") && !name.starts_with('.') {
+            files.push(entry.path());
+        }
+    }
+    if files.len() > MAX_DROPINS {
+        return Err(ConfigError::File {
+            path: dir,
+            why: format!("more than {MAX_DROPINS} drop-ins"),
+        });
+    }
+    files.sort();
+    Ok(files)
+}
+
 fn describe_yaml(v: &serde_yaml_ng::Value) -> &'static str {
     match v {
         serde_yaml_ng::Value::Sequence(_) => "a list",
@@ -518,6 +619,7 @@ enum Value {
     Quantity(u64),
     Fraction(f64),
     Range(u32, u32),
+    DefaultLimits(DefaultLimits),
 }
 
 fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
@@ -595,6 +697,23 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Text(raw.trim().to_string())
         }
+        Kind::ProxyUrl => {
+            let t = raw.trim();
+            let rest = t
+                .get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("http://"))
+                .map(|_| &t[7..])
+                .ok_or_else(wrong)?;
+            let authority = rest.trim_end_matches('/');
+            let host_port = authority.rsplit('@').next().unwrap_or_default();
+            if host_port.is_empty()
+                || authority.contains(['/', '?', '#'])
+                || host_port.chars().any(char::is_whitespace)
+            {
+                return Err(wrong());
+            }
+            Value::Text(format!("http://{authority}"))
+        }
         Kind::Fraction => {
             let t = raw.trim();
             let v = match t.strip_suffix('%') {
@@ -607,7 +726,79 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Fraction(v)
         }
+        Kind::DefaultLimits => Value::DefaultLimits(DefaultLimits::parse(raw).ok_or_else(wrong)?),
     })
+}
+
+/// A default memory or cpu limit: a quantity, or a share of the device budget (which differs
+/// from device to device, so one setting fits a fleet).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Share {
+    Quantity(u64),
+    OfBudget(f64),
+}
+
+impl Share {
+    fn resolve(self, budget: u64) -> u64 {
+        match self {
+            Share::Quantity(q) => q,
+            Share::OfBudget(f) => (budget as f64 * f) as u64,
+        }
+    }
+}
+
+/// DEFAULT_LIMITS: the limits a workload gets for what it does not declare itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DefaultLimits {
+    pub memory: Option<Share>,
+    pub cpu: Option<Share>,
+    pub pids: Option<u64>,
+}
+
+impl DefaultLimits {
+    /// `memory=50%,cpu=1,pids=1024` (any of them, in any order), or `none`.
+    fn parse(raw: &str) -> Option<DefaultLimits> {
+        let raw = raw.trim();
+        let mut out = DefaultLimits::default();
+        if raw.eq_ignore_ascii_case("none") {
+            return Some(out);
+        }
+        let share = |v: &str, parse: fn(&str) -> Result<u64, units::UnitError>| {
+            let share = match v.strip_suffix('%') {
+                Some(p) => {
+                    let p: f64 = p.trim().parse().ok()?;
+                    (p > 0.0 && p <= 100.0).then_some(Share::OfBudget(p / 100.0))?
+                }
+                None => Share::Quantity(parse(v).ok().filter(|q| *q > 0)?),
+            };
+            Some(share)
+        };
+        for part in raw.split(',') {
+            let (k, v) = part.split_once('=')?;
+            let v = v.trim();
+            match k.trim() {
+                "memory" if out.memory.is_none() => {
+                    out.memory = Some(share(v, units::parse_memory)?)
+                }
+                "cpu" if out.cpu.is_none() => out.cpu = Some(share(v, units::parse_cpu)?),
+                "pids" if out.pids.is_none() => {
+                    out.pids = Some(v.parse::<u64>().ok().filter(|p| *p > 0)?)
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// The limits for a device whose workload budget is `memory_budget` bytes and
+    /// `cpu_budget` millicores.
+    pub fn resolve(&self, memory_budget: u64, cpu_budget: u64) -> crate::cgroup::Limits {
+        crate::cgroup::Limits {
+            memory_bytes: self.memory.map(|s| s.resolve(memory_budget)),
+            cpu_millicores: self.cpu.map(|s| s.resolve(cpu_budget).max(1)),
+            pids: self.pids,
+        }
+    }
 }
 
 /// A lowercase RFC 1123 DNS label sequence, as Kubernetes object names require (PROTOCOL §1.3).
@@ -634,7 +825,12 @@ impl Settings {
                 raw.insert(spec.name, (d.to_string(), Source::Default));
             }
         }
+        let mut files = Vec::new();
         if let Some(path) = &inputs.file {
+            files.push(path.clone());
+            files.extend(dropins(path)?);
+        }
+        for path in &files {
             for (key, value) in read_file(path)? {
                 let source = Source::File(path.clone());
                 let Some(spec) = spec(&key) else {
@@ -707,6 +903,7 @@ impl Settings {
             workload_user: take.text("WORKLOAD_USER"),
             workload_uids: take.range("WORKLOAD_UIDS"),
             max_workloads: take.quantity("MAX_WORKLOADS") as usize,
+            workload_log_max: take.quantity("WORKLOAD_LOG_MAX"),
             restart_backoff_initial: take.duration("RESTART_BACKOFF_INITIAL"),
             restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
             restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
@@ -722,6 +919,19 @@ impl Settings {
             budget_window: take.duration("BUDGET_WINDOW"),
             budget_hold: take.duration("BUDGET_HOLD"),
             budget_low_watermark: take.fraction("BUDGET_LOW_WATERMARK"),
+            https_proxy: take.text("HTTPS_PROXY"),
+            no_proxy: take
+                .text("NO_PROXY")
+                .map(|list| {
+                    list.split(',')
+                        .map(|h| h.trim().to_ascii_lowercase())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            metrics_textfile: take.path("METRICS_TEXTFILE"),
+            files,
+            default_limits: take.default_limits("DEFAULT_LIMITS"),
             sources,
         })
     }
@@ -734,6 +944,15 @@ impl Settings {
             path: path.to_path_buf(),
             why,
         };
+        if self.workload_log_max < crate::drivers::output::MIN_LOG_MAX {
+            return Err(ConfigError::Invalid {
+                key: "WORKLOAD_LOG_MAX",
+                why: format!(
+                    "must be at least {}",
+                    units::Bytes(crate::drivers::output::MIN_LOG_MAX)
+                ),
+            });
+        }
         if let Some(p) = &self.desired_state {
             std::fs::File::open(p).map_err(|e| path_err("DESIRED_STATE", p, io_why(&e)))?;
         }
@@ -761,6 +980,16 @@ impl Settings {
                     format!("cannot create its directory: {}", io_why(&e)),
                 )
             })?;
+        }
+        if let Some(p) = &self.metrics_textfile {
+            let dir = p.parent().unwrap_or_else(|| Path::new("/"));
+            if !dir.is_dir() {
+                return Err(path_err(
+                    "METRICS_TEXTFILE",
+                    p,
+                    "its directory does not exist".into(),
+                ));
+            }
         }
         if self.restart_backoff_max < self.restart_backoff_initial {
             return Err(ConfigError::Invalid {
@@ -809,6 +1038,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Range(a, b)) => Some((a, b)),
             _ => None,
+        }
+    }
+    fn default_limits(&mut self, k: &str) -> DefaultLimits {
+        match self.0.remove(k) {
+            Some(Value::DefaultLimits(l)) => l,
+            _ => DefaultLimits::default(),
         }
     }
     fn quantity(&mut self, k: &str) -> u64 {

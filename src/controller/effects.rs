@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use async_channel::Sender;
 use tracing::{debug, error};
 
 use super::generation::Generation;
+use super::lanes::{Lane, LaneOp, WorkloadLanes};
 use super::session::{Request, SessionResult};
 use super::{Event, RunOutcome};
 use crate::cgroup::{Hierarchy, Limits, WorkloadCgroup};
@@ -39,6 +39,8 @@ pub enum DriverOp {
     },
     Cleanup {
         at: Placement,
+        /// Also delete its output (it left the desired state).
+        forget_output: bool,
     },
     /// New limits for a running workload (a profile's cpu quota), in place.
     SetLimits {
@@ -79,9 +81,73 @@ pub enum Write {
     CapWorkloads(Limits),
     /// Make the desired state's secrets podman secrets (pods read them at creation).
     SyncSecrets(Arc<Vec<DesiredSecret>>),
+    /// METRICS_TEXTFILE, rendered from the snapshot (off the controller task).
+    Metrics {
+        path: PathBuf,
+        snapshot: Box<crate::status::Snapshot>,
+    },
 }
 
+/// What a finished write was about: enough to act on its result, without carrying (and
+/// dropping on the controller task) the whole of what was written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub what: String,
+    pub state_dir: bool,
+    /// The workload whose record was written or removed.
+    pub record_of: Option<WorkloadName>,
+    /// The file of STATE_DIR (other than a record) it wrote or removed.
+    pub file: Option<&'static str>,
+    /// A failed write of such a file (not the outbox, which is kept in memory anyway) comes
+    /// back whole, to be redone once STATE_DIR can be written again.
+    pub failed: Option<Box<Write>>,
+}
+
+/// [`Written::file`] of a reset's removal of the server state.
+pub const FORGET_SERVER_STATE: &str = "the server state";
+
 impl Write {
+    /// What comes back once the write finished, `failed` or not.
+    pub fn finished(self, failed: bool) -> Written {
+        let mut written = self.written();
+        let redo = written.file.is_some() && !matches!(self, Write::Outbox(_));
+        if failed && redo {
+            written.failed = Some(Box::new(self));
+        }
+        written
+    }
+
+    fn written(&self) -> Written {
+        Written {
+            what: self.describe(),
+            state_dir: self.is_state_dir(),
+            record_of: match self {
+                Write::Record(r) => Some(r.name.clone()),
+                Write::RemoveRecord(n) => Some(n.clone()),
+                _ => None,
+            },
+            file: self.file(),
+            failed: None,
+        }
+    }
+
+    /// Which file of STATE_DIR (other than a record) the write replaces: a later write of the
+    /// same file makes an earlier failure of it moot.
+    fn file(&self) -> Option<&'static str> {
+        match self {
+            Write::Desired(_) => Some("desired.json"),
+            Write::Outbox(_) => Some("outbox.json"),
+            Write::Applied(_) => Some("applied.json"),
+            Write::Disconnected(_) => Some("disconnected"),
+            Write::ForgetServerState => Some(FORGET_SERVER_STATE),
+            Write::Record(_)
+            | Write::RemoveRecord(_)
+            | Write::CapWorkloads(_)
+            | Write::SyncSecrets(_)
+            | Write::Metrics { .. } => None,
+        }
+    }
+
     /// What the write is about, for the storage problem and logs.
     pub fn describe(&self) -> String {
         match self {
@@ -94,12 +160,16 @@ impl Write {
             Write::ForgetServerState => "forgetting the server state".into(),
             Write::CapWorkloads(_) => "the cap on all workloads".into(),
             Write::SyncSecrets(_) => "the podman secrets".into(),
+            Write::Metrics { path, .. } => format!("METRICS_TEXTFILE {}", path.display()),
         }
     }
 
     /// Writes to STATE_DIR (their failure is a storage problem).
     pub fn is_state_dir(&self) -> bool {
-        !matches!(self, Write::CapWorkloads(_) | Write::SyncSecrets(_))
+        !matches!(
+            self,
+            Write::CapWorkloads(_) | Write::SyncSecrets(_) | Write::Metrics { .. }
+        )
     }
 }
 
@@ -145,50 +215,15 @@ pub enum Effect {
     Sample(Vec<Target>),
     /// sd_notify (READY, STATUS, WATCHDOG).
     Notify(String),
+    /// The desired k8s workloads (name, rendered manifest) changed, or the first desired
+    /// state was applied: tell the k8s driver at once, then prune the cluster of what no
+    /// desired workload explains (on the cluster lane).
+    PruneK8s(Vec<(String, String)>),
 }
 
 /// The world as the controller sees it.
 pub trait Effects {
     fn run(&mut self, effect: Effect);
-}
-
-/// A blocking operation queued on a lane.
-pub type LaneOp = Box<dyn FnOnce() + Send>;
-
-/// A queue of blocking operations run one at a time, in order, on the blocking pool.
-struct Lane {
-    tx: Sender<LaneOp>,
-    /// Queued or running operations (a retired lane is dropped once this is 0).
-    pending: Arc<AtomicUsize>,
-}
-
-impl Lane {
-    fn new() -> Lane {
-        let (tx, rx) = async_channel::unbounded::<LaneOp>();
-        smol::spawn(async move {
-            while let Ok(op) = rx.recv().await {
-                smol::unblock(op).await;
-            }
-        })
-        .detach();
-        Lane {
-            tx,
-            pending: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    fn push(&self, op: LaneOp) {
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let _ = self.tx.try_send(Box::new(move || {
-            op();
-            pending.fetch_sub(1, Ordering::SeqCst);
-        }));
-    }
-
-    fn idle(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
-    }
 }
 
 /// What carries effects out on this host.
@@ -197,14 +232,12 @@ pub struct RealEffects {
     drivers: Arc<Drivers>,
     store: Store,
     hierarchy: Hierarchy,
-    lanes: HashMap<WorkloadName, Lane>,
-    /// Lanes of workloads that are gone, dropped once their last operation has run (a
-    /// workload desired again meanwhile gets its old lane back: a start never overtakes the
-    /// cleanup before it).
-    retired: Vec<WorkloadName>,
+    lanes: WorkloadLanes,
     watches: HashMap<WorkloadName, smol::Task<()>>,
     store_lane: Lane,
     session_lane: Lane,
+    /// Work on the Kubernetes cluster as a whole (pruning).
+    cluster_lane: Lane,
     sampler: Option<Sender<Vec<Target>>>,
 }
 
@@ -221,33 +254,17 @@ impl RealEffects {
             drivers,
             store,
             hierarchy,
-            lanes: HashMap::new(),
-            retired: Vec::new(),
+            lanes: WorkloadLanes::default(),
             watches: HashMap::new(),
-            store_lane: Lane::new(),
-            session_lane: Lane::new(),
+            store_lane: Lane::start(),
+            session_lane: Lane::start(),
+            cluster_lane: Lane::start(),
             sampler,
         }
     }
 
-    fn lane(&mut self, name: &WorkloadName) -> &Lane {
-        self.retired.retain(|n| n != name);
-        self.lanes.entry(name.clone()).or_insert_with(Lane::new)
-    }
-
-    fn sweep_retired(&mut self) {
-        let lanes = &mut self.lanes;
-        self.retired.retain(|n| match lanes.get(n) {
-            Some(l) if !l.idle() => true,
-            _ => {
-                lanes.remove(n);
-                false
-            }
-        });
-    }
-
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
-        let (tx, drivers) = (self.tx.clone(), self.drivers.clone());
+        let (tx, drivers, store) = (self.tx.clone(), self.drivers.clone(), self.store.clone());
         let n = name.clone();
         let send = move |outcome: RunOutcome| {
             let _ = tx.send_blocking(Event::Run {
@@ -282,10 +299,17 @@ impl RealEffects {
                 }
                 send(RunOutcome::Stopped)
             }),
-            DriverOp::Cleanup { at } => Box::new(move || {
+            DriverOp::Cleanup { at, forget_output } => Box::new(move || {
                 let result = drivers.of(&at.kind).cleanup(&at);
                 if let Err(e) = &result {
                     error!(workload = %at.name, "cleaning up: {e}");
+                }
+                // On the workload's lane, after its log writer has ended with the cleanup:
+                // nothing writes the files any more, and a new run cannot have started yet.
+                if forget_output {
+                    if let Err(e) = store.remove_logs(&at.name) {
+                        error!(workload = %at.name, "removing its output: {e}");
+                    }
                 }
                 send(RunOutcome::CleanedUp(result.err().map(|e| e.to_string())))
             }),
@@ -308,7 +332,7 @@ impl RealEffects {
                 ))
             }),
         };
-        self.lane(&name).push(lane_op);
+        self.lanes.push(&name, lane_op);
     }
 
     fn persist(&mut self, w: Write) {
@@ -332,9 +356,16 @@ impl RealEffects {
                     Some(p) => p.sync_secrets(s).map_err(|e| e.to_string()),
                     None => Ok(()),
                 },
+                // Readable by the collector, which need not run as root.
+                Write::Metrics { path, snapshot } => crate::store::write_atomic(
+                    path,
+                    crate::metrics::render(snapshot).as_bytes(),
+                    0o644,
+                )
+                .map_err(|e| e.to_string()),
             };
             let _ = tx.send_blocking(Event::Persisted {
-                write: Box::new(w),
+                written: Box::new(w.finished(result.is_err())),
                 error: result.err(),
             });
         }));
@@ -343,6 +374,9 @@ impl RealEffects {
 
 impl Effects for RealEffects {
     fn run(&mut self, effect: Effect) {
+        // A lane retired while its last operation was still reporting is dropped at a later
+        // effect (there is one at least every sample), not kept for good.
+        self.lanes.sweep();
         match effect {
             Effect::Driver { name, gen, op } => {
                 debug!(workload = %name, run = %gen, "driver: {}", op.what());
@@ -375,10 +409,7 @@ impl Effects for RealEffects {
             }
             Effect::Forget { name } => {
                 self.watches.remove(&name);
-                if !self.retired.contains(&name) {
-                    self.retired.push(name);
-                }
-                self.sweep_retired();
+                self.lanes.retire(name);
             }
             Effect::Timer { after, event } => {
                 let tx = self.tx.clone();
@@ -416,6 +447,28 @@ impl Effects for RealEffects {
                 }
             }
             Effect::Notify(state) => crate::notify::notify(&state),
+            Effect::PruneK8s(desired) => {
+                let Some(k8s) = self.drivers.k8s() else {
+                    return;
+                };
+                // Before any start of this desired state is queued: a prune still queued
+                // from an earlier one never deletes what this one wants.
+                k8s.desire(desired);
+                let drivers = self.drivers.clone();
+                self.cluster_lane.push(Box::new(move || {
+                    let Some(k8s) = drivers.k8s() else { return };
+                    match k8s.prune() {
+                        Ok(removed) if !removed.is_empty() => {
+                            tracing::info!(
+                                "pruned Deployments no workload wants: {}",
+                                removed.join(", ")
+                            )
+                        }
+                        Ok(_) | Err(crate::drivers::k8s::K8sError::NotConfigured) => {}
+                        Err(e) => tracing::warn!("pruning the Kubernetes cluster: {e}"),
+                    }
+                }));
+            }
         }
     }
 }

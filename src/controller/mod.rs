@@ -16,6 +16,7 @@ pub mod admission;
 pub mod device;
 pub mod effects;
 pub mod generation;
+pub mod lanes;
 pub mod reports;
 pub mod resources;
 pub mod session;
@@ -24,7 +25,7 @@ pub mod sources;
 pub mod workloads;
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use tracing::{debug, error, info, warn};
@@ -119,7 +120,7 @@ pub enum Event {
     },
     /// A write finished.
     Persisted {
-        write: Box<Write>,
+        written: Box<effects::Written>,
         error: Option<String>,
     },
 }
@@ -207,12 +208,21 @@ impl Ctx<'_> {
     }
 }
 
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 /// Recent transitions (for `status`) and how long the controller's handlers take.
 #[derive(Debug, Default)]
 pub struct History {
     pub transitions: VecDeque<TransitionInfo>,
     /// The longest single event handling since start, and its event kind.
     pub longest_handler: (Duration, &'static str),
+    /// Workload transitions into `evicted` since start (for the metrics).
+    pub evictions: u64,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -220,6 +230,9 @@ const MAX_TRANSITIONS: usize = 100;
 impl History {
     pub fn record(&mut self, machine: &str, t: &Transition) {
         info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
+        if t.to == "evicted" && machine.starts_with("workload/") {
+            self.evictions += 1;
+        }
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }
@@ -233,11 +246,7 @@ impl History {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::unix_now;
 
 /// The controller: the effects, the parts' state, and the local queue.
 pub struct Controller<E: Effects> {
@@ -246,6 +255,9 @@ pub struct Controller<E: Effects> {
     queue: VecDeque<Internal>,
     history: History,
     admission_due: bool,
+    /// When METRICS_TEXTFILE was last written (at most once per SAMPLE_INTERVAL, also while
+    /// the sampler runs faster near the budget).
+    metrics_written: Option<Instant>,
 }
 
 /// The parts and what the loop keeps besides them.
@@ -262,6 +274,10 @@ pub struct State {
     sample_gen: Generation,
     started: Instant,
     hierarchy_info: HierarchyInfo,
+    /// The most workloads since freed memory was last given back to the system, and how
+    /// many there were at the previous sample.
+    peak_since_trim: usize,
+    workloads_at_last_sample: usize,
 }
 
 /// How workload cgroups are made, for status: the layout, the cgroup driver, where.
@@ -298,11 +314,16 @@ impl<E: Effects> Controller<E> {
             slice: hierarchy.slice_tree().map(|t| t.slice.clone()),
         };
         let reports = reports::Reports::new(&store, session.is_some());
+        let resources = resources::Resources::new(&settings);
+        let mut session = session;
+        if let Some(s) = session.as_mut() {
+            s.set_defaults(workloads::spec_defaults(&settings, &resources.budget()));
+        }
         Controller {
             fx,
             st: State {
                 workloads: workloads::Workloads::new(&settings, hierarchy, store),
-                resources: resources::Resources::new(&settings),
+                resources,
                 device: device::DevicePart::new(),
                 session,
                 reports,
@@ -310,12 +331,15 @@ impl<E: Effects> Controller<E> {
                 sample_gen: Generation::default(),
                 started: Instant::now(),
                 hierarchy_info,
+                peak_since_trim: 0,
+                workloads_at_last_sample: 0,
                 settings,
                 inputs,
             },
             queue: VecDeque::new(),
             history: History::default(),
             admission_due: false,
+            metrics_written: None,
         }
     }
 
@@ -364,7 +388,13 @@ impl<E: Effects> Controller<E> {
                 disconnected,
             }));
             st.workloads.adopt_records(records, cx);
-            st.read_desired(true, cx);
+            if disconnected {
+                // A disconnected device runs nothing, whatever an earlier agent left behind
+                // (a desired.json written before the disconnect, runs to adopt).
+                cx.push(Internal::WipeWorkloads);
+            } else {
+                st.read_desired(true, cx);
+            }
             if let Some(s) = st.session.as_mut() {
                 s.boot(cx);
             }
@@ -378,6 +408,10 @@ impl<E: Effects> Controller<E> {
                 self.with_cx(|st, cx| st.internal(i, cx));
             }
             if !self.admission_due {
+                // A burst (hundreds of workloads at once) grows the queue; it shrinks back.
+                if self.queue.capacity() > 256 {
+                    self.queue.shrink_to(32);
+                }
                 return;
             }
             self.admission_due = false;
@@ -389,11 +423,13 @@ impl<E: Effects> Controller<E> {
     }
 
     /// Handles one event from the channel (and everything it causes); false on shutdown.
+    /// How long it took is the controller thread's CPU time: the work the handler did, not
+    /// the time the thread waited for a CPU on a loaded machine.
     pub fn handle(&mut self, ev: Event) -> bool {
-        let t0 = Instant::now();
+        let t0 = thread_cpu_time();
         let kind = ev.kind();
         let go_on = self.event(ev);
-        let took = t0.elapsed();
+        let took = thread_cpu_time().saturating_sub(t0);
         if took > self.history.longest_handler.0 {
             self.history.longest_handler = (took, kind);
             if took > Duration::from_millis(50) {
@@ -423,7 +459,10 @@ impl<E: Effects> Controller<E> {
                     self.fx.run(Effect::Sample(targets));
                 }
             }
-            Event::Sampled(report) => self.dispatch(|st, cx| st.on_sampled(*report, cx)),
+            Event::Sampled(report) => {
+                self.dispatch(|st, cx| st.on_sampled(*report, cx));
+                self.write_metrics();
+            }
             Event::Run { name, gen, outcome } => {
                 self.dispatch(|st, cx| st.workloads.on_run(&name, gen, outcome, cx))
             }
@@ -443,35 +482,33 @@ impl<E: Effects> Controller<E> {
                 let _ = reply.try_send(answer);
             }
             Event::WatchdogTick => self.fx.run(Effect::Notify("WATCHDOG=1".into())),
-            Event::Session(result) => self.dispatch(|st, cx| {
-                let State {
-                    session,
-                    workloads,
-                    device,
-                    reports,
-                    ..
-                } = st;
-                if let Some(s) = session.as_mut() {
-                    s.on_result(*result, workloads, device, reports, cx);
-                }
-            }),
+            Event::Session(result) => self
+                .dispatch(|st, cx| st.with_session(|s, w, d, r| s.on_result(*result, w, d, r, cx))),
             Event::SessionTimer { timer, gen } => self.dispatch(|st, cx| {
-                let State {
-                    session,
-                    workloads,
-                    device,
-                    reports,
-                    ..
-                } = st;
-                if let Some(s) = session.as_mut() {
-                    s.on_timer(timer, gen, workloads, device, reports, cx);
-                }
+                st.with_session(|s, w, d, r| s.on_timer(timer, gen, w, d, r, cx))
             }),
-            Event::Persisted { write, error } => {
-                self.dispatch(|st, cx| st.reports.persisted(*write, error, &st.workloads, cx))
+            Event::Persisted { written, error } => {
+                self.dispatch(|st, cx| st.reports.persisted(*written, error, &st.workloads, cx))
             }
         }
         true
+    }
+
+    /// Hands the metrics to the store lane, which renders and writes them (METRICS_TEXTFILE).
+    fn write_metrics(&mut self) {
+        let Some(path) = self.st.settings.metrics_textfile.clone() else {
+            return;
+        };
+        let due = self
+            .metrics_written
+            .map_or(true, |t| t.elapsed() >= self.st.settings.sample_interval);
+        if !due {
+            return;
+        }
+        self.metrics_written = Some(Instant::now());
+        let snapshot = Box::new(self.snapshot());
+        self.fx
+            .run(Effect::Persist(Box::new(Write::Metrics { path, snapshot })));
     }
 
     /// Runs the loop until shutdown.
@@ -490,6 +527,26 @@ impl<E: Effects> Controller<E> {
 }
 
 impl State {
+    /// What specs fall back to: the settings, DEFAULT_LIMITS resolved against the budget.
+    fn spec_defaults(&self) -> crate::workload::SpecDefaults {
+        workloads::spec_defaults(&self.settings, &self.resources.budget())
+    }
+
+    /// Runs `f` on the session (if there is one) with what it reads of the other parts.
+    fn with_session(
+        &mut self,
+        f: impl FnOnce(
+            &mut session::SessionPart,
+            &workloads::Workloads,
+            &device::DevicePart,
+            &mut reports::Reports,
+        ),
+    ) {
+        if let Some(s) = self.session.as_mut() {
+            f(s, &self.workloads, &self.device, &mut self.reports);
+        }
+    }
+
     fn internal(&mut self, i: Internal, cx: &mut Ctx) {
         match i {
             Internal::Device(ev) => self.device.handle(&ev, cx),
@@ -505,7 +562,11 @@ impl State {
                 self.workloads.shed_load(used, &budget, cx)
             }
             Internal::Readmit => self.workloads.readmit(cx),
-            Internal::WipeWorkloads => self.workloads.wipe(cx),
+            Internal::WipeWorkloads => {
+                self.workloads.wipe(cx);
+                // Nothing for a restarted agent to deploy from STATE_DIR either.
+                cx.push(Internal::Persist(Write::Desired(DesiredState::default())));
+            }
             Internal::ProfilesChanged => self
                 .workloads
                 .profiles_changed(&self.resources.profiles, cx),
@@ -534,7 +595,7 @@ impl State {
             path,
             fallback: at_start,
             serverless: self.session.is_none(),
-            defaults: workloads::spec_defaults(&self.settings),
+            defaults: self.spec_defaults(),
             max_workloads: self.settings.max_workloads,
         }));
     }
@@ -560,13 +621,21 @@ impl State {
     }
 
     /// Applies a validated desired state (from the file or the server).
-    pub(crate) fn apply_desired(&mut self, raw: DesiredState, v: ValidatedDesired, cx: &mut Ctx) {
+    pub(crate) fn apply_desired(
+        &mut self,
+        raw: DesiredState,
+        mut v: ValidatedDesired,
+        cx: &mut Ctx,
+    ) {
         cx.push(Internal::Persist(Write::Desired(raw)));
-        let profiles = crate::profiles::DeviceProfiles::from_config(&v.profiles);
+        let mut profiles = std::mem::take(&mut v.profiles);
+        self.workloads.apply(v, cx);
+        // The workloads' own profiles: those of the specs that run, refused updates included.
+        profiles.extend(self.workloads.inline_profiles());
+        let profiles = crate::profiles::DeviceProfiles::from_config(&profiles);
         if self.resources.set_profiles(profiles) {
             cx.push(Internal::ProfilesChanged);
         }
-        self.workloads.apply(v, cx);
         cx.push(Internal::Device(DeviceEvent::DesiredStateApplied));
     }
 
@@ -587,11 +656,31 @@ impl State {
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
+        self.reports.retry_storage(at, &self.workloads, cx);
+        self.give_back_memory();
         if let Some(p) = pressure {
             cx.push(Internal::Device(match p {
                 crate::budget::Pressure::Exceeded(reason) => DeviceEvent::BudgetExceeded { reason },
                 crate::budget::Pressure::Recovered => DeviceEvent::BudgetRecovered,
             }));
+        }
+    }
+
+    /// Once workloads have gone and their number has held still for a sample (their stops
+    /// and writes are over), hands the freed heap back to the system: glibc keeps it
+    /// otherwise, and the agent's RSS would stay at its high-water mark.
+    fn give_back_memory(&mut self) {
+        let n = self.workloads.entries().len();
+        let settled = n == self.workloads_at_last_sample;
+        self.workloads_at_last_sample = n;
+        self.peak_since_trim = self.peak_since_trim.max(n);
+        if settled && self.peak_since_trim > n {
+            self.peak_since_trim = n;
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+            unsafe {
+                nix::libc::malloc_trim(0);
+            }
         }
     }
 
@@ -626,6 +715,10 @@ impl State {
                 ) = keep;
                 self.workloads.reconfigure(&self.settings);
                 self.resources.reconfigure(&self.settings);
+                let defaults = self.spec_defaults();
+                if let Some(session) = self.session.as_mut() {
+                    session.reconfigure(defaults);
+                }
                 info!("configuration reloaded");
                 self.read_desired(false, cx);
             }

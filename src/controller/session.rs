@@ -357,7 +357,17 @@ pub struct SessionPart {
     jitter: Jitter,
     defaults: SpecDefaults,
     max_workloads: usize,
+    /// Renewals that failed in a row, and when the certificate's age may ask for the next
+    /// one: until then polls go on with the current certificate, which is still good (a 401
+    /// renews at once regardless).
+    renewal_failures: u32,
+    renew_not_before: Option<Instant>,
 }
+
+/// First wait after a failed renewal that the certificate's age asked for, and its cap: the
+/// certificate has a quarter of its lifetime left (days), the server is not to be pressed.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
+const RENEWAL_RETRY_CAP: Duration = Duration::from_secs(3600);
 
 fn timer_index(t: Timer) -> usize {
     match t {
@@ -392,6 +402,8 @@ impl SessionPart {
             connect_timeout: settings.server_timeout,
             request_timeout: settings.server_timeout,
             max_body_bytes: settings.max_message_size,
+            proxy: settings.https_proxy.clone(),
+            no_proxy: settings.no_proxy.clone(),
             ..ClientOptions::default()
         };
         let machine = session::new_machine(SessionMachine {
@@ -424,13 +436,19 @@ impl SessionPart {
             timers: Default::default(),
             next_attempt: None,
             jitter: Jitter::new(),
-            defaults: super::workloads::spec_defaults(settings),
+            // Set by the controller, which knows the budget (Controller::new, reload).
+            defaults: SpecDefaults::default(),
             max_workloads: settings.max_workloads,
+            renewal_failures: 0,
+            renew_not_before: None,
         };
         match s.identity.load()? {
             LoadedIdentity::None => {
-                // Enrolment needs the bootstrap pair: check it now, with a clear error.
-                TlsMaterial::from_paths(&s.bootstrap)?;
+                // Enrolment needs the bootstrap pair: what can never work stops the agent
+                // now with its reason, instead of failing every enrolment with a TLS error.
+                for w in crate::flotta::client::check_bootstrap(&s.bootstrap)? {
+                    warn!("{w}");
+                }
             }
             LoadedIdentity::Current(pair) => s.use_identity(pair)?,
             LoadedIdentity::Unproven { current, .. } => {
@@ -456,6 +474,23 @@ impl SessionPart {
         self.cert_gen.bump();
         self.cert = Some(pair.info);
         Ok(())
+    }
+
+    /// The defaults specs are validated with (at start).
+    pub fn set_defaults(&mut self, defaults: SpecDefaults) {
+        self.defaults = defaults;
+    }
+
+    /// New defaults for specs (a reload): a configuration validated with other defaults is
+    /// validated again at the next poll, even if the server's is unchanged.
+    pub fn reconfigure(&mut self, defaults: SpecDefaults) {
+        let changed = self.defaults.default_limits != defaults.default_limits
+            || self.defaults.backoff != defaults.backoff
+            || self.defaults.workload_user != defaults.workload_user;
+        self.defaults = defaults;
+        if changed {
+            self.applied.fingerprint.clear();
+        }
     }
 
     /// Holds a device certificate the server may still accept (an expired one can renew).
@@ -486,6 +521,8 @@ impl SessionPart {
         self.cert_gen.bump();
         self.applied = Applied::default();
         self.disconnected_at_boot = false;
+        self.renewal_failures = 0;
+        self.renew_not_before = None;
         reports.clear_outbox();
         cx.push(Internal::Persist(Write::ForgetServerState));
         self.feed_bare(&SessionEvent::Reset, cx);
@@ -501,6 +538,8 @@ impl SessionPart {
             last_contact_unix: m.last_contact.as_ref().map(|(at, _)| instant_to_unix(*at)),
             last_answer: m.last_contact.as_ref().map(|(_, what)| what.clone()),
             failures: m.failures,
+            last_failure: m.last_failure.as_ref().map(|(_, what)| what.clone()),
+            last_failure_unix: m.last_failure.as_ref().map(|(at, _)| instant_to_unix(*at)),
             next_attempt: self
                 .next_attempt
                 .map(|(t, at)| (format!("{t:?}").to_lowercase(), at)),
@@ -525,7 +564,7 @@ impl SessionPart {
         gen: Generation,
         workloads: &Workloads,
         device: &super::device::DevicePart,
-        reports: &Reports,
+        reports: &mut Reports,
         cx: &mut Ctx,
     ) {
         if !self.timers[timer_index(timer)].is(gen) {
@@ -536,7 +575,8 @@ impl SessionPart {
             Timer::Enrol => SessionEvent::EnrolDue,
             Timer::Poll => SessionEvent::PollDue {
                 renewal_due: self.cert.as_ref().is_some_and(|c| {
-                    let due = c.needs_renewal(SystemTime::now(), self.renew_at);
+                    let due = c.needs_renewal(SystemTime::now(), self.renew_at)
+                        && self.renew_not_before.map_or(true, |t| Instant::now() >= t);
                     if due {
                         info!("the device certificate is due for renewal");
                     }
@@ -570,49 +610,10 @@ impl SessionPart {
                     at,
                 }
             }
-            SessionResult::Registered { renewal, result } => {
-                let result = match result {
-                    Ok(pair) => {
-                        let expires =
-                            DateTime::from_offset(time::OffsetDateTime::from(pair.info.not_after));
-                        match self.use_identity(pair) {
-                            Ok(()) => {
-                                info!(renewal, expires = %expires, "device certificate installed");
-                                let msg = if renewal {
-                                    "device certificate renewed"
-                                } else {
-                                    "device registered"
-                                };
-                                reports.report(false, "Registered".into(), msg.into(), cx);
-                                if !renewal {
-                                    cx.push(Internal::Device(DeviceEvent::Registered));
-                                }
-                                Ok(())
-                            }
-                            Err(e) => {
-                                error!("the new certificate cannot be used: {e}");
-                                let _ = self.identity.rollback();
-                                Err(RequestError {
-                                    failure: Failure::Refused,
-                                    message: e.to_string(),
-                                })
-                            }
-                        }
-                    }
-                    Err(RegisterError::Client(e)) => {
-                        warn!(renewal, "registration: {e}");
-                        Err(classify(&e))
-                    }
-                    Err(RegisterError::Local(e)) => {
-                        error!(renewal, "registration: {e}");
-                        Err(RequestError {
-                            failure: Failure::Refused,
-                            message: e,
-                        })
-                    }
-                };
-                SessionEvent::Registered { result, at }
-            }
+            SessionResult::Registered { renewal, result } => SessionEvent::Registered {
+                result: self.registered(renewal, result, reports, cx),
+                at,
+            },
             SessionResult::Polled { gen, result } => {
                 if !self.cert_gen.is(gen) {
                     return;
@@ -670,6 +671,80 @@ impl SessionPart {
             }
         };
         self.feed(&event, workloads, device, reports, cx);
+    }
+
+    /// Installs a registration's new pair (unproven until the server accepts it).
+    fn registered(
+        &mut self,
+        renewal: bool,
+        result: Result<StoredIdentity, RegisterError>,
+        reports: &mut Reports,
+        cx: &mut Ctx,
+    ) -> Result<(), RequestError> {
+        let outcome = self.install(renewal, result, reports, cx);
+        if renewal {
+            self.renewal_outcome(outcome.is_ok());
+        }
+        outcome
+    }
+
+    /// After a renewal: a failed one holds back the next one the certificate's age asks for
+    /// (exponentially), so polls go on meanwhile; it used to renew again at every poll,
+    /// fetching no configuration and no disconnect for as long as the server refused.
+    fn renewal_outcome(&mut self, ok: bool) {
+        if ok {
+            self.renewal_failures = 0;
+            self.renew_not_before = None;
+            return;
+        }
+        self.renewal_failures = self.renewal_failures.saturating_add(1);
+        let wait = session::exponential(RENEWAL_RETRY, self.renewal_failures, RENEWAL_RETRY_CAP);
+        info!(next_in = ?wait, "polling on with the current certificate; renewing again after");
+        self.renew_not_before = Some(Instant::now() + wait);
+    }
+
+    /// Installs the pair a registration returned.
+    fn install(
+        &mut self,
+        renewal: bool,
+        result: Result<StoredIdentity, RegisterError>,
+        reports: &mut Reports,
+        cx: &mut Ctx,
+    ) -> Result<(), RequestError> {
+        let pair = match result {
+            Ok(pair) => pair,
+            Err(RegisterError::Client(e)) => {
+                warn!(renewal, "registration: {e}");
+                return Err(classify(&e));
+            }
+            Err(RegisterError::Local(e)) => {
+                error!(renewal, "registration: {e}");
+                return Err(RequestError {
+                    failure: Failure::Refused,
+                    message: e,
+                });
+            }
+        };
+        let expires = crate::clock::rfc3339(pair.info.not_after);
+        if let Err(e) = self.use_identity(pair) {
+            error!("the new certificate cannot be used: {e}");
+            let _ = self.identity.rollback();
+            return Err(RequestError {
+                failure: Failure::Refused,
+                message: e.to_string(),
+            });
+        }
+        info!(renewal, expires = %expires, "device certificate installed");
+        let msg = if renewal {
+            "device certificate renewed"
+        } else {
+            "device registered"
+        };
+        reports.report(false, "Registered".into(), msg.into(), cx);
+        if !renewal {
+            cx.push(Internal::Device(DeviceEvent::Registered));
+        }
+        Ok(())
     }
 
     /// Applies a fetched configuration if it changed (PROTOCOL §4.5).

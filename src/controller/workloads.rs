@@ -36,6 +36,23 @@ use crate::workload::{
     WorkloadName, WorkloadSpec,
 };
 
+/// A run's main process: its pid, and its start time in clock ticks since boot, which with
+/// the pid names one process for good (a recycled pid has another start time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MainProcess {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl MainProcess {
+    fn of(s: &Started) -> Option<MainProcess> {
+        s.pid.map(|pid| MainProcess {
+            pid,
+            start_ticks: s.start_ticks,
+        })
+    }
+}
+
 /// Everything the controller holds for one actual workload.
 pub struct Entry {
     /// The spec it runs (or will run); `None` for a run adopted while no valid desired state
@@ -51,8 +68,8 @@ pub struct Entry {
     pub run: Generation,
     retry: Generation,
     cron: Generation,
-    /// Main process (pid, start ticks) of the current run.
-    pub process: Option<(i32, u64)>,
+    /// Main process of the current run.
+    pub process: Option<MainProcess>,
     pub started_at: Option<Instant>,
     started_unix: u64,
     pub oom_baseline: u64,
@@ -79,6 +96,43 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A workload entry with no run yet.
+    fn new(
+        spec: Option<WorkloadSpec>,
+        kind: WorkloadKind,
+        fingerprint: String,
+        machine: workload::Machine,
+        cgroup: WorkloadCgroup,
+        seq: u64,
+        uid: Option<u32>,
+    ) -> Entry {
+        Entry {
+            spec,
+            kind,
+            fingerprint,
+            machine,
+            cgroup,
+            run: Generation::default(),
+            retry: Generation::default(),
+            cron: Generation::default(),
+            process: None,
+            started_at: None,
+            started_unix: 0,
+            oom_baseline: 0,
+            usage: None,
+            last_cpu: None,
+            seq,
+            notice: None,
+            update_rejected: None,
+            hold: Hold::None,
+            cron_due: false,
+            cron_next: None,
+            profile_cpu_quota: None,
+            uid,
+            adopted: false,
+        }
+    }
+
     fn placement(&self, name: &WorkloadName) -> Placement {
         Placement {
             name: name.clone(),
@@ -92,9 +146,13 @@ impl Entry {
     }
 }
 
-/// Agent-wide defaults every spec falls back to (from the settings).
-pub fn spec_defaults(settings: &Settings) -> SpecDefaults {
+/// Agent-wide defaults every spec falls back to (from the settings; DEFAULT_LIMITS' shares
+/// of the budget resolved against `budget`).
+pub fn spec_defaults(settings: &Settings, budget: &Budget) -> SpecDefaults {
     SpecDefaults {
+        default_limits: settings
+            .default_limits
+            .resolve(budget.memory_bytes, budget.cpu_millicores),
         workload_user: settings.workload_user.clone(),
         backoff: BackoffPolicy {
             initial: settings.restart_backoff_initial,
@@ -122,6 +180,8 @@ pub struct Workloads {
     store: Store,
     stop_timeout: Duration,
     uids: Option<(u32, u32)>,
+    /// The desired k8s workloads (name, manifest) last given to the k8s driver.
+    k8s_desired: Option<Vec<(String, String)>>,
 }
 
 impl Workloads {
@@ -138,6 +198,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            k8s_desired: None,
         }
     }
 
@@ -156,6 +217,16 @@ impl Workloads {
 
     pub fn excess(&self) -> &(usize, Vec<String>) {
         &self.excess
+    }
+
+    /// The device profiles the desired workloads define themselves (their profiles
+    /// annotation).
+    pub fn inline_profiles(&self) -> Vec<crate::flotta::messages::DeviceProfile> {
+        self.desired
+            .iter()
+            .flat_map(|d| d.values())
+            .flat_map(|s| s.scheduling.inline_profiles.iter().cloned())
+            .collect()
     }
 
     pub fn desired_known(&self) -> bool {
@@ -182,46 +253,13 @@ impl Workloads {
             secrets,
             profiles: _,
         } = v;
-        if secrets != *self.secrets {
-            // Secrets no longer listed are removed now; listed ones are (re)written here and,
-            // to be sure they exist when a pod is created, again by each pod start.
-            let had = !self.secrets.is_empty();
-            self.secrets = Arc::new(secrets);
-            let pods = had
-                || !self.secrets.is_empty()
-                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
-            if pods {
-                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
-            }
-        }
+        self.sync_secrets(secrets, cx);
+        // The desired order is the order of arrival (older first among equal priorities).
+        let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-        // A workload whose new spec is refused keeps running the last good one.
-        let mut refused = BTreeSet::new();
-        for r in &rejected {
-            let Some(name) = &r.name else { continue };
-            let last_good = self
-                .desired
-                .as_ref()
-                .and_then(|d| d.get(name))
-                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
-            if let Some(good) = last_good {
-                new.insert(name.clone(), good.clone());
-                refused.insert(name.clone());
-                let why = format!("{}: {}", r.error.field, r.error.why);
-                if let Some(e) = self.entries.get_mut(name) {
-                    if e.update_rejected.as_deref() != Some(&why) {
-                        cx.problem(
-                            ProblemKey::Workload(name.to_string()),
-                            Some(format!(
-                                "workload {name}: its new spec is refused ({why}); running the last good one"
-                            )),
-                        );
-                    }
-                    e.update_rejected = Some(why);
-                }
-            }
-        }
+        self.report_notices(&new, cx);
+        let refused = self.keep_last_good(&rejected, &mut new, cx);
         for (name, e) in self.entries.iter_mut() {
             if !refused.contains(name) && e.update_rejected.take().is_some() {
                 cx.push(Internal::Converge(name.clone()));
@@ -231,22 +269,37 @@ impl Workloads {
         self.rejected = rejected;
 
         let first = self.desired.is_none();
+        let k8s: Vec<(String, String)> = new
+            .values()
+            .filter(|s| s.kind == WorkloadKind::K8s)
+            .filter_map(|s| Some((s.name.to_string(), s.pod.as_ref()?.manifest.clone())))
+            .collect();
+        // The cluster is pruned at the first desired state and whenever its k8s workloads
+        // change; the same ones again ask nothing of it.
+        if self.k8s_desired.as_ref() != Some(&k8s) {
+            self.k8s_desired = Some(k8s.clone());
+            cx.fx.run(Effect::PruneK8s(k8s));
+        }
         let old = self.desired.replace(new);
-        let new = self
-            .desired
+        let desired = self.desired.as_ref();
+        let gone = old
             .as_ref()
-            .map(|d| d.keys())
+            .map(|o| {
+                o.keys()
+                    .filter(|n| !desired.is_some_and(|d| d.contains_key(*n)))
+            })
             .into_iter()
             .flatten();
-        let old_names = old.as_ref().map(|d| d.keys()).into_iter().flatten();
-        let names: BTreeSet<&WorkloadName> = new.chain(old_names).collect();
-        let desired = self.desired.as_ref();
-        for name in names {
+        // (A refused name is never among the valid ones: `order` and `refused` are disjoint.)
+        for name in order.iter().chain(refused.iter()).chain(gone) {
             let before = old.as_ref().and_then(|d| d.get(name));
             let after = desired.and_then(|d| d.get(name));
             let same = match (before, after) {
+                // Limits can move alone: DEFAULT_LIMITS changed by a reload.
                 (Some(a), Some(b)) => {
-                    a.fingerprint == b.fingerprint && a.scheduling == b.scheduling
+                    a.fingerprint == b.fingerprint
+                        && a.scheduling == b.scheduling
+                        && a.limits == b.limits
                 }
                 (None, None) => true,
                 _ => false,
@@ -261,6 +314,73 @@ impl Workloads {
                 cx.push(Internal::Converge(name.clone()));
             }
         }
+    }
+
+    /// A new notice of a workload (a field overriding its annotation) becomes an event.
+    fn report_notices(&self, new: &BTreeMap<WorkloadName, WorkloadSpec>, cx: &mut Ctx) {
+        for (name, spec) in new {
+            let before = self.desired.as_ref().and_then(|d| d.get(name));
+            for n in &spec.notices {
+                if !before.is_some_and(|b| b.notices.contains(n)) {
+                    cx.report(
+                        true,
+                        "AnnotationOverridden",
+                        format!("workload {name}: {n}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Secrets no longer listed are removed now; listed ones are (re)written here and, to be
+    /// sure they exist when a pod is created, again by each pod start.
+    fn sync_secrets(&mut self, secrets: Vec<DesiredSecret>, cx: &mut Ctx) {
+        if secrets != *self.secrets {
+            let had = !self.secrets.is_empty();
+            self.secrets = Arc::new(secrets);
+            let pods = had
+                || !self.secrets.is_empty()
+                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
+            if pods {
+                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
+            }
+        }
+    }
+
+    /// A workload whose new spec is refused keeps running the last good one: puts it back
+    /// into `new` and returns the names so kept.
+    fn keep_last_good(
+        &mut self,
+        rejected: &[Rejection],
+        new: &mut BTreeMap<WorkloadName, WorkloadSpec>,
+        cx: &mut Ctx,
+    ) -> BTreeSet<WorkloadName> {
+        let mut refused = BTreeSet::new();
+        for r in rejected {
+            let Some(name) = &r.name else { continue };
+            let last_good = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.get(name))
+                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
+            if let Some(good) = last_good {
+                new.insert(name.clone(), good.clone());
+                refused.insert(name.clone());
+                let why = format!("{}: {}", r.error.field, r.error.why);
+                if let Some(e) = self.entries.get_mut(name) {
+                    if e.update_rejected.as_deref() != Some(&why) {
+                        cx.problem(
+                        ProblemKey::Workload(name.to_string()),
+                        Some(format!(
+                            "workload {name}: its new spec is refused ({why}); running the last good one"
+                        )),
+                    );
+                    }
+                    e.update_rejected = Some(why);
+                }
+            }
+        }
+        refused
     }
 
     /// Reports new rejections once (not again on every identical desired state).
@@ -349,6 +469,22 @@ impl Workloads {
             e.kind = spec.kind.clone();
         }
         let same_spec = e.spec.as_ref() == Some(&spec);
+        // Limits that moved without the spec's fingerprint (DEFAULT_LIMITS changed by a reload,
+        // or first given to a run adopted from an older agent) are applied in place.
+        let limits_moved = !changed
+            && e.kind != WorkloadKind::K8s
+            && e.machine.state().is_up()
+            && e.spec.as_ref().map(|s| s.limits) != Some(spec.limits);
+        if limits_moved {
+            cx.fx.run(Effect::Driver {
+                name: name.clone(),
+                gen: e.run,
+                op: DriverOp::SetLimits {
+                    cgroup: e.cgroup.clone(),
+                    limits: admission::effective_limits(&spec, e.profile_cpu_quota),
+                },
+            });
+        }
         e.spec = Some(spec);
         if rescheduled {
             self.schedule_cron(name, cx);
@@ -374,30 +510,18 @@ impl Workloads {
             &mut out,
         );
         self.seq += 1;
-        let entry = Entry {
-            kind: spec.kind.clone(),
-            fingerprint: spec.fingerprint.clone(),
-            cgroup: self.hierarchy.workload(&name),
-            spec: Some(spec),
+        let entry = Entry::new(
+            None,
+            spec.kind.clone(),
+            spec.fingerprint.clone(),
             machine,
-            run: Generation::default(),
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: None,
-            started_at: None,
-            started_unix: 0,
-            oom_baseline: 0,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
+            self.hierarchy.workload(&name),
+            self.seq,
             uid,
-            adopted: false,
+        );
+        let entry = Entry {
+            spec: Some(spec),
+            ..entry
         };
         self.entries.insert(name.clone(), entry);
         cx.history.record(
@@ -519,6 +643,9 @@ impl Workloads {
                     gen: e.run,
                     op: DriverOp::Cleanup {
                         at: e.placement(name),
+                        // Removed: a workload that is gone owns nothing, its output included
+                        // (or a server renaming workloads would fill STATE_DIR, cap or not).
+                        forget_output: true,
                     },
                 });
                 cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
@@ -591,7 +718,7 @@ impl Workloads {
         let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        e.process = s.pid.map(|p| (p, s.start_ticks));
+        e.process = MainProcess::of(&s);
         e.oom_baseline = s.oom_kills_at_start;
         e.started_unix = unix_now();
         if s.notice != e.notice {
@@ -629,8 +756,8 @@ impl Workloads {
             name: name.clone(),
             kind: e.kind.clone(),
             fingerprint: e.fingerprint.clone(),
-            pid: e.process.map(|p| p.0),
-            pid_start_ticks: e.process.map_or(0, |p| p.1),
+            pid: e.process.map(|p| p.pid),
+            pid_start_ticks: e.process.map_or(0, |p| p.start_ticks),
             started_at_unix: e.started_unix,
             restarts: e.machine.inner().restarts,
             oom_kills_at_start: e.oom_baseline,
@@ -690,7 +817,10 @@ impl Workloads {
                     cx.fx.run(Effect::Driver {
                         name,
                         gen: Generation::default(),
-                        op: DriverOp::Cleanup { at },
+                        op: DriverOp::Cleanup {
+                            at,
+                            forget_output: false,
+                        },
                     });
                 }
                 Ok(_) => {}
@@ -713,7 +843,10 @@ impl Workloads {
             cx.fx.run(Effect::Driver {
                 name: name.clone(),
                 gen: Generation::default(),
-                op: DriverOp::Cleanup { at },
+                op: DriverOp::Cleanup {
+                    at,
+                    forget_output: false,
+                },
             });
             cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
             cx.push(Internal::Converge(name.clone()));
@@ -727,41 +860,30 @@ impl Workloads {
         let mut shared = WorkloadMachine::new(restart, backoff);
         shared.restarts = rec.restarts;
         let mut out = Context::default();
-        let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
+        let machine = workload::machine_in(shared, State::adopted(s.pid), &mut out);
         self.seq += 1;
-        let mut run = Generation::default();
-        let gen = run.bump();
-        let entry = Entry {
-            spec: spec.filter(|sp| sp.fingerprint == rec.fingerprint),
-            kind: rec.kind.clone(),
-            fingerprint: rec.fingerprint.clone(),
+        let mut entry = Entry::new(
+            spec.filter(|sp| sp.fingerprint == rec.fingerprint),
+            rec.kind.clone(),
+            rec.fingerprint.clone(),
             machine,
-            cgroup: self.hierarchy.workload(name),
-            run,
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: s.pid.map(|p| (p, s.start_ticks)),
-            started_at: Some(Instant::now()),
-            started_unix: rec.started_at_unix,
-            oom_baseline: rec.oom_kills_at_start,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
-            uid: rec.uid,
-            adopted: true,
-        };
+            self.hierarchy.workload(name),
+            self.seq,
+            rec.uid,
+        );
+        let gen = entry.run.bump();
+        entry.process = MainProcess::of(&s);
+        entry.started_at = Some(Instant::now());
+        entry.started_unix = rec.started_at_unix;
+        entry.oom_baseline = rec.oom_kills_at_start;
+        entry.adopted = true;
+        let adopted_as = entry.machine.state().name();
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),
             &crate::machines::Transition {
                 from: "-",
-                to: "running",
+                to: adopted_as,
                 reason: match s.pid {
                     Some(pid) => format!("adopted pid {pid}"),
                     None => "adopted its Deployment".into(),

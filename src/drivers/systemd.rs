@@ -259,6 +259,7 @@ mod tests {
         let defaults = SpecDefaults {
             workload_user: Some("nobody".into()),
             backoff: BackoffPolicy::default(),
+            default_limits: Default::default(),
         };
         parse_desired(&text).unwrap().validate(&defaults)[0]
             .clone()

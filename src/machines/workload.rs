@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use statig::prelude::*;
 
-use super::{Output, Transition};
+use super::Output;
 use crate::workload::{BackoffPolicy, RestartPolicy};
 
 /// The context of the workload machine's handlers.
@@ -130,6 +130,46 @@ impl WorkloadMachine {
         }
     }
 
+    /// Decides what follows the end of a run: restart (after a delay), stop, or fail.
+    fn run_ended(&mut self, exit: &ExitInfo, context: &mut Context) -> Outcome<State> {
+        if exit.ran_for >= self.backoff.reset_after {
+            self.failures = 0;
+        }
+        if exit.oom_killed {
+            self.oom_kills += 1;
+        }
+        let what = exit.describe();
+        self.last_exit = Some(what.clone());
+        let restart = match self.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            return if exit.success() {
+                Transition(State::stopped(what))
+            } else {
+                context.push(WorkloadCommand::Report {
+                    warn: true,
+                    reason: "Failed".into(),
+                    message: what.clone(),
+                });
+                Transition(State::failed(format!("{what} (restart policy Never)")))
+            };
+        }
+        self.restarts += 1;
+        if exit.success() {
+            // A clean exit under Always is not a failure: restart after the first delay.
+            let delay = self.backoff.delay(1);
+            context.push(WorkloadCommand::ScheduleRetry(delay));
+            return Transition(State::backoff(format!(
+                "{what}; restarting in {:.1}s",
+                delay.as_secs_f64()
+            )));
+        }
+        self.after_failure(what, context)
+    }
+
     /// Decides what follows a failed start or run: back off, or give up as broken.
     fn after_failure(&mut self, reason: String, cmds: &mut Context) -> Outcome<State> {
         self.failures += 1;
@@ -198,6 +238,9 @@ impl WorkloadMachine {
             WorkloadEvent::StartFailed { error } => {
                 self.after_failure(format!("start failed: {error}"), context)
             }
+            // A run without a local process (a Deployment) can end before it was ever
+            // available: a pod that crashes from the start.
+            WorkloadEvent::Exited(exit) => self.run_ended(exit, context),
             // Stopping kills whatever the start has spawned: commands of one workload run in order.
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
@@ -246,44 +289,7 @@ impl WorkloadMachine {
     #[superstate(superstate = "present")]
     fn up(&mut self, event: &WorkloadEvent, context: &mut Context) -> Outcome<State> {
         match event {
-            WorkloadEvent::Exited(exit) => {
-                if exit.ran_for >= self.backoff.reset_after {
-                    self.failures = 0;
-                }
-                if exit.oom_killed {
-                    self.oom_kills += 1;
-                }
-                let what = exit.describe();
-                self.last_exit = Some(what.clone());
-                let restart = match self.restart {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => !exit.success(),
-                    RestartPolicy::Never => false,
-                };
-                if !restart {
-                    return if exit.success() {
-                        Transition(State::stopped(what))
-                    } else {
-                        context.push(WorkloadCommand::Report {
-                            warn: true,
-                            reason: "Failed".into(),
-                            message: what.clone(),
-                        });
-                        Transition(State::failed(format!("{what} (restart policy Never)")))
-                    };
-                }
-                self.restarts += 1;
-                if exit.success() {
-                    // A clean exit under Always is not a failure: restart after the first delay.
-                    let delay = self.backoff.delay(1);
-                    context.push(WorkloadCommand::ScheduleRetry(delay));
-                    return Transition(State::backoff(format!(
-                        "{what}; restarting in {:.1}s",
-                        delay.as_secs_f64()
-                    )));
-                }
-                self.after_failure(what, context)
-            }
+            WorkloadEvent::Exited(exit) => self.run_ended(exit, context),
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
             WorkloadEvent::Evict { reason } => {
@@ -407,9 +413,13 @@ impl State {
         State::pending(reason)
     }
 
-    /// A run that is up (an adopted one).
-    pub fn up(pid: Option<i32>) -> State {
-        State::running(pid)
+    /// A run found up after an agent restart: its process runs; a run without a local
+    /// process (a Deployment) is not known to be available until its watch has looked.
+    pub fn adopted(pid: Option<i32>) -> State {
+        match pid {
+            Some(_) => State::running(pid),
+            None => State::unavailable("adopted; waiting for its first look".into()),
+        }
     }
 }
 
@@ -420,16 +430,7 @@ fn starting() -> State {
 
 impl WorkloadMachine {
     fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
-        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
-        // open) changed nothing worth recording.
-        if source == target {
-            return;
-        }
-        context.transitions.push(Transition {
-            from: source.name(),
-            to: target.name(),
-            reason: target.reason(),
-        });
+        super::note_transition(context, source, target);
     }
 }
 
@@ -468,7 +469,9 @@ impl State {
             State::Removed {} => "removed from the desired state".into(),
         }
     }
+}
 
+impl State {
     pub fn pid(&self) -> Option<i32> {
         match self {
             State::Running { pid } => *pid,
@@ -513,8 +516,9 @@ impl State {
 mod tests;
 
 /// Sample states, one per state (and per variant that changes behaviour).
-pub fn sample_states() -> Vec<(String, State)> {
-    vec![
+pub fn sample_states() -> Vec<(String, (WorkloadMachine, State))> {
+    let shared = WorkloadMachine::new(RestartPolicy::Always, BackoffPolicy::default());
+    let states: Vec<(String, State)> = vec![
         ("pending".into(), State::pending("waiting".into())),
         ("starting".into(), starting()),
         ("running".into(), State::running(Some(42))),
@@ -542,11 +546,15 @@ pub fn sample_states() -> Vec<(String, State)> {
         ("failed".into(), State::failed("broken".into())),
         ("evicted".into(), State::evicted("over budget".into())),
         ("removed".into(), State::removed()),
-    ]
+    ];
+    states
+        .into_iter()
+        .map(|(n, st)| (n, (shared.clone(), st)))
+        .collect()
 }
 
 /// Sample events, with the machine settings that select a guard.
-pub fn sample_events() -> Vec<(String, (WorkloadMachine, WorkloadEvent))> {
+pub fn sample_events() -> Vec<(String, (Option<WorkloadMachine>, WorkloadEvent))> {
     let policy = BackoffPolicy::default();
     let fresh = |restart| WorkloadMachine::new(restart, policy);
     let at_limit = |restart| {
@@ -632,7 +640,7 @@ pub fn sample_events() -> Vec<(String, (WorkloadMachine, WorkloadEvent))> {
         ("StopCompleted", fresh(Always), WorkloadEvent::StopCompleted),
     ];
     rows.into_iter()
-        .map(|(n, m, e)| (n.to_string(), (m, e)))
+        .map(|(n, m, e)| (n.to_string(), (Some(m), e)))
         .collect()
 }
 
@@ -641,27 +649,12 @@ pub type Machine = statig::blocking::InitializedStateMachine<WorkloadMachine>;
 /// A machine that starts in `state` (a new workload starts pending; an adopted one running).
 /// Entry actions of `state` push their commands into `out`.
 pub fn machine_in(shared: WorkloadMachine, state: State, out: &mut Context) -> Machine {
-    let mut u = shared.uninitialized_state_machine();
-    *u.state_mut() = state;
-    u.init_with_context(out)
+    super::machine_in(shared, state, out)
 }
 
 /// The computed transition table over every sample (state, event) pair.
 pub fn transition_table() -> Vec<Row> {
-    super::compute_table(
-        &sample_states(),
-        &sample_events(),
-        |state, (shared, event)| {
-            let mut out = Context::default();
-            let mut m = machine_in(shared.clone(), state.clone(), &mut out);
-            out.clear();
-            m.handle_with_context(event, &mut out);
-            (
-                m.state().name().to_string(),
-                out.commands.iter().map(command_name).collect(),
-            )
-        },
-    )
+    super::transition_table(&sample_states(), &sample_events(), command_name)
 }
 
 pub fn command_name(c: &WorkloadCommand) -> String {
@@ -675,3 +668,13 @@ pub fn command_name(c: &WorkloadCommand) -> String {
 }
 
 use super::Row;
+
+impl super::Named for State {
+    fn name(&self) -> &'static str {
+        State::name(self)
+    }
+
+    fn reason(&self) -> String {
+        State::reason(self)
+    }
+}
