@@ -256,9 +256,9 @@ impl RealEffects {
             hierarchy,
             lanes: WorkloadLanes::default(),
             watches: HashMap::new(),
-            store_lane: Lane::start(),
-            session_lane: Lane::start(),
-            cluster_lane: Lane::start(),
+            store_lane: Lane::new(crate::pool::Class::Control),
+            session_lane: Lane::new(crate::pool::Class::Control),
+            cluster_lane: Lane::new(crate::pool::Class::Control),
             sampler,
         }
     }

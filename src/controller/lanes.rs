@@ -1,53 +1,75 @@
 //! Lanes: queues of blocking operations, each run one at a time and in order on the agent's
-//! pool. Every workload has its own (its driver calls never overtake one another); the store,
+//! pool (`crate::pool`). Every workload has its own (its driver calls never overtake one another); the store,
 //! the session and the cluster have one each.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use async_channel::Sender;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::workload::WorkloadName;
 
 /// A blocking operation queued on a lane.
 pub type LaneOp = Box<dyn FnOnce() + Send>;
 
-/// One queue of blocking operations.
+/// One queue of blocking operations. No task or thread of its own: the first operation
+/// pushed to an idle lane starts a pool job, which runs the queued operations one after the
+/// other until none is left.
 pub struct Lane {
-    tx: Sender<LaneOp>,
-    /// Queued or running operations (a retired lane is dropped once this is 0).
-    pending: Arc<AtomicUsize>,
+    queue: Arc<Mutex<Queue>>,
+    class: crate::pool::Class,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: VecDeque<LaneOp>,
+    /// A pool job is running this lane's operations.
+    running: bool,
+}
+
+fn lock(q: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    // Operations run outside the lock (and a panicking one is caught): a poisoned lock
+    // still holds a consistent queue.
+    q.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lane {
-    /// A new lane and the task that runs its operations.
-    pub fn start() -> Lane {
-        let (tx, rx) = async_channel::unbounded::<LaneOp>();
-        smol::spawn(async move {
-            while let Ok(op) = rx.recv().await {
-                // A panicking operation is logged by the pool; the lane goes on with the next.
-                crate::pool::unblock(op).await;
-            }
-        })
-        .detach();
+    /// A lane whose operations run on `class`'s threads.
+    pub fn new(class: crate::pool::Class) -> Lane {
         Lane {
-            tx,
-            pending: Arc::new(AtomicUsize::new(0)),
+            queue: Arc::default(),
+            class,
         }
     }
 
     pub fn push(&self, op: LaneOp) {
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let _ = self.tx.try_send(Box::new(move || {
-            op();
-            pending.fetch_sub(1, Ordering::SeqCst);
-        }));
+        let mut q = lock(&self.queue);
+        q.ops.push_back(op);
+        if q.running {
+            return;
+        }
+        q.running = true;
+        drop(q);
+        let queue = self.queue.clone();
+        crate::pool::spawn(self.class, move || loop {
+            let op = {
+                let mut q = lock(&queue);
+                match q.ops.pop_front() {
+                    Some(op) => op,
+                    None => {
+                        q.running = false;
+                        // Capacity a burst left behind goes.
+                        q.ops = VecDeque::new();
+                        return;
+                    }
+                }
+            };
+            // A panicking operation is logged by the pool; the lane goes on with the next.
+            crate::pool::run(op);
+        });
     }
 
     fn idle(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
+        let q = lock(&self.queue);
+        !q.running && q.ops.is_empty()
     }
 }
 
@@ -65,7 +87,7 @@ impl WorkloadLanes {
         self.retired.retain(|n| n != name);
         self.lanes
             .entry(name.clone())
-            .or_insert_with(Lane::start)
+            .or_insert_with(|| Lane::new(crate::pool::Class::Workloads))
             .push(op);
     }
 
