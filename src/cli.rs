@@ -71,8 +71,9 @@ pub enum Command {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
-    /// Show a shell workload's output: its unit's journal under the systemd cgroup driver, else
-    /// kept in STATE_DIR/logs (root only; the agent need not be running).
+    /// Show a workload's output: a shell workload's unit's journal under the systemd cgroup
+    /// driver, else kept in STATE_DIR/logs; a pod's by `podman pod logs` (root only; the agent
+    /// need not be running).
     Logs {
         /// The workload.
         name: String,

@@ -1,17 +1,20 @@
 //! `device-worker-ng logs NAME [--tail N] [--follow]`: a workload's output, read where the
 //! agent keeps it: the files of the shell driver's log writer (`STATE_DIR/logs/<name>.log`
 //! and the rotated `<name>.log.1`, deleted with the workload) under the cgroupfs driver, the
-//! journal of the workload's service under the systemd driver. The agent is not asked: logs
-//! stay readable while it is down.
+//! journal of the workload's service under the systemd driver, and a pod's containers'
+//! output where podman keeps it (`podman pod logs`). The agent is not asked: logs stay
+//! readable while it is down.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::cgroup::systemd::{self, UnitNames};
 use crate::config::{CgroupDriverChoice, Settings};
+use crate::drivers::podman::RootlessUser;
 use crate::workload::WorkloadName;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +39,44 @@ pub enum Source {
     /// (`journalctl -u <slice stem>-<name>.service`). Output the files hold instead (the
     /// driver fell back to cgroupfs, or an older agent ran it) is read there.
     Journal { slice: String, state_dir: PathBuf },
+    /// A pod's containers: podman keeps their output (its journald log driver on systemd
+    /// hosts), read by `podman pod logs`, as the rootless user for their pods.
+    Pod { rootless_user: Option<RootlessUser> },
 }
 
 impl Source {
-    /// Where this agent's settings put workload output.
+    /// Where `name`'s output is under this agent's settings: a pod's (the podman driver keeps
+    /// `STATE_DIR/pods/<name>` while the pod exists, with a `rootless` marker for the rootless
+    /// user's) is podman's; a shell workload's, the host's ([`Source::of`]).
+    pub fn of_workload(settings: &Settings, name: &WorkloadName) -> Result<Source, LogsError> {
+        let pod_dir = settings.state_dir.join("pods").join(name.as_str());
+        if !pod_dir.is_dir() {
+            return Ok(Source::of(settings));
+        }
+        if !pod_dir.join("rootless").exists() {
+            return Ok(Source::Pod {
+                rootless_user: None,
+            });
+        }
+        let user = settings
+            .rootless_user
+            .as_deref()
+            .ok_or_else(|| LogsError::Read {
+                path: pod_dir.clone(),
+                why: "a rootless pod, but ROOTLESS_USER is not configured".into(),
+            })?;
+        let user = RootlessUser::resolve(user, settings.xdg_runtime_dir.clone()).map_err(|e| {
+            LogsError::Read {
+                path: pod_dir,
+                why: e.to_string(),
+            }
+        })?;
+        Ok(Source::Pod {
+            rootless_user: Some(user),
+        })
+    }
+
+    /// Where this agent's settings put shell workloads' output.
     pub fn of(settings: &Settings) -> Source {
         let files = Source::Files {
             state_dir: settings.state_dir.clone(),
@@ -78,6 +115,7 @@ pub fn show(source: &Source, req: &Request, out: &mut impl Write) -> Result<(), 
                 journal::show(&UnitNames::of(slice, req.name.as_str()).service, req, out)
             }
         }
+        Source::Pod { rootless_user } => pod::show(rootless_user.as_ref(), req, out),
     };
     match result {
         Err(LogsError::ReaderGone) => Ok(()),
@@ -100,9 +138,36 @@ fn read_err(path: &Path) -> impl Fn(std::io::Error) -> LogsError + '_ {
     }
 }
 
+/// Runs a reader of logs kept elsewhere (journalctl, podman) and copies its stdout to `out`
+/// as it comes (so `--follow` follows); `whose` names the output in an error.
+fn stream(mut c: Command, whose: &str, out: &mut impl Write) -> Result<(), LogsError> {
+    let program = c.get_program().to_string_lossy().into_owned();
+    let what = Path::new(&program);
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(read_err(what))?;
+    let copied = match child.stdout.take() {
+        Some(mut from) => std::io::copy(&mut from, out).and_then(|_| out.flush()),
+        None => Ok(()),
+    };
+    if copied.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(read_err(what))?;
+    copied.map_err(read_err(what))?;
+    if !status.success() {
+        return Err(LogsError::Read {
+            path: PathBuf::from(whose),
+            why: format!("{program} {status}"),
+        });
+    }
+    Ok(())
+}
+
 mod journal {
     use super::*;
-    use std::process::{Command, Stdio};
 
     /// The unit's entries, as the workload wrote them (`-o cat`), by journalctl, copied to
     /// `out` (and followed with `--follow`).
@@ -115,28 +180,38 @@ mod journal {
         if req.follow {
             c.arg("--follow");
         }
-        let what = Path::new("journalctl");
-        let mut child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(read_err(what))?;
-        let copied = match child.stdout.take() {
-            Some(mut from) => std::io::copy(&mut from, out).and_then(|_| out.flush()),
-            None => Ok(()),
-        };
-        if copied.is_err() {
-            let _ = child.kill();
+        stream(c, &format!("the journal of {unit}"), out)
+    }
+}
+
+mod pod {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// The pod's containers' output, by `podman pod logs` (root's podman, or the rootless
+    /// user's: their uid, home and runtime directory).
+    pub fn show(
+        user: Option<&RootlessUser>,
+        req: &Request,
+        out: &mut impl Write,
+    ) -> Result<(), LogsError> {
+        let mut c = Command::new("podman");
+        c.args(["pod", "logs"]);
+        if let Some(n) = req.tail {
+            c.args(["--tail", &n.to_string()]);
         }
-        let status = child.wait().map_err(read_err(what))?;
-        copied.map_err(read_err(what))?;
-        if !status.success() {
-            return Err(LogsError::Read {
-                path: PathBuf::from(format!("the journal of {unit}")),
-                why: format!("journalctl {status}"),
-            });
+        if req.follow {
+            c.arg("--follow");
         }
-        Ok(())
+        c.arg(req.name.as_str()).current_dir("/");
+        if let Some(u) = user {
+            c.uid(u.uid.as_raw())
+                .gid(u.gid.as_raw())
+                .env("HOME", &u.home)
+                .env("USER", &u.name)
+                .env("XDG_RUNTIME_DIR", &u.runtime_dir);
+        }
+        stream(c, &format!("the logs of pod {}", req.name), out)
     }
 }
 
@@ -329,5 +404,44 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no output recorded"), "{e}");
+    }
+
+    #[test]
+    fn a_pods_output_is_podmans_as_its_user() {
+        let t = tempfile::tempdir().unwrap();
+        let settings = |rootless_user: Option<&str>| {
+            let mut flags = vec![
+                format!("STATE_DIR={}", t.path().display()),
+                "CGROUP_DRIVER=cgroupfs".into(),
+            ];
+            flags.extend(rootless_user.map(|u| format!("ROOTLESS_USER={u}")));
+            crate::config::Settings::load(&crate::config::Inputs {
+                flags,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let web = WorkloadName::parse("web").unwrap();
+        let s = settings(None);
+        assert!(matches!(
+            Source::of_workload(&s, &web).unwrap(),
+            Source::Files { .. }
+        ));
+        std::fs::create_dir_all(t.path().join("pods/web")).unwrap();
+        assert!(matches!(
+            Source::of_workload(&s, &web).unwrap(),
+            Source::Pod {
+                rootless_user: None
+            }
+        ));
+        std::fs::write(t.path().join("pods/web/rootless"), "").unwrap();
+        let e = Source::of_workload(&s, &web).unwrap_err();
+        assert!(e.to_string().contains("ROOTLESS_USER"), "{e}");
+        match Source::of_workload(&settings(Some("root")), &web).unwrap() {
+            Source::Pod {
+                rootless_user: Some(u),
+            } => assert_eq!(u.uid.as_raw(), 0),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -119,11 +119,8 @@ fn show_logs(
     let settings = Settings::load(inputs).map_err(config_error)?;
     let request = WorkloadName::parse(name).map(|name| logs::Request { name, tail, follow });
     let shown = request.map_err(logs::LogsError::from).and_then(|r| {
-        logs::show(
-            &logs::Source::of(&settings),
-            &r,
-            &mut std::io::stdout().lock(),
-        )
+        let source = logs::Source::of_workload(&settings, &r.name)?;
+        logs::show(&source, &r, &mut std::io::stdout().lock())
     });
     Ok(match shown {
         Ok(()) => ExitCode::SUCCESS,
