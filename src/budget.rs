@@ -1,7 +1,8 @@
 //! The device budget: what workloads may use in total, and a tracker that turns usage samples
-//! into "exceeded" (over the budget for the whole window) and "recovered" (under the low
-//! watermark for the hold time) signals, so one spike does not evict anything and recovery
-//! does not flap.
+//! into "exceeded" (over the budget for the whole window: BUDGET_WINDOW for memory, at least
+//! [`CPU_WINDOW_MIN`] for cpu) and "recovered" (under the low watermark for the hold time)
+//! signals, so recovery does not flap and one breach does not evict a second workload while
+//! the first is still stopping.
 
 use std::time::{Duration, Instant};
 
@@ -35,18 +36,31 @@ pub enum Pressure {
     Recovered,
 }
 
+/// Usage at or above this fraction of the budget is near it: the sampler samples fast, and on
+/// cgroup v1 the kernel notifies the agent when usage crosses it.
+pub const NEAR_FRACTION: f64 = 0.8;
+
+/// A cpu breach must last at least this long whatever BUDGET_WINDOW says: the kernel already
+/// caps all workloads' cpu at the budget, so a figure over it is the jitter of rates measured
+/// over 100 ms samples against 100 ms quota periods, not a danger to the device.
+pub const CPU_WINDOW_MIN: Duration = Duration::from_secs(1);
+
 /// Time-based hysteresis over the budget.
 #[derive(Debug, Clone)]
 pub struct PressureTracker {
-    /// Usage must stay over the budget this long before it counts as exceeded.
+    /// Memory must stay over the budget this long before it counts as exceeded (cpu at least
+    /// [`CPU_WINDOW_MIN`]).
     pub window: Duration,
     /// Usage must stay under the low watermark this long before it counts as recovered.
     pub hold: Duration,
     /// Low watermark as a fraction of the budget.
     pub low_watermark: f64,
-    over_since: Option<Instant>,
+    memory_over_since: Option<Instant>,
+    cpu_over_since: Option<Instant>,
     under_since: Option<Instant>,
     exceeded: bool,
+    /// A victim of the last decision is still stopping.
+    evicting: bool,
 }
 
 impl PressureTracker {
@@ -55,9 +69,11 @@ impl PressureTracker {
             window,
             hold,
             low_watermark,
-            over_since: None,
+            memory_over_since: None,
+            cpu_over_since: None,
             under_since: None,
             exceeded: false,
+            evicting: false,
         }
     }
 
@@ -65,26 +81,52 @@ impl PressureTracker {
         self.exceeded
     }
 
+    fn cpu_window(&self) -> Duration {
+        self.window.max(CPU_WINDOW_MIN)
+    }
+
     /// Feeds one sample taken at `now`; returns a signal when the pressure state changes (and
-    /// again every `window` while it stays exceeded, so the device keeps shedding load).
+    /// again, while it stays exceeded, each time the breach has lasted another window, so the
+    /// device keeps shedding load). `evicting`: a workload evicted earlier is still stopping;
+    /// its memory is released only when it has stopped, so no further decision is taken until
+    /// then, and the window starts again from there.
     pub fn observe(
         &mut self,
         memory: u64,
         cpu: u64,
         budget: &Budget,
         now: Instant,
+        evicting: bool,
     ) -> Option<Pressure> {
         let over_mem = memory > budget.memory_bytes;
         let over_cpu = cpu > budget.cpu_millicores;
         let low = |used: u64, b: u64| (used as f64) < (b as f64) * self.low_watermark;
         let under = low(memory, budget.memory_bytes) && low(cpu, budget.cpu_millicores);
+        self.evicting = evicting;
+        if !over_mem {
+            self.memory_over_since = None;
+        }
+        if !over_cpu {
+            self.cpu_over_since = None;
+        }
         if over_mem || over_cpu {
             self.under_since = None;
-            let since = *self.over_since.get_or_insert(now);
-            if now.duration_since(since) >= self.window {
-                self.over_since = Some(now);
+            if evicting {
+                self.memory_over_since = over_mem.then_some(now);
+                self.cpu_over_since = over_cpu.then_some(now);
+                return None;
+            }
+            let lasted = |since: &mut Option<Instant>, window: Duration| {
+                now.duration_since(*since.get_or_insert(now)) >= window
+            };
+            let mem_due = over_mem && lasted(&mut self.memory_over_since, self.window);
+            let cpu_window = self.cpu_window();
+            let cpu_due = over_cpu && lasted(&mut self.cpu_over_since, cpu_window);
+            if mem_due || cpu_due {
+                self.memory_over_since = over_mem.then_some(now);
+                self.cpu_over_since = over_cpu.then_some(now);
                 self.exceeded = true;
-                let what = if over_mem {
+                let what = if mem_due {
                     format!(
                         "workloads use {} of memory, budget {}",
                         crate::units::Bytes(memory),
@@ -98,20 +140,36 @@ impl PressureTracker {
                 };
                 return Some(Pressure::Exceeded(what));
             }
-        } else {
-            self.over_since = None;
-            if self.exceeded && under {
-                let since = *self.under_since.get_or_insert(now);
-                if now.duration_since(since) >= self.hold {
-                    self.under_since = None;
-                    self.exceeded = false;
-                    return Some(Pressure::Recovered);
-                }
-            } else {
+        } else if self.exceeded && under {
+            let since = *self.under_since.get_or_insert(now);
+            if now.duration_since(since) >= self.hold {
                 self.under_since = None;
+                self.exceeded = false;
+                return Some(Pressure::Recovered);
             }
+        } else {
+            self.under_since = None;
         }
         None
+    }
+
+    /// How long until a breach seen by the last sample has lasted its window (`None`: no
+    /// decision pending). The sampler samples again by then, so the decision is not late by
+    /// up to a sampling period.
+    pub fn decision_due_in(&self, now: Instant) -> Option<Duration> {
+        if self.evicting {
+            return None;
+        }
+        let left = |since: Option<Instant>, window: Duration| {
+            since.map(|s| window.saturating_sub(now.duration_since(s)))
+        };
+        match (
+            left(self.memory_over_since, self.window),
+            left(self.cpu_over_since, self.cpu_window()),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -134,48 +192,92 @@ mod tests {
         assert!(!b.near(100 << 20, 100, 0.8));
     }
 
-    #[test]
-    fn a_spike_does_not_count_and_recovery_needs_the_hold_time() {
-        let b = Budget {
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn budget() -> Budget {
+        Budget {
             memory_bytes: 100,
             cpu_millicores: 1000,
-        };
-        let ms = |n: u64| Duration::from_millis(n);
-        let t0 = Instant::now();
-        let mut t = PressureTracker::new(ms(500), ms(1000), 0.9);
-        assert_eq!(t.observe(150, 0, &b, t0), None);
-        assert_eq!(t.observe(50, 0, &b, t0 + ms(100)), None, "spike over");
-        assert_eq!(t.observe(150, 0, &b, t0 + ms(200)), None);
-        assert_eq!(t.observe(150, 0, &b, t0 + ms(600)), None);
+        }
+    }
+
+    #[test]
+    fn a_memory_breach_is_decided_by_the_first_sample_that_sees_it() {
+        let (b, t0) = (budget(), Instant::now());
+        let mut t = PressureTracker::new(Duration::ZERO, MS(1000), 0.9);
+        assert_eq!(t.observe(90, 0, &b, t0, false), None);
         assert!(matches!(
-            t.observe(150, 0, &b, t0 + ms(700)),
-            Some(Pressure::Exceeded(_))
+            t.observe(101, 0, &b, t0 + MS(1), false),
+            Some(Pressure::Exceeded(r)) if r.contains("memory")
         ));
         assert!(t.is_exceeded());
-        assert_eq!(t.observe(150, 0, &b, t0 + ms(800)), None);
+    }
+
+    #[test]
+    fn no_second_eviction_while_the_victim_is_still_stopping() {
+        let (b, t0) = (budget(), Instant::now());
+        let mut t = PressureTracker::new(Duration::ZERO, MS(1000), 0.9);
+        assert!(t.observe(150, 0, &b, t0, false).is_some());
+        for i in 1..20 {
+            assert_eq!(t.observe(150, 0, &b, t0 + MS(i * 100), true), None);
+            assert_eq!(t.decision_due_in(t0 + MS(i * 100)), None);
+        }
+        // Stopped, and the workloads are still over: the next one goes.
+        assert!(t.observe(150, 0, &b, t0 + MS(2000), false).is_some());
+    }
+
+    #[test]
+    fn a_window_makes_a_memory_spike_not_count() {
+        let (b, t0) = (budget(), Instant::now());
+        let mut t = PressureTracker::new(MS(500), MS(1000), 0.9);
+        assert_eq!(t.observe(150, 0, &b, t0, false), None);
+        assert_eq!(t.decision_due_in(t0 + MS(100)), Some(MS(400)));
+        assert_eq!(
+            t.observe(50, 0, &b, t0 + MS(100), false),
+            None,
+            "spike over"
+        );
+        assert_eq!(t.decision_due_in(t0 + MS(100)), None);
+        assert_eq!(t.observe(150, 0, &b, t0 + MS(200), false), None);
+        assert_eq!(t.observe(150, 0, &b, t0 + MS(600), false), None);
+        assert!(t.observe(150, 0, &b, t0 + MS(700), false).is_some());
+        assert_eq!(t.observe(150, 0, &b, t0 + MS(800), false), None);
         assert!(
-            matches!(
-                t.observe(150, 0, &b, t0 + ms(1200)),
-                Some(Pressure::Exceeded(_))
-            ),
+            t.observe(150, 0, &b, t0 + MS(1200), false).is_some(),
             "still over after another window: shed more"
         );
+    }
+
+    #[test]
+    fn a_cpu_breach_must_last_at_least_the_cpu_minimum() {
+        let (b, t0) = (budget(), Instant::now());
+        let mut t = PressureTracker::new(Duration::ZERO, MS(1000), 0.9);
+        assert_eq!(t.observe(0, 1100, &b, t0, false), None);
+        assert_eq!(t.observe(0, 1100, &b, t0 + MS(500), false), None);
+        assert_eq!(t.decision_due_in(t0 + MS(500)), Some(MS(500)));
+        assert!(matches!(
+            t.observe(0, 1100, &b, t0 + CPU_WINDOW_MIN, false),
+            Some(Pressure::Exceeded(r)) if r.contains("cpu")
+        ));
+    }
+
+    #[test]
+    fn recovery_needs_the_hold_time_under_the_low_watermark() {
+        let (b, t0) = (budget(), Instant::now());
+        let mut t = PressureTracker::new(Duration::ZERO, MS(1000), 0.9);
+        assert!(t.observe(150, 0, &b, t0, false).is_some());
         assert_eq!(
-            t.observe(95, 0, &b, t0 + ms(1300)),
+            t.observe(95, 0, &b, t0 + MS(100), false),
             None,
             "above the low watermark"
         );
-        assert_eq!(t.observe(80, 0, &b, t0 + ms(1400)), None);
-        assert_eq!(t.observe(80, 0, &b, t0 + ms(2000)), None);
+        assert_eq!(t.observe(80, 0, &b, t0 + MS(200), false), None);
+        assert_eq!(t.observe(80, 0, &b, t0 + MS(800), false), None);
         assert_eq!(
-            t.observe(80, 0, &b, t0 + ms(2400)),
+            t.observe(80, 0, &b, t0 + MS(1200), false),
             Some(Pressure::Recovered)
         );
-        assert_eq!(t.observe(80, 0, &b, t0 + ms(3000)), None);
-        let mut c = PressureTracker::new(Duration::ZERO, ms(1), 0.9);
-        assert!(matches!(
-            c.observe(0, 2000, &b, t0),
-            Some(Pressure::Exceeded(r)) if r.contains("cpu")
-        ));
+        assert!(!t.is_exceeded());
+        assert_eq!(t.observe(80, 0, &b, t0 + MS(3000), false), None);
     }
 }

@@ -135,6 +135,48 @@ fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
     });
 }
 
+#[test]
+fn a_kernel_notification_evicts_while_the_sampler_sleeps() {
+    require_root_cgroups!("a_kernel_notification_evicts_while_the_sampler_sleeps");
+    // The agent samples once at start and then every 30 s: an eviction within seconds of the
+    // breach cannot have come from its sampling period.
+    let hold = |mb: u32| format!("big=$(head -c {mb}000000 /dev/zero | tr '\\0' x); sleep 600");
+    let res = "        requests: {memory: 8Mi}\n";
+    let steady = workload("steady", &hold(40), 10, res);
+    let mut a = agent_with_budget(&format!("workloads:\n{steady}"), 100);
+    a.extra_env
+        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "30s".into()));
+    a.start();
+    let started = Instant::now();
+    let s = a.wait_for("steady running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "steady").is_some_and(|w| w.state == "running")
+    });
+    let steady_pid = Agent::workload(&s, "steady").unwrap().pid;
+    // Let it hold its memory (a fraction of a second) before the spike.
+    std::thread::sleep(Duration::from_secs(1));
+    let spike = workload("spike", &hold(80), 0, res);
+    a.set_desired(&format!("workloads:\n{steady}{spike}"));
+    let s = a.wait_for("spike evicted", Duration::from_secs(15), |s| {
+        Agent::workload(s, "spike").is_some_and(|w| w.state == "evicted")
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "evicted only after {:?}: the sampler's period, not a notification",
+        started.elapsed()
+    );
+    assert_eq!(
+        Agent::workload(&s, "steady").unwrap().pid,
+        steady_pid,
+        "the higher priority is untouched"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("kernel alert: sampling now alert=MemoryMark(Budget)")
+            || log.contains("kernel alert: sampling now alert=MemoryMark(NearBudget)"),
+        "no memory notification in the log:\n{log}"
+    );
+}
+
 /// An agent reading profile variables from its own VARIABLES_FILE, sampling fast.
 fn agent_with_variables(desired: &str) -> (Agent, std::path::PathBuf) {
     let mut a = Agent::new(desired);

@@ -7,8 +7,9 @@
 
 mod files;
 mod layout;
+pub mod notify;
 
-pub use files::{parse_flat_keyed, read_u64, CounterReader};
+pub use files::{parse_flat_keyed, read_u64, write as write_file, CounterReader};
 pub use layout::{detect, detect_from, Layout, V1Mounts};
 
 use std::path::{Path, PathBuf};
@@ -186,6 +187,14 @@ impl WorkloadCgroup {
             .lines()
             .filter_map(|l| l.trim().parse::<i32>().ok())
             .collect())
+    }
+
+    /// The file holding the cgroup's memory usage (its subtree's, hierarchically).
+    pub fn memory_usage_file(&self) -> PathBuf {
+        match self {
+            WorkloadCgroup::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
+            WorkloadCgroup::V2 { dir } => dir.join("memory.current"),
+        }
     }
 
     pub fn oom_kills(&self) -> u64 {

@@ -23,6 +23,8 @@ enum Kind {
     Url,
     Level,
     Duration,
+    /// A duration that may be zero (a window that can be closed).
+    Window,
     Memory,
     Cpu,
     Count,
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Url => "an https:// URL",
             Kind::Level => "one of error, warn, info, debug, trace",
             Kind::Duration => "a duration like 500ms, 1s, 2m",
+            Kind::Window => "a duration like 0s, 500ms, 1s",
             Kind::Memory => "a memory quantity like 256Mi",
             Kind::Cpu => "a cpu quantity like 250m or 0.5",
             Kind::Count => "a whole number",
@@ -244,9 +247,9 @@ pub const KEYS: &[KeySpec] = &[
     ),
     key!(
         "BUDGET_WINDOW",
-        Duration,
-        Some("500ms"),
-        "workloads must use more than the budget this long before the lowest priority is evicted"
+        Window,
+        Some("0s"),
+        "workloads must use more memory than the budget this long (cpu: at least 1s) before the lowest priority is evicted"
     ),
     key!(
         "BUDGET_HOLD",
@@ -517,6 +520,7 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Duration(d)
         }
+        Kind::Window => Value::Duration(units::parse_duration(raw).map_err(|_| wrong())?),
         Kind::Memory => Value::Quantity(units::parse_memory(raw).map_err(|_| wrong())?),
         Kind::Cpu => Value::Quantity(units::parse_cpu(raw).map_err(|_| wrong())?),
         Kind::Count => Value::Quantity(raw.trim().parse::<u32>().map_err(|_| wrong())? as u64),

@@ -4,6 +4,7 @@
 //! through the drivers on blocking lanes and feeds the results back as events.
 
 mod admission;
+mod kernel;
 pub mod server;
 mod snapshot;
 pub mod sources;
@@ -30,12 +31,6 @@ pub use workloads::Entry;
 /// Capacity of the event channel: producers wait (back-pressure) rather than grow memory.
 pub const EVENT_CAPACITY: usize = 1024;
 
-/// PSI memory stall share (percent) from which the sampler speeds up.
-const MEMORY_PRESSURE_ALERT: f64 = 10.0;
-
-/// Sampling period while usage is near or over the budget.
-const FAST_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
 #[derive(Debug)]
 pub enum Event {
     /// SIGTERM/SIGINT: stop the agent (workloads keep running, to be adopted on restart).
@@ -44,8 +39,13 @@ pub enum Event {
     Reload,
     /// The local desired-state file changed.
     DesiredStateChanged,
-    SampleTick,
+    /// The sampling period is over (stale tokens: a sample came in between and set a new one).
+    SampleTick {
+        token: u64,
+    },
     Sampled(sampler::Report),
+    /// A notification from the kernel (crate::alerts): sample, and decide, now.
+    Kernel(crate::alerts::Alert),
     /// A driver result for one run of one workload (stale runs are dropped).
     Workload {
         name: String,
@@ -115,6 +115,9 @@ pub struct Controller {
     workloads_cap: Option<crate::cgroup::Limits>,
     /// Lane for writes to STATE_DIR that must not block the controller.
     pub(crate) persist: Sender<workloads::LaneOp>,
+    /// The kernel's notifications; `None` until the loop runs.
+    pub(crate) alerts: Option<crate::alerts::Alerts>,
+    pub(crate) sampling: kernel::Sampling,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -160,6 +163,8 @@ impl Controller {
             pressure,
             sampler: None,
             persist: workloads::spawn_lane(),
+            alerts: None,
+            sampling: Default::default(),
         }
     }
 
@@ -295,12 +300,17 @@ impl Controller {
         }
         self.used = (mem, cpu);
         self.memory_pressure = report.memory_pressure;
+        self.place_marks(report.parent_memory);
         self.cap_workloads();
         self.native_variables(report.disk_percent, report.pids_percent);
         self.fed_variables(report.variables);
         self.reevaluate_profiles();
         let budget = self.budget();
-        if let Some(p) = self.pressure.observe(mem, cpu, &budget, report.at) {
+        let evicting = self.evicting();
+        if let Some(p) = self
+            .pressure
+            .observe(mem, cpu, &budget, report.at, evicting)
+        {
             match p {
                 crate::budget::Pressure::Exceeded(reason) => {
                     self.device_event(DeviceEvent::BudgetExceeded { reason })
@@ -374,12 +384,18 @@ impl Controller {
             state_dir: self.settings.state_dir.clone(),
             variables_file: self.settings.variables_file.clone(),
             variables_ttl: self.settings.variables_ttl,
+            parent_memory_file: Some(self.hierarchy.workloads_parent().memory_usage_file()),
         };
         match sampler::spawn(self.tx.clone(), sampler_config) {
             Ok(s) => self.sampler = Some(s),
             Err(e) => error!("cannot start the sampler thread: {e}; no usage figures"),
         }
-        let _ = self.tx.try_send(Event::SampleTick);
+        self.alerts = Some(crate::alerts::Alerts::start(
+            self.tx.clone(),
+            &self.hierarchy.workloads_parent(),
+        ));
+        self.watch_running_workloads();
+        self.request_sample();
         if let Some(iv) = crate::notify::watchdog_interval() {
             sources::every(self.tx.clone(), iv, || Event::WatchdogTick);
         }
@@ -392,29 +408,16 @@ impl Controller {
                 }
                 Event::Reload => self.reload(),
                 Event::DesiredStateChanged => self.reload_desired(),
-                Event::SampleTick => {
-                    // A full queue means the sampler is still busy with the last round: skip.
-                    if let Some(s) = &self.sampler {
-                        let _ = s.try_send(self.sample_targets());
+                Event::SampleTick { token } => {
+                    if token == self.sampling.token {
+                        self.request_sample();
                     }
-                    // Near or over the budget, sample ten times a second: a breach is then acted on
-                    // within BUDGET_WINDOW plus 100 ms, not a whole interval later.
-                    let (mem, cpu) = self.used;
-                    // The kernel's own stall figure (PSI) counts as near, too.
-                    let stalled = self
-                        .memory_pressure
-                        .is_some_and(|p| p >= MEMORY_PRESSURE_ALERT);
-                    let interval = if self.pressure.is_exceeded()
-                        || stalled
-                        || self.budget().near(mem, cpu, 0.8)
-                    {
-                        self.settings.sample_interval.min(FAST_SAMPLE_INTERVAL)
-                    } else {
-                        self.settings.sample_interval
-                    };
-                    sources::after(self.tx.clone(), interval, Event::SampleTick);
                 }
-                Event::Sampled(report) => self.on_sampled(report),
+                Event::Sampled(report) => {
+                    self.on_sampled(report);
+                    self.schedule_next_sample();
+                }
+                Event::Kernel(alert) => self.on_alert(alert),
                 Event::Workload { name, run, event } => {
                     if self.workloads.get(&name).is_some_and(|e| e.run == run) {
                         self.workload_event(&name, event);
@@ -429,6 +432,9 @@ impl Controller {
                     if let Some(e) = self.workloads.get_mut(&name) {
                         if e.run == run {
                             e.adopted = Some((pid, ticks));
+                            if let Some(a) = &mut self.alerts {
+                                a.watch_exit(&name, pid, ticks);
+                            }
                         }
                     }
                 }

@@ -439,6 +439,9 @@ impl Controller {
         if let State::Running { .. } = e.machine.state() {
             if before != "running" {
                 e.started_at = Some(Instant::now());
+                if let Some(a) = &mut self.alerts {
+                    a.watch_workload(name, &e.cgroup);
+                }
             }
         }
         if before != after {
@@ -450,6 +453,9 @@ impl Controller {
         self.update_problem(name);
         if after == "removed" {
             self.workloads.remove(name);
+            if let Some(a) = &mut self.alerts {
+                a.forget(name);
+            }
             self.device_event(DeviceEvent::ProblemCleared {
                 key: format!("workload/{name}"),
             });

@@ -1,0 +1,200 @@
+//! The controller's side of the kernel's alerts (crate::alerts) and of the sampling period:
+//! an alert makes the controller sample at once, and each sample sets the next period from
+//! what it saw itself.
+
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::{sources, Controller, Event};
+use crate::alerts::{Alert, Marks};
+use crate::budget::NEAR_FRACTION;
+use crate::machines::workload::{AfterStop, State};
+
+/// Sampling period while usage is near or over the budget, or the kernel reports stalls.
+pub(crate) const FAST_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// PSI memory stall share (percent, `some avg10`) from which the sampler speeds up.
+const MEMORY_PRESSURE_ALERT: f64 = 10.0;
+
+/// Alerts may come in bursts (reclaim, a usage oscillating around a mark): at most one
+/// sample per this spacing is started for them; a later alert is served when it is over.
+const MIN_ALERT_SPACING: Duration = Duration::from_millis(10);
+
+/// How far the usage marks may drift before they are placed again (1 % of the budget, at
+/// least 1 MiB): usage figures jitter.
+fn mark_tolerance(budget: u64) -> u64 {
+    (budget / 100).max(1 << 20)
+}
+
+/// The sampling clock: one pending tick at a time (older ones carry stale tokens).
+#[derive(Debug, Default)]
+pub(crate) struct Sampling {
+    pub(crate) token: u64,
+    last_request: Option<Instant>,
+}
+
+/// The period until the next sample, from what the sample just taken showed. Near or over
+/// the budget, or with the kernel reporting memory stalls, sample fast; when a breach has yet
+/// to last its window, sample when the window ends.
+pub(crate) fn next_sample_in(
+    interval: Duration,
+    near_or_over: bool,
+    stalled: bool,
+    decision_due_in: Option<Duration>,
+) -> Duration {
+    let mut next = if near_or_over || stalled {
+        interval.min(FAST_SAMPLE_INTERVAL)
+    } else {
+        interval
+    };
+    if let Some(due) = decision_due_in {
+        next = next.min(due.max(MIN_ALERT_SPACING));
+    }
+    next
+}
+
+impl Controller {
+    /// Hands the sampler the current targets (a full queue: it is busy and will report).
+    pub(crate) fn request_sample(&mut self) {
+        if let Some(s) = &self.sampler {
+            let _ = s.try_send(self.sample_targets());
+        }
+        self.sampling.last_request = Some(Instant::now());
+    }
+
+    /// Samples as soon as [`MIN_ALERT_SPACING`] allows.
+    fn sample_soon(&mut self) {
+        let since = self.sampling.last_request.map(|t| t.elapsed());
+        match since {
+            Some(d) if d < MIN_ALERT_SPACING => {
+                self.sampling.token += 1;
+                let token = self.sampling.token;
+                sources::after(
+                    self.tx.clone(),
+                    MIN_ALERT_SPACING - d,
+                    Event::SampleTick { token },
+                );
+            }
+            _ => self.request_sample(),
+        }
+    }
+
+    /// After each sample: the next tick, from that sample's own figures (no one-period lag
+    /// between seeing usage near the budget and sampling fast).
+    pub(crate) fn schedule_next_sample(&mut self) {
+        let (mem, cpu) = self.used;
+        let near_or_over =
+            self.pressure.is_exceeded() || self.budget().near(mem, cpu, NEAR_FRACTION);
+        let stalled = self
+            .memory_pressure
+            .is_some_and(|p| p >= MEMORY_PRESSURE_ALERT);
+        let next = next_sample_in(
+            self.settings.sample_interval,
+            near_or_over,
+            stalled,
+            self.pressure.decision_due_in(Instant::now()),
+        );
+        self.sampling.token += 1;
+        let token = self.sampling.token;
+        sources::after(self.tx.clone(), next, Event::SampleTick { token });
+    }
+
+    pub(crate) fn on_alert(&mut self, alert: Alert) {
+        debug!(?alert, "kernel alert: sampling now");
+        if let Alert::Exited { workload, pid } = &alert {
+            if self
+                .workloads
+                .get(workload)
+                .and_then(|e| e.adopted)
+                .is_some_and(|(p, _)| p == *pid)
+            {
+                let name = workload.clone();
+                self.adopted_exited(&name);
+                return;
+            }
+        }
+        self.sample_soon();
+    }
+
+    /// Whether a workload evicted for the budget is still stopping.
+    pub(crate) fn evicting(&self) -> bool {
+        self.workloads.values().any(|e| {
+            matches!(
+                e.machine.state(),
+                State::Stopping {
+                    after: AfterStop::Evict(_)
+                }
+            )
+        })
+    }
+
+    /// Places the kernel's usage marks on the workloads' parent: the budget and the near mark
+    /// of the agent's own figure, plus what the parent counts beyond the live workloads.
+    pub(crate) fn place_marks(&mut self, parent_memory: Option<u64>) {
+        let budget = self.budget().memory_bytes;
+        let Some(alerts) = &mut self.alerts else {
+            return;
+        };
+        if budget == 0 {
+            return;
+        }
+        let offset = parent_memory.map_or(0, |p| p.saturating_sub(self.used.0));
+        let marks = Marks {
+            near: (budget as f64 * NEAR_FRACTION) as u64 + offset,
+            budget: budget + offset,
+        };
+        alerts.set_marks(marks, mark_tolerance(budget));
+    }
+
+    /// Watches what runs already when the loop starts (booted or adopted workloads).
+    pub(crate) fn watch_running_workloads(&mut self) {
+        let Some(alerts) = &mut self.alerts else {
+            return;
+        };
+        for (name, e) in &self.workloads {
+            if matches!(e.machine.state(), State::Running { .. }) {
+                alerts.watch_workload(name, &e.cgroup);
+                if let Some((pid, ticks)) = e.adopted {
+                    alerts.watch_exit(name, pid, ticks);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn the_sample_that_sees_usage_near_the_budget_sets_the_fast_period() {
+        assert_eq!(next_sample_in(S(30), false, false, None), S(30));
+        assert_eq!(
+            next_sample_in(S(30), true, false, None),
+            FAST_SAMPLE_INTERVAL
+        );
+        assert_eq!(
+            next_sample_in(S(30), false, true, None),
+            FAST_SAMPLE_INTERVAL
+        );
+        assert_eq!(next_sample_in(MS(50), true, false, None), MS(50));
+    }
+
+    #[test]
+    fn a_pending_decision_is_sampled_when_its_window_ends() {
+        assert_eq!(next_sample_in(S(1), true, false, Some(MS(40))), MS(40));
+        assert_eq!(
+            next_sample_in(S(1), true, false, Some(S(5))),
+            FAST_SAMPLE_INTERVAL
+        );
+        // A zero window does not turn into a busy loop.
+        assert_eq!(
+            next_sample_in(S(1), true, false, Some(Duration::ZERO)),
+            MIN_ALERT_SPACING
+        );
+    }
+}
