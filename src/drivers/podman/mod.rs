@@ -19,7 +19,9 @@
 //! Podman does not restart containers (the manifest says `restartPolicy: Never`): the run ends
 //! when an app container exits, and the workload machine restarts the pod per policy. An OOM
 //! kill shows as exit 137 (podman reports `OOMKilled=false` on cgroup v1) and as the workload
-//! cgroup's `oom_kill` counter rising.
+//! cgroup's `oom_kill` counter rising. The waiter learns of exits and OOM kills from the kernel
+//! (pidfds, v1 OOM eventfds): an OOM-killed container ends the run without waiting for
+//! `podman wait`, which polls.
 
 pub mod cli;
 pub mod secrets;
@@ -254,13 +256,21 @@ pub fn start(
     let first = containers
         .first()
         .ok_or_else(|| PodmanError::Unexpected("pod without containers".into()))?;
-    let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", first])?;
-    let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
-    let start_ticks = if pid > 0 {
-        super::process::start_ticks(pid).unwrap_or(0)
-    } else {
-        0
-    };
+    // The main process of every app container: the run ends when one of them exits.
+    let mut inspect = vec!["inspect", "--format", "{{.State.Pid}}"];
+    inspect.extend(containers.iter().map(String::as_str));
+    let out = podman.run(&inspect)?;
+    let mains: Vec<(i32, u64)> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)
+        .map(|p| (p, super::process::start_ticks(p).unwrap_or(0)))
+        .collect();
+    if mains.is_empty() {
+        tracing::warn!(workload = %name, "podman reports no container process: {}", first);
+    }
+    let (pid, start_ticks) = mains.first().copied().unwrap_or((0, 0));
     append_log(
         log_path,
         &format!(
@@ -281,35 +291,122 @@ pub fn start(
         start_ticks,
         oom_kills_at_start,
         waiter: Box::new(move || {
-            // On cgroup v1 the kill is counted only in the container's cgroup, which podman
-            // deletes right after the container exits: watch the count while the pod runs.
-            // (Cheaper and race-free alternative: a memory.oom_control eventfd per container.)
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            if matches!(waiter_cgroup, WorkloadCgroup::V1 { .. }) {
-                let (done, seen, cg) = (done.clone(), seen.clone(), waiter_cgroup.clone());
-                let _ = std::thread::Builder::new()
-                    .name("pod-oom-watch".into())
-                    .stack_size(64 * 1024)
-                    .spawn(move || {
-                        use std::sync::atomic::Ordering::SeqCst;
-                        while !done.load(SeqCst) {
-                            if subtree_oom_kills(&cg) > subtree_baseline {
-                                seen.store(true, SeqCst);
-                                return;
-                            }
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    });
-            }
-            let mut end = wait_first(&waiter_podman, &containers);
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            end.oom_killed = seen.load(std::sync::atomic::Ordering::SeqCst)
-                || subtree_oom_kills(&waiter_cgroup) > subtree_baseline;
-            end
+            wait_run(
+                &waiter_podman,
+                &containers,
+                &mains,
+                &waiter_cgroup,
+                subtree_baseline,
+            )
         }),
         notice,
     })
+}
+
+/// Waits for the end of a run: the first app container to exit. The exits come from the
+/// kernel (a pidfd per container's main process), OOM kills too (on v1 an eventfd on each
+/// memory cgroup of the pod: the kill is counted only in the container's own cgroup, which
+/// podman deletes right after the container exits; on v2 the workload's `memory.events`
+/// counts its whole subtree). An OOM-killed container ends the run at once; any other exit
+/// waits for `podman wait`'s exit code.
+fn wait_run(
+    podman: &Podman,
+    containers: &[String],
+    mains: &[(i32, u64)],
+    cgroup: &WorkloadCgroup,
+    oom_baseline: u64,
+) -> RunEnd {
+    use crate::cgroup::notify;
+    use smol::future::FutureExt;
+    let codes = podman_waits(podman, containers);
+    let oom_signals: Vec<notify::EventSignal> = match cgroup {
+        WorkloadCgroup::V1 { memory, .. } => memory_subtree(memory)
+            .iter()
+            .filter_map(|d| notify::oom(d).ok())
+            .collect(),
+        WorkloadCgroup::V2 { .. } => Vec::new(),
+    };
+    let mut exits: Vec<super::process::ProcessExit> = mains
+        .iter()
+        .filter_map(|(p, t)| super::process::ProcessExit::watch(*p, *t))
+        .collect();
+    let mut oom_seen = false;
+    let oom_now = |seen: bool| {
+        seen || oom_signals.iter().any(|s| s.take() > 0) || subtree_oom_kills(cgroup) > oom_baseline
+    };
+    enum Wake {
+        Code(Option<i32>),
+        Oom,
+        Exit,
+    }
+    smol::block_on(async {
+        loop {
+            let wake = async { Wake::Code(codes.recv().await.ok().flatten()) }
+                .or(async {
+                    first_of(oom_signals.iter().map(|s| s.next())).await;
+                    Wake::Oom
+                })
+                .or(async {
+                    first_of(exits.iter().map(|e| e.exited())).await;
+                    Wake::Exit
+                })
+                .await;
+            match wake {
+                Wake::Code(code) => {
+                    return RunEnd {
+                        code,
+                        signal: None,
+                        oom_killed: oom_now(oom_seen),
+                    }
+                }
+                // v1 announces the OOM before the kill: the exit follows.
+                Wake::Oom => oom_seen = true,
+                Wake::Exit => {
+                    if oom_now(oom_seen) {
+                        tracing::debug!(pod = %containers.join(","), "a container was OOM-killed: the run has ended");
+                        return RunEnd {
+                            code: Some(137),
+                            signal: None,
+                            oom_killed: true,
+                        };
+                    }
+                    // An exit stays readable: from here on only podman's answer counts.
+                    exits.clear();
+                }
+            }
+        }
+    })
+}
+
+/// Completes when any of `futures` does; never when there are none.
+async fn first_of<F: std::future::Future>(futures: impl Iterator<Item = F>) {
+    let mut futures: Vec<_> = futures.map(Box::pin).collect();
+    smol::future::poll_fn(|cx| {
+        for f in futures.iter_mut() {
+            if f.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A memory cgroup directory and every one below it.
+fn memory_subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = std::fs::read_dir(&out[i]) {
+            out.extend(
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The rootful path: play stopped under a staging name, clone under the workload cgroup.
@@ -392,9 +489,10 @@ fn cgroup_parent(cgroup: &WorkloadCgroup, layout: &Layout) -> Result<PathBuf, Po
     Ok(Path::new("/").join(rel))
 }
 
-/// Waits until the first app container exits and returns its exit code.
-fn wait_first(podman: &Podman, containers: &[String]) -> RunEnd {
-    let (tx, rx) = std::sync::mpsc::channel();
+/// `podman wait` for every app container, each on its own thread (it blocks until the
+/// container exits): their exit codes arrive on the returned channel, in the order they exit.
+fn podman_waits(podman: &Podman, containers: &[String]) -> async_channel::Receiver<Option<i32>> {
+    let (tx, rx) = async_channel::bounded(containers.len().max(1));
     for c in containers {
         let (tx, failed, podman, c) = (tx.clone(), tx.clone(), podman.clone(), c.clone());
         let spawned = std::thread::Builder::new()
@@ -406,19 +504,13 @@ fn wait_first(podman: &Podman, containers: &[String]) -> RunEnd {
                     .run_with(&["wait", &c], None, None, Duration::from_secs(u64::MAX / 4))
                     .ok()
                     .and_then(|o| o.stdout.trim().lines().last()?.trim().parse::<i32>().ok());
-                let _ = tx.send(code);
+                let _ = tx.send_blocking(code);
             });
         if spawned.is_err() {
-            let _ = failed.send(None);
+            let _ = failed.send_blocking(None);
         }
     }
-    drop(tx);
-    let code = rx.recv().ok().flatten();
-    RunEnd {
-        code,
-        signal: None,
-        oom_killed: false,
-    }
+    rx
 }
 
 /// OOM kills in the workload cgroup and every cgroup below it (memory controller). On cgroup
