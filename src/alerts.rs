@@ -55,7 +55,8 @@ pub enum Mark {
 /// The marks in bytes of the parent's own usage counter. The parent also counts charges no
 /// live workload owns (e.g. page cache left by removed workloads), so the controller puts the
 /// marks at its own figures plus that offset: a notification then means the workloads
-/// themselves crossed.
+/// themselves crossed. A v1 threshold fires when usage reaches it; the budget is breached
+/// when usage is over it: the thresholds sit one byte above the marks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Marks {
     pub near: u64,
@@ -194,8 +195,11 @@ enum Wake {
 /// cgroup v1 parent: the two usage thresholds (re-registered when the marks move) and the
 /// pressure level.
 async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
-    // `medium`: working-set eviction, not the routine page-cache reclaim `low` reports.
-    let pressure = notify::pressure_level(&memory, PressureLevel::Medium)
+    // `medium`: working-set eviction, not the routine page-cache reclaim `low` reports;
+    // `local`: reclaim against the workloads' common cap, not a workload's own limit (a
+    // workload about to be OOM-killed reclaims in a burst).
+    let pressure = notify::pressure_level(&memory, PressureLevel::Medium, true)
+        .or_else(|_| notify::pressure_level(&memory, PressureLevel::Medium, false))
         .map_err(|e| warn!("no memory pressure notifications: {e}"))
         .ok();
     let (mut near, mut budget): (Option<EventSignal>, Option<EventSignal>) = (None, None);
@@ -219,8 +223,8 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
                         .ok()
                 };
                 // Dropping the old eventfds unregisters the old thresholds.
-                budget = arm(m.budget);
-                near = arm(m.near);
+                budget = arm(m.budget + 1);
+                near = arm(m.near + 1);
                 debug!(budget = m.budget, near = m.near, "usage thresholds armed");
             }
             Wake::Signal(alert, Ok(_)) => {

@@ -72,9 +72,19 @@ pub fn usage_threshold(memory_dir: &Path, bytes: u64) -> Result<EventSignal, Cgr
     register_v1(memory_dir, "memory.usage_in_bytes", &bytes.to_string())
 }
 
-/// Signals when reclaim in the cgroup (or below it) reaches `level` (v1).
-pub fn pressure_level(memory_dir: &Path, level: PressureLevel) -> Result<EventSignal, CgroupError> {
-    register_v1(memory_dir, "memory.pressure_level", level.as_str())
+/// Signals when reclaim reaches `level` (v1): reclaim in the cgroup itself when `local`
+/// (e.g. against its own limit), else also reclaim below it that no descendant listens to.
+pub fn pressure_level(
+    memory_dir: &Path,
+    level: PressureLevel,
+    local: bool,
+) -> Result<EventSignal, CgroupError> {
+    let mode = if local { ",local" } else { "" };
+    register_v1(
+        memory_dir,
+        "memory.pressure_level",
+        &format!("{}{mode}", level.as_str()),
+    )
 }
 
 /// Signals when the cgroup, or an ancestor whose limit it counts against, is out of memory

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{sources, Controller, Event};
-use crate::alerts::{Alert, Marks};
+use crate::alerts::{Alert, Mark, Marks};
 use crate::budget::NEAR_FRACTION;
 use crate::machines::workload::{AfterStop, State};
 
@@ -32,6 +32,14 @@ fn mark_tolerance(budget: u64) -> u64 {
 pub(crate) struct Sampling {
     pub(crate) token: u64,
     last_request: Option<Instant>,
+    /// Sampling faster than SAMPLE_INTERVAL (logged when it changes: when the device is calm
+    /// again is worth knowing, and bench/budget.sh waits for it).
+    fast: bool,
+    /// After the kernel announced the budget crossed: re-sample at [`MIN_ALERT_SPACING`]
+    /// until a decision or this deadline. The sample the alert forced reads the workloads'
+    /// counters one after the other, and may still find their sum at the budget (seen: to
+    /// the byte); waiting for the next fast period would cost 100 ms.
+    confirm_until: Option<Instant>,
 }
 
 /// The period until the next sample, from what the sample just taken showed. Near or over
@@ -42,6 +50,7 @@ pub(crate) fn next_sample_in(
     near_or_over: bool,
     stalled: bool,
     decision_due_in: Option<Duration>,
+    confirming: bool,
 ) -> Duration {
     let mut next = if near_or_over || stalled {
         interval.min(FAST_SAMPLE_INTERVAL)
@@ -50,6 +59,9 @@ pub(crate) fn next_sample_in(
     };
     if let Some(due) = decision_due_in {
         next = next.min(due.max(MIN_ALERT_SPACING));
+    }
+    if confirming {
+        next = next.min(MIN_ALERT_SPACING);
     }
     next
 }
@@ -89,12 +101,26 @@ impl Controller {
         let stalled = self
             .memory_pressure
             .is_some_and(|p| p >= MEMORY_PRESSURE_ALERT);
+        let now = Instant::now();
+        if self.pressure.is_exceeded() || self.sampling.confirm_until.is_some_and(|t| now >= t) {
+            self.sampling.confirm_until = None;
+        }
         let next = next_sample_in(
             self.settings.sample_interval,
             near_or_over,
             stalled,
-            self.pressure.decision_due_in(Instant::now()),
+            self.pressure.decision_due_in(now),
+            self.sampling.confirm_until.is_some(),
         );
+        let fast = next < self.settings.sample_interval;
+        if fast != self.sampling.fast {
+            self.sampling.fast = fast;
+            if fast {
+                info!(period = ?next, "sampling fast: usage near or over the budget, or memory stalls");
+            } else {
+                info!(period = ?next, "sampling at SAMPLE_INTERVAL again: the device is calm");
+            }
+        }
         self.sampling.token += 1;
         let token = self.sampling.token;
         sources::after(self.tx.clone(), next, Event::SampleTick { token });
@@ -102,6 +128,9 @@ impl Controller {
 
     pub(crate) fn on_alert(&mut self, alert: Alert) {
         debug!(?alert, "kernel alert: sampling now");
+        if alert == Alert::MemoryMark(Mark::Budget) && !self.pressure.is_exceeded() {
+            self.sampling.confirm_until = Some(Instant::now() + FAST_SAMPLE_INTERVAL);
+        }
         if let Alert::Exited { workload, pid } = &alert {
             if self
                 .workloads
@@ -172,29 +201,25 @@ mod tests {
 
     #[test]
     fn the_sample_that_sees_usage_near_the_budget_sets_the_fast_period() {
-        assert_eq!(next_sample_in(S(30), false, false, None), S(30));
-        assert_eq!(
-            next_sample_in(S(30), true, false, None),
-            FAST_SAMPLE_INTERVAL
-        );
-        assert_eq!(
-            next_sample_in(S(30), false, true, None),
-            FAST_SAMPLE_INTERVAL
-        );
-        assert_eq!(next_sample_in(MS(50), true, false, None), MS(50));
+        let fast = FAST_SAMPLE_INTERVAL;
+        assert_eq!(next_sample_in(S(30), false, false, None, false), S(30));
+        assert_eq!(next_sample_in(S(30), true, false, None, false), fast);
+        assert_eq!(next_sample_in(S(30), false, true, None, false), fast);
+        assert_eq!(next_sample_in(MS(50), true, false, None, false), MS(50));
     }
 
     #[test]
     fn a_pending_decision_is_sampled_when_its_window_ends() {
-        assert_eq!(next_sample_in(S(1), true, false, Some(MS(40))), MS(40));
-        assert_eq!(
-            next_sample_in(S(1), true, false, Some(S(5))),
-            FAST_SAMPLE_INTERVAL
-        );
+        let next = |due| next_sample_in(S(1), true, false, Some(due), false);
+        assert_eq!(next(MS(40)), MS(40));
+        assert_eq!(next(S(5)), FAST_SAMPLE_INTERVAL);
         // A zero window does not turn into a busy loop.
-        assert_eq!(
-            next_sample_in(S(1), true, false, Some(Duration::ZERO)),
-            MIN_ALERT_SPACING
-        );
+        assert_eq!(next(Duration::ZERO), MIN_ALERT_SPACING);
+    }
+
+    #[test]
+    fn a_budget_alert_is_confirmed_at_the_alert_spacing() {
+        let next = next_sample_in(S(1), true, false, None, true);
+        assert_eq!(next, MIN_ALERT_SPACING);
     }
 }

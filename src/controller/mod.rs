@@ -300,6 +300,7 @@ impl Controller {
         }
         self.used = (mem, cpu);
         self.memory_pressure = report.memory_pressure;
+        tracing::trace!(memory = mem, cpu, parent = ?report.parent_memory, "sampled");
         self.place_marks(report.parent_memory);
         self.cap_workloads();
         self.native_variables(report.disk_percent, report.pids_percent);
