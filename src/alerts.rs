@@ -188,12 +188,13 @@ async fn signalled(s: &Option<EventSignal>) -> std::io::Result<u64> {
 
 enum Wake {
     Marks(Marks),
+    Armed(Armed),
     Closed,
     Signal(Alert, std::io::Result<u64>),
 }
 
-/// cgroup v1 parent: the two usage thresholds (re-registered when the marks move) and the
-/// pressure level.
+/// cgroup v1 parent: the two usage thresholds (moved when the marks move) and the pressure
+/// level.
 async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
     // `medium`: working-set eviction, not the routine page-cache reclaim `low` reports;
     // `local`: reclaim against the workloads' common cap, not a workload's own limit (a
@@ -203,11 +204,17 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
         .map_err(|e| warn!("no memory pressure notifications: {e}"))
         .ok();
     let (mut near, mut budget): (Option<EventSignal>, Option<EventSignal>) = (None, None);
+    // Registering a threshold waits for an RCU grace period (tens of ms): on a blocking
+    // thread, while the old thresholds keep watching.
+    let mut arming: Option<Task<Armed>> = None;
     loop {
         let wake = async {
-            match marks.recv().await {
-                Ok(m) => Wake::Marks(m),
-                Err(_) => Wake::Closed,
+            match &mut arming {
+                Some(t) => Wake::Armed(t.await),
+                None => match marks.recv().await {
+                    Ok(m) => Wake::Marks(m),
+                    Err(_) => Wake::Closed,
+                },
             }
         }
         .or(async { Wake::Signal(Alert::MemoryMark(Mark::Budget), signalled(&budget).await) })
@@ -217,15 +224,30 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
         match wake {
             Wake::Closed => return,
             Wake::Marks(m) => {
-                let arm = |bytes: u64| {
-                    notify::usage_threshold(&memory, bytes)
-                        .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
-                        .ok()
-                };
+                let memory = memory.clone();
+                arming = Some(smol::unblock(move || {
+                    let arm = |bytes: u64| {
+                        notify::usage_threshold(&memory, bytes)
+                            .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
+                            .ok()
+                    };
+                    Armed {
+                        marks: m,
+                        budget: arm(m.budget + 1),
+                        near: arm(m.near + 1),
+                    }
+                }));
+            }
+            Wake::Armed(a) => {
+                arming = None;
                 // Dropping the old eventfds unregisters the old thresholds.
-                budget = arm(m.budget + 1);
-                near = arm(m.near + 1);
-                debug!(budget = m.budget, near = m.near, "usage thresholds armed");
+                budget = a.budget;
+                near = a.near;
+                debug!(
+                    budget = a.marks.budget,
+                    near = a.marks.near,
+                    "usage thresholds armed"
+                );
             }
             Wake::Signal(alert, Ok(_)) => {
                 if tx.send(Event::Kernel(alert)).await.is_err() {
@@ -242,6 +264,13 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
             }
         }
     }
+}
+
+/// Thresholds registered at `marks`.
+struct Armed {
+    marks: Marks,
+    budget: Option<EventSignal>,
+    near: Option<EventSignal>,
 }
 
 /// cgroup v2 parent: `memory.high` follows the budget mark (its `high` events arrive through
@@ -287,6 +316,8 @@ async fn v2_parent(tx: Sender<Event>, dir: PathBuf, marks: Receiver<Marks>) {
                 warn!("PSI trigger stopped: {e}");
                 return;
             }
+            // memory.high is written in place (above).
+            Wake::Armed(_) => {}
         }
     }
 }

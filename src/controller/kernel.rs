@@ -21,11 +21,13 @@ const MEMORY_PRESSURE_ALERT: f64 = 10.0;
 /// sample per this spacing is started for them; a later alert is served when it is over.
 const MIN_ALERT_SPACING: Duration = Duration::from_millis(10);
 
-/// How far the usage marks may drift before they are placed again (1 % of the budget, at
-/// least 1 MiB): usage figures jitter.
-fn mark_tolerance(budget: u64) -> u64 {
-    (budget / 100).max(1 << 20)
-}
+/// The spacing of the samples that confirm a budget alert (see `Sampling::confirm_until`):
+/// a fast allocator adds megabytes in that time, more than the marks can be off by.
+const CONFIRM_SPACING: Duration = Duration::from_millis(2);
+
+/// How far the usage marks may drift before they are placed again: what the parent counts
+/// beyond the live workloads moves by hundreds of KiB when workloads start and stop.
+const MARK_TOLERANCE: u64 = 64 << 10;
 
 /// The sampling clock: one pending tick at a time (older ones carry stale tokens).
 #[derive(Debug, Default)]
@@ -35,10 +37,12 @@ pub(crate) struct Sampling {
     /// Sampling faster than SAMPLE_INTERVAL (logged when it changes: when the device is calm
     /// again is worth knowing, and bench/budget.sh waits for it).
     fast: bool,
-    /// After the kernel announced the budget crossed: re-sample at [`MIN_ALERT_SPACING`]
-    /// until a decision or this deadline. The sample the alert forced reads the workloads'
-    /// counters one after the other, and may still find their sum at the budget (seen: to
-    /// the byte); waiting for the next fast period would cost 100 ms.
+    /// After the kernel announced the budget crossed: re-sample at [`CONFIRM_SPACING`] until
+    /// a decision or this deadline. The mark sits at the budget plus what the parent counts
+    /// beyond the workloads, a figure that moves (a new workload's cgroup is charged to the
+    /// parent as it is created, just before that workload allocates) and is moved after it
+    /// (a registration waits for an RCU grace period): the alert's own sample may still find
+    /// the sum under the budget, and the next fast period would be 100 ms away.
     confirm_until: Option<Instant>,
 }
 
@@ -61,7 +65,7 @@ pub(crate) fn next_sample_in(
         next = next.min(due.max(MIN_ALERT_SPACING));
     }
     if confirming {
-        next = next.min(MIN_ALERT_SPACING);
+        next = next.min(CONFIRM_SPACING);
     }
     next
 }
@@ -173,7 +177,7 @@ impl Controller {
             near: (budget as f64 * NEAR_FRACTION) as u64 + offset,
             budget: budget + offset,
         };
-        alerts.set_marks(marks, mark_tolerance(budget));
+        alerts.set_marks(marks, MARK_TOLERANCE);
     }
 
     /// Watches what runs already when the loop starts (booted or adopted workloads).
@@ -220,6 +224,6 @@ mod tests {
     #[test]
     fn a_budget_alert_is_confirmed_at_the_alert_spacing() {
         let next = next_sample_in(S(1), true, false, None, true);
-        assert_eq!(next, MIN_ALERT_SPACING);
+        assert_eq!(next, CONFIRM_SPACING);
     }
 }

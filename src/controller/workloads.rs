@@ -68,8 +68,41 @@ pub struct Entry {
     pub profile_cpu_quota: Option<u64>,
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry in whatever state a test needs, as if admitted `seq`-th.
+    pub(super) fn for_test(
+        spec: WorkloadSpec,
+        machine: workload::Machine,
+        cgroup: WorkloadCgroup,
+        seq: u64,
+    ) -> Entry {
+        Entry {
+            kind: spec.kind.clone(),
+            spec: Some(spec),
+            machine,
+            cgroup,
+            lane: spawn_lane(),
+            run: 1,
+            retry_token: 0,
+            adopted: None,
+            started_at: None,
+            oom_baseline: 0,
+            usage: None,
+            last_cpu: None,
+            admitted_seq: seq,
+            notice: None,
+            hold: Default::default(),
+            cron_due: false,
+            cron_next: None,
+            cron_token: 0,
+            profile_cpu_quota: None,
+        }
+    }
+}
+
 impl Controller {
-    fn defaults(&self) -> SpecDefaults {
+    pub(super) fn defaults(&self) -> SpecDefaults {
         SpecDefaults {
             workload_user: self.settings.workload_user.clone(),
             backoff: crate::workload::BackoffPolicy {
@@ -234,7 +267,7 @@ impl Controller {
         );
     }
 
-    fn next_seq(&self) -> u64 {
+    pub(super) fn next_seq(&self) -> u64 {
         self.workloads
             .values()
             .map(|e| e.admitted_seq)
@@ -628,11 +661,19 @@ impl Controller {
     }
 
     /// Over budget: evict the lowest-priority running workload, newest first among equals.
+    /// A starting one counts as running: its process may already be allocating before the
+    /// driver has reported it started (seen: the breach came first, and a higher priority was
+    /// evicted in its place).
     pub(crate) fn shed_load(&mut self) {
         let victim = self
             .workloads
             .iter()
-            .filter(|(_, e)| matches!(e.machine.state(), State::Running { .. }))
+            .filter(|(_, e)| {
+                matches!(
+                    e.machine.state(),
+                    State::Running { .. } | State::Starting {}
+                )
+            })
             .min_by_key(|(_, e)| {
                 (
                     e.spec.as_ref().map_or(0, |s| s.priority),

@@ -184,7 +184,13 @@ impl WorkloadMachine {
             // Stopping kills whatever the start has spawned: commands of one workload run in order.
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
+            // Its process may already be running (and allocating): evicted like a running one.
             WorkloadEvent::Evict { reason } => {
+                context.push(WorkloadCommand::Report {
+                    warn: true,
+                    reason: "Evicted".into(),
+                    message: reason.clone(),
+                });
                 Transition(State::stopping(AfterStop::Evict(reason.clone())))
             }
             _ => Super,

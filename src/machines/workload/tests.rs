@@ -11,7 +11,7 @@ starting               StartFailed[retries-left]        backoff      Report(Fail
 starting               StartFailed[limit-reached]       failed       Report(Broken)
 starting               Update                           stopping     Stop
 starting               Invalidate                       failed       Cleanup
-starting               Evict                            stopping     Stop
+starting               Evict                            stopping     Report(Evicted),Stop
 starting               Remove                           stopping     Stop
 running                Exited[success,Always]           backoff      ScheduleRetry
 running                Exited[success,OnFailure|Never]  stopped
