@@ -4,13 +4,10 @@
 //! connections, then extrapolating to an hour; and the agent's RSS meanwhile.
 //! Run as root: `bench/network.sh [SECONDS=180]`.
 
-#[path = "../tests/support/flotta_server.rs"]
-mod flotta_server;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotta_server::{FlottaTestServer, ServerOptions};
+use dwng_test_support::flotta_server::{self, FlottaTestServer, ServerOptions};
 use serde_json::json;
 
 const ID: &str = "bench-1";

@@ -1,7 +1,7 @@
 //! Writes `state-diagrams/*.md` from the machines' computed transition tables.
 //! `cargo run --example state-diagrams` after changing a machine; a test checks they match.
 
-use device_worker_ng::machines::{device, diagram_document, workload};
+use device_worker_ng::machines::{device, diagram_document, session, workload};
 
 fn main() -> std::io::Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("state-diagrams");
@@ -14,10 +14,15 @@ fn main() -> std::io::Result<()> {
         dir.join("workload.md"),
         diagram_document("Workload machine", "pending", &workload::transition_table()),
     )?;
+    std::fs::write(
+        dir.join("session.md"),
+        diagram_document("Session machine", "starting", &session::transition_table()),
+    )?;
     if std::env::args().any(|a| a == "--table") {
         for r in workload::transition_table()
             .iter()
             .chain(device::transition_table().iter())
+            .chain(session::transition_table().iter())
         {
             println!(
                 "{:24} {:34} {:12} {}",

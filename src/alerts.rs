@@ -9,11 +9,12 @@
 //!   workloads and raises `high` in the parent's `memory.events` (inotify); `max` events there
 //!   (the kernel cap is near) and a PSI trigger on the parent's `memory.pressure`.
 //!
-//! On each workload: OOM kills (v1 `memory.oom_control` eventfd, v2 its `memory.events`), and
-//! the exit of an adopted process the agent cannot wait(2) for (a pidfd).
+//! On each workload: OOM kills (v1 `memory.oom_control` eventfd, v2 its `memory.events`): the
+//! run's end comes from its watch (drivers::watch), the alert brings the counters up to date.
 //!
-//! Everything runs as smol tasks on the reactor: no thread per file. The controller holds an
-//! [`Alerts`] and only ever calls it without blocking; the tasks register with the kernel.
+//! Everything runs as smol tasks on the reactor: no thread per file. The controller decides
+//! the marks and what to watch, and hands them over as effects; [`Alerts`] is only ever called
+//! without blocking, its tasks register with the kernel.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use tracing::{debug, warn};
 use crate::cgroup::notify::{self, EventSignal, FileWatcher, PressureLevel, PsiTrigger};
 use crate::cgroup::WorkloadCgroup;
 use crate::controller::Event;
-use crate::drivers::process::ProcessExit;
+use crate::workload::WorkloadName;
 
 /// What the kernel told the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +42,7 @@ pub enum Alert {
     /// or `max` events of the parent (its kernel cap).
     MemoryPressure,
     /// An OOM in a workload's cgroup (on v1 announced before the kill).
-    Oom { workload: String },
-    /// An adopted workload's process has ended.
-    Exited { workload: String, pid: i32 },
+    Oom { workload: WorkloadName },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,11 +69,9 @@ const PSI_WINDOW: Duration = Duration::from_secs(1);
 pub struct Alerts {
     tx: Sender<Event>,
     marks: Sender<Marks>,
-    armed: Option<Marks>,
     /// v2: one inotify instance for the parent's and every workload's `memory.events`.
     hub: Option<Arc<Hub>>,
-    workloads: HashMap<String, Task<()>>,
-    exits: HashMap<String, Task<()>>,
+    workloads: HashMap<WorkloadName, Task<()>>,
     _parent: Vec<Task<()>>,
 }
 
@@ -88,7 +85,7 @@ impl Alerts {
             WorkloadCgroup::V1 { memory, .. } => {
                 tasks.push(smol::spawn(v1_parent(tx.clone(), memory.clone(), marks_rx)));
             }
-            WorkloadCgroup::V2 { dir } => {
+            WorkloadCgroup::V2 { dir, .. } => {
                 match FileWatcher::new() {
                     Ok(w) => {
                         let h = Arc::new(Hub {
@@ -112,69 +109,41 @@ impl Alerts {
         Alerts {
             tx,
             marks,
-            armed: None,
             hub,
             workloads: HashMap::new(),
-            exits: HashMap::new(),
             _parent: tasks,
         }
     }
 
-    /// Moves the marks when they are more than `tolerance` away from the armed ones (usage
-    /// figures jitter; re-registering on every sample would be work for nothing).
-    pub fn set_marks(&mut self, marks: Marks, tolerance: u64) {
-        let close = |a: u64, b: u64| a.abs_diff(b) <= tolerance;
-        if self
-            .armed
-            .is_some_and(|a| close(a.near, marks.near) && close(a.budget, marks.budget))
-        {
-            return;
-        }
-        self.armed = Some(marks);
+    /// Moves the marks (the task registers them off the reactor).
+    pub fn set_marks(&mut self, marks: Marks) {
         // The task only needs the newest marks.
         let _ = self.marks.force_send(marks);
     }
 
     /// Watches a workload's cgroup for OOM kills (again, if its cgroup was recreated).
-    pub fn watch_workload(&mut self, name: &str, cgroup: &WorkloadCgroup) {
+    pub fn watch_oom(&mut self, name: &WorkloadName, cgroup: &WorkloadCgroup) {
         if self.workloads.get(name).is_some_and(|t| !t.is_finished()) {
             return;
         }
         let task = match cgroup {
             WorkloadCgroup::V1 { memory, .. } => {
-                smol::spawn(v1_oom(self.tx.clone(), name.to_string(), memory.clone()))
+                smol::spawn(v1_oom(self.tx.clone(), name.clone(), memory.clone()))
             }
-            WorkloadCgroup::V2 { dir } => match &self.hub {
+            WorkloadCgroup::V2 { dir, .. } => match &self.hub {
                 Some(h) => smol::spawn(
                     h.clone()
-                        .hold(dir.join("memory.events"), Who::Workload(name.to_string())),
+                        .hold(dir.join("memory.events"), Who::Workload(name.clone())),
                 ),
                 None => return,
             },
         };
-        self.workloads.insert(name.to_string(), task);
+        self.workloads.insert(name.clone(), task);
     }
 
-    /// Watches an adopted workload's process for its exit.
-    pub fn watch_exit(&mut self, name: &str, pid: i32, start_ticks: u64) {
-        let (tx, workload) = (self.tx.clone(), name.to_string());
-        let task = smol::spawn(async move {
-            // Without a pidfd (gone already, or an old kernel) the sampler notices the exit.
-            let Some(exit) = ProcessExit::watch(pid, start_ticks) else {
-                return;
-            };
-            exit.exited().await;
-            let _ = tx
-                .send(Event::Kernel(Alert::Exited { workload, pid }))
-                .await;
-        });
-        self.exits.insert(name.to_string(), task);
-    }
-
-    /// Stops every watch of a workload (dropping a task cancels it and closes its files).
-    pub fn forget(&mut self, name: &str) {
+    /// Stops watching a workload (dropping its task cancels it and closes its files).
+    pub fn forget(&mut self, name: &WorkloadName) {
         self.workloads.remove(name);
-        self.exits.remove(name);
     }
 }
 
@@ -324,7 +293,7 @@ async fn v2_parent(tx: Sender<Event>, dir: PathBuf, marks: Receiver<Marks>) {
 
 /// cgroup v1 workload: its `memory.oom_control` eventfd. The kernel also signals it when the
 /// cgroup is removed; the watch then ends.
-async fn v1_oom(tx: Sender<Event>, workload: String, memory: PathBuf) {
+async fn v1_oom(tx: Sender<Event>, workload: WorkloadName, memory: PathBuf) {
     let signal = match notify::oom(&memory) {
         Ok(s) => s,
         Err(e) => {
@@ -348,7 +317,7 @@ async fn v1_oom(tx: Sender<Event>, workload: String, memory: PathBuf) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Who {
     Parent,
-    Workload(String),
+    Workload(WorkloadName),
 }
 
 /// The `memory.events` counters that mean something to the agent.
@@ -488,7 +457,8 @@ mod tests {
             oom_kill: 1,
         };
         let parent = Who::Parent;
-        let w = Who::Workload("hog".into());
+        let hog = WorkloadName::parse("hog").unwrap();
+        let w = Who::Workload(hog.clone());
         assert_eq!(what_changed(&parent, &before, &before), vec![]);
         let more_high = MemoryEvents { high: 9, ..before };
         assert_eq!(
@@ -506,9 +476,7 @@ mod tests {
         };
         assert_eq!(
             what_changed(&w, &before, &killed),
-            vec![Alert::Oom {
-                workload: "hog".into()
-            }]
+            vec![Alert::Oom { workload: hog }]
         );
         // A workload's high/max events are the parent's business.
         assert_eq!(what_changed(&w, &before, &more_high), vec![]);

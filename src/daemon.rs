@@ -1,13 +1,17 @@
-//! `device-worker-ng run`: wires the sources, the controller and the control socket together.
+//! `device-worker-ng run`: wires the sources, the drivers, the controller and the control
+//! socket together.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
 use crate::cgroup::{self, Hierarchy};
 use crate::config::{Inputs, Settings};
-use crate::controller::server::ServerSession;
-use crate::controller::{sources, Controller, Event, EVENT_CAPACITY};
+use crate::controller::effects::RealEffects;
+use crate::controller::session::SessionPart;
+use crate::controller::{sources, Controller, Event, Parts, EVENT_CAPACITY};
+use crate::drivers::{DriverSettings, Drivers};
 use crate::status::socket;
 use crate::store::Store;
 
@@ -26,6 +30,11 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
+/// Threads of smol's blocking pool (driver calls, store writes, server requests): bounded,
+/// so a burst of workload starts queues instead of spawning a thread each. Idle threads
+/// leave after a moment.
+const BLOCKING_THREADS: usize = 8;
+
 /// Detects the cgroup layout and prepares the agent's subtree.
 ///
 /// On cgroup v2 the workloads live in a top-level subtree (`/sys/fs/cgroup/<CGROUP_ROOT>`),
@@ -42,6 +51,10 @@ pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> 
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
+    if std::env::var_os("BLOCKING_MAX_THREADS").is_none() {
+        // Read by the blocking pool on first use; set before any thread exists.
+        std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
+    }
     let hierarchy = hierarchy(&settings)?;
     info!(
         layout = hierarchy.layout.name(),
@@ -49,36 +62,72 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         "cgroup hierarchy ready"
     );
     let store = Store::open(&settings.state_dir)?;
-    crate::drivers::podman::configure(crate::drivers::podman::PodmanSettings {
+    let drivers = Arc::new(Drivers::new(&DriverSettings {
         state_dir: settings.state_dir.clone(),
+        layout: hierarchy.layout.clone(),
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
-    });
-    crate::drivers::k8s::configure(settings.kubeconfig.clone());
-    let server = match &settings.server {
+        kubeconfig: settings.kubeconfig.clone(),
+    }));
+    let session = match &settings.server {
         Some(url) => {
-            let s = ServerSession::open(&settings, url)
+            let s = SessionPart::open(&settings, url, &store)
                 .map_err(|e| DaemonError::Config(e.to_string()))?;
             info!(server = %url, device = %s.device_id, "talking to the Flotta edge API");
             Some(s)
         }
         None => None,
     };
+    let expected = {
+        let h = hierarchy.clone();
+        move |n: &crate::workload::WorkloadName| {
+            serde_json::to_value(h.workload(n)).unwrap_or_default()
+        }
+    };
+    let records = store.load_records(expected);
     let listener = socket::bind(&settings.control_socket)?;
     let (tx, rx) = async_channel::bounded(EVENT_CAPACITY);
     sources::signals(tx.clone()).map_err(DaemonError::Signals)?;
-    if let Some(p) = &settings.desired_state {
-        sources::watch_file(tx.clone(), p);
-    }
+    let sampler = crate::sampler::spawn(
+        tx.clone(),
+        crate::sampler::SamplerConfig {
+            state_dir: settings.state_dir.clone(),
+            variables_file: settings.variables_file.clone(),
+            variables_ttl: settings.variables_ttl,
+            parent_memory_file: Some(hierarchy.workloads_parent().memory_usage_file()),
+        },
+    )
+    .map_err(|e| error!("cannot start the sampler thread: {e}; no usage figures"))
+    .ok();
     let socket_path = settings.control_socket.clone();
-    let mut controller = Controller::new(settings, inputs, store, hierarchy, tx.clone(), server);
+    let desired_path = settings.desired_state.clone();
+    let fx = RealEffects::new(
+        tx.clone(),
+        drivers,
+        store.clone(),
+        hierarchy.clone(),
+        sampler,
+    );
+    let mut controller = Controller::new(
+        Parts {
+            settings,
+            inputs,
+            hierarchy,
+            store,
+            session,
+        },
+        fx,
+    );
     smol::block_on(async move {
         let server = smol::spawn(serve(listener, tx.clone()));
-        controller.boot();
+        if let Some(p) = &desired_path {
+            sources::watch_file(tx.clone(), p);
+        }
+        controller.boot(records);
         let (state, reason) = controller.device_state();
         crate::notify::notify(&format!("READY=1\nSTATUS={state}: {reason}"));
         info!("agent ready");
-        controller.run(rx).await;
+        controller.run(rx, tx).await;
         drop(server);
     });
     let _ = std::fs::remove_file(&socket_path);
@@ -109,22 +158,34 @@ async fn answer(mut stream: smol::net::unix::UnixStream, tx: async_channel::Send
     .await;
     let Some(n) = read else { return };
     let request = String::from_utf8_lossy(&buf[..n]);
-    if request.trim() != "status" {
-        let _ = stream.write_all(b"{\"error\":\"unknown request\"}\n").await;
-        return;
-    }
-    let (reply_tx, reply_rx) = async_channel::bounded(1);
-    if tx.send(Event::Status(reply_tx)).await.is_err() {
-        return;
-    }
-    let Ok(snap) = reply_rx.recv().await else {
-        return;
-    };
-    match serde_json::to_vec(&snap) {
-        Ok(mut bytes) => {
-            bytes.push(b'\n');
-            let _ = stream.write_all(&bytes).await;
+    match request.trim() {
+        "status" => {
+            let (reply_tx, reply_rx) = async_channel::bounded(1);
+            if tx.send(Event::Status(reply_tx)).await.is_err() {
+                return;
+            }
+            let Ok(snap) = reply_rx.recv().await else {
+                return;
+            };
+            match serde_json::to_vec(&snap) {
+                Ok(mut bytes) => {
+                    bytes.push(b'\n');
+                    let _ = stream.write_all(&bytes).await;
+                }
+                Err(e) => warn!("status: {e}"),
+            }
         }
-        Err(e) => warn!("status: {e}"),
+        "reset" => {
+            let (reply_tx, reply_rx) = async_channel::bounded(1);
+            if tx.send(Event::Reset(reply_tx)).await.is_err() {
+                return;
+            }
+            let answer = reply_rx.recv().await.unwrap_or_default();
+            let body = serde_json::json!({ "reset": answer });
+            let _ = stream.write_all(format!("{body}\n").as_bytes()).await;
+        }
+        _ => {
+            let _ = stream.write_all(b"{\"error\":\"unknown request\"}\n").await;
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod drivers;
 pub mod flotta;
 pub mod logging;
 pub mod machines;
+pub mod mountinfo;
 pub mod notify;
 pub mod profiles;
 pub mod sampler;

@@ -27,6 +27,13 @@ struct Cli {
 enum Command {
     /// Run the agent (the daemon).
     Run,
+    /// Rejoin a device the server disconnected: it forgets the disconnect, its certificate,
+    /// configuration and undelivered events, and enrols afresh.
+    Reset {
+        /// Control socket of the running agent (default: CONTROL_SOCKET).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Show the running agent's state.
     Status {
         /// Print the snapshot as JSON.
@@ -72,6 +79,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!("{e}");
+                    eprintln!("device-worker-ng: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Reset { socket } => {
+            let path = match socket {
+                Some(p) => p,
+                None => match Settings::load(&inputs) {
+                    Ok(s) => s.control_socket,
+                    Err(e) => return config_error(e),
+                },
+            };
+            match status::socket::request_reset(&path) {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e @ status::socket::SocketError::NotRunning { .. }) => {
+                    eprintln!("device-worker-ng: {e}");
+                    ExitCode::from(EXIT_NOT_RUNNING)
+                }
+                Err(e) => {
                     eprintln!("device-worker-ng: {e}");
                     ExitCode::FAILURE
                 }

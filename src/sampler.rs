@@ -4,23 +4,19 @@
 use std::time::Instant;
 
 use crate::cgroup::{CounterReader, Counters, WorkloadCgroup};
-use crate::drivers::process;
+use crate::workload::WorkloadName;
 
 /// What the sampler is asked to look at for one workload.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub name: String,
+    pub name: WorkloadName,
     pub cgroup: WorkloadCgroup,
-    /// An adopted process the agent cannot wait(2) for: checked for liveness instead.
-    pub adopted: Option<(i32, u64)>,
 }
 
 #[derive(Debug, Clone)]
 pub struct WorkloadSample {
-    pub name: String,
+    pub name: WorkloadName,
     pub counters: Option<Counters>,
-    /// `Some(false)` when an adopted process has gone.
-    pub adopted_alive: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,9 +60,6 @@ pub fn sample(targets: &[Target], reader: &mut CounterReader, config: &SamplerCo
         .map(|t| WorkloadSample {
             name: t.name.clone(),
             counters: t.cgroup.counters_with(reader).ok(),
-            adopted_alive: t
-                .adopted
-                .map(|(pid, ticks)| process::is_same_process(pid, ticks)),
         })
         .collect();
     let parent_memory = config
@@ -140,7 +133,7 @@ pub fn spawn(
             while let Ok(targets) = rx.recv_blocking() {
                 let report = sample(&targets, &mut reader, &config);
                 if events
-                    .send_blocking(crate::controller::Event::Sampled(report))
+                    .send_blocking(crate::controller::Event::Sampled(Box::new(report)))
                     .is_err()
                 {
                     break;

@@ -1,13 +1,50 @@
 //! Issue 5 on the host's real cgroups: admission by requests against the device budget,
 //! over-budget eviction by priority with re-admission, device profiles starting and stopping
-//! a workload, cron runs. Root only.
-
-#[path = "support/agent.rs"]
-mod agent;
+//! a workload, cron runs; issue 15: an eviction caused by a kernel notification while the
+//! sampler's period is 30 s. Root only.
 
 use std::time::{Duration, Instant};
 
-use agent::Agent;
+use dwng_test_support::agent::Agent;
+use dwng_test_support::harness::{self, test, ROOT_CGROUPS};
+use dwng_test_support::wait::poll_until;
+
+const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+
+fn main() {
+    harness::main(&[
+        test(
+            "admission_waits_for_room_in_the_budget",
+            ROOT_CGROUPS,
+            admission_waits_for_room_in_the_budget,
+        ),
+        test(
+            "over_budget_evicts_the_lowest_priority_and_readmits_it_later",
+            ROOT_CGROUPS,
+            over_budget_evicts_the_lowest_priority_and_readmits_it_later,
+        ),
+        test(
+            "a_kernel_notification_evicts_while_the_sampler_sleeps",
+            ROOT_CGROUPS,
+            a_kernel_notification_evicts_while_the_sampler_sleeps,
+        ),
+        test(
+            "a_profile_condition_starts_and_stops_its_workload",
+            ROOT_CGROUPS,
+            a_profile_condition_starts_and_stops_its_workload,
+        ),
+        test(
+            "cron_runs_on_schedule_and_never_twice_at_once",
+            ROOT_CGROUPS,
+            cron_runs_on_schedule_and_never_twice_at_once,
+        ),
+        test(
+            "a_profile_quota_limits_cpu_while_its_condition_holds",
+            ROOT_CGROUPS,
+            a_profile_quota_limits_cpu_while_its_condition_holds,
+        ),
+    ])
+}
 
 fn mem_total() -> u64 {
     let t = std::fs::read_to_string("/proc/meminfo").unwrap();
@@ -16,7 +53,7 @@ fn mem_total() -> u64 {
 
 /// An agent whose workload budget is `budget_mib` of memory.
 fn agent_with_budget(desired: &str, budget_mib: u64) -> Agent {
-    let mut a = Agent::new(desired);
+    let mut a = Agent::new(BIN, desired);
     let reserved = mem_total() - (budget_mib << 20);
     a.extra_env
         .push(("EDGE_DEVICE_RESERVED_MEMORY".into(), reserved.to_string()));
@@ -31,9 +68,7 @@ fn workload(name: &str, command: &str, priority: i32, resources: &str) -> String
     )
 }
 
-#[test]
 fn admission_waits_for_room_in_the_budget() {
-    require_root_cgroups!("admission_waits_for_room_in_the_budget");
     let req = "        requests: {memory: 60Mi}\n";
     let a_w = workload("first", "sleep 600", 0, req);
     let b_w = workload("second", "sleep 600", 0, req);
@@ -48,31 +83,31 @@ fn admission_waits_for_room_in_the_budget() {
     let parent = a.hierarchy().workloads_parent();
     let reserved = mem_total() - (100 << 20);
     let want_mem = (100u64 << 20) + reserved / 2;
-    let start = Instant::now();
-    let (mem_file, cpu_ok) = loop {
+    let read_caps = || {
         let read = |d: &std::path::Path, f: &str| {
             std::fs::read_to_string(d.join(f))
                 .unwrap_or_default()
                 .trim()
                 .to_string()
         };
-        let (m, c) = match &parent {
+        match &parent {
             device_worker_ng::cgroup::WorkloadCgroup::V1 { memory, cpu, .. } => (
                 read(memory, "memory.limit_in_bytes"),
                 read(cpu, "cpu.cfs_quota_us")
                     .parse::<u64>()
                     .is_ok_and(|q| q > 0),
             ),
-            device_worker_ng::cgroup::WorkloadCgroup::V2 { dir } => (
+            device_worker_ng::cgroup::WorkloadCgroup::V2 { dir, .. } => (
                 read(dir, "memory.max"),
                 !read(dir, "cpu.max").starts_with("max"),
             ),
-        };
-        if m.parse::<u64>().is_ok() || start.elapsed() > Duration::from_secs(5) {
-            break (m, c);
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
+    let (mem_file, cpu_ok) = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let (m, c) = read_caps();
+        m.parse::<u64>().is_ok().then_some((m, c))
+    })
+    .unwrap_or_else(read_caps);
     let got: u64 = mem_file.parse().unwrap();
     // The kernel rounds limits to pages.
     assert!(got.abs_diff(want_mem) < 8192, "cap {got}, want {want_mem}");
@@ -89,9 +124,7 @@ fn admission_waits_for_room_in_the_budget() {
     });
 }
 
-#[test]
 fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
-    require_root_cgroups!("over_budget_evicts_the_lowest_priority_and_readmits_it_later");
     // Each holds about 70 MB; the budget is 160 MiB: the three together do not fit.
     let hold = "big=$(head -c 70000000 /dev/zero | tr '\\0' x); sleep 600";
     let res = "        requests: {memory: 8Mi}\n        limits: {memory: 200Mi}\n";
@@ -135,9 +168,7 @@ fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
     });
 }
 
-#[test]
 fn a_kernel_notification_evicts_while_the_sampler_sleeps() {
-    require_root_cgroups!("a_kernel_notification_evicts_while_the_sampler_sleeps");
     // The agent samples once at start and then every 30 s: an eviction within seconds of the
     // breach cannot have come from its sampling period.
     let hold = |mb: u32| format!("big=$(head -c {mb}000000 /dev/zero | tr '\\0' x); sleep 600");
@@ -179,7 +210,7 @@ fn a_kernel_notification_evicts_while_the_sampler_sleeps() {
 
 /// An agent reading profile variables from its own VARIABLES_FILE, sampling fast.
 fn agent_with_variables(desired: &str) -> (Agent, std::path::PathBuf) {
-    let mut a = Agent::new(desired);
+    let mut a = Agent::new(BIN, desired);
     let vars = a.dir.path().join("variables.yaml");
     a.extra_env.push((
         "EDGE_DEVICE_VARIABLES_FILE".into(),
@@ -197,9 +228,7 @@ fn set_temperature(vars: &std::path::Path, t: u32) {
     std::fs::rename(&tmp, vars).unwrap();
 }
 
-#[test]
 fn a_profile_condition_starts_and_stops_its_workload() {
-    require_root_cgroups!("a_profile_condition_starts_and_stops_its_workload");
     let desired = "configuration:\n  profiles:\n  - name: env\n    conditions:\n    - {name: cool, expression: 'temperature < 70 && memory < 90%'}\nworkloads:\n  - name: fan-sensitive\n    kind: shell\n    profiles: [{name: env, conditions: [{name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
     let (mut a, vars) = agent_with_variables(desired);
     let write = |t: u32| set_temperature(&vars, t);
@@ -231,10 +260,8 @@ fn a_profile_condition_starts_and_stops_its_workload() {
     });
 }
 
-#[test]
 fn cron_runs_on_schedule_and_never_twice_at_once() {
-    require_root_cgroups!("cron_runs_on_schedule_and_never_twice_at_once");
-    let mut a = Agent::new("");
+    let mut a = Agent::new(BIN, "");
     let out = a.dir.path().join("runs");
     let cmd = format!("date +%s >> {}; sleep 3", out.display());
     a.set_desired(&format!(
@@ -257,9 +284,7 @@ fn cron_runs_on_schedule_and_never_twice_at_once() {
     );
 }
 
-#[test]
 fn a_profile_quota_limits_cpu_while_its_condition_holds() {
-    require_root_cgroups!("a_profile_quota_limits_cpu_while_its_condition_holds");
     // Always allowed (one of the two conditions is always true); only 'hot' carries a quota.
     let desired = "configuration:\n  profiles:\n  - name: thermal\n    conditions:\n    - {name: hot, expression: 'temperature >= 60'}\n    - {name: cool, expression: 'temperature < 60'}\nworkloads:\n  - name: worker\n    kind: shell\n    profiles: [{name: thermal, conditions: [{name: hot, cpu: {cpu: 20000}}, {name: cool}]}]\n    specification: |\n      command: [/bin/sleep, '600']\n      user: root\n";
     let (mut a, vars) = agent_with_variables(desired);
@@ -279,26 +304,16 @@ fn a_profile_quota_limits_cpu_while_its_condition_holds() {
         }
     };
     assert!(quota() == "-1" || quota().starts_with("max"), "{}", quota());
+    let quota_becomes = |done: &dyn Fn(&str) -> bool| {
+        let q = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            Some(quota()).filter(|q| done(q))
+        });
+        assert!(q.is_some(), "quota {}", quota());
+    };
     write(75);
-    let start = Instant::now();
-    while !(quota() == "20000" || quota() == "20000 100000") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "quota {}",
-            quota()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    quota_becomes(&|q| q == "20000" || q == "20000 100000");
     write(45);
-    let start = Instant::now();
-    while !(quota() == "-1" || quota().starts_with("max")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "quota {}",
-            quota()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    quota_becomes(&|q| q == "-1" || q.starts_with("max"));
     assert_eq!(
         Agent::workload(&a.status(), "worker").unwrap().pid,
         pid,

@@ -1,12 +1,54 @@
 //! The whole agent on this host's real cgroups (v1 on CI's machines): limits enforced, OOM
 //! noticed and restarted with backoff, adoption after SIGKILL, clean removal. Root only.
 
-#[path = "support/agent.rs"]
-mod agent;
-
 use std::time::Duration;
 
-use agent::Agent;
+use dwng_test_support::agent::Agent;
+use dwng_test_support::harness::{self, test, ROOT_CGROUPS};
+use dwng_test_support::wait::wait_until;
+
+const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+
+fn main() {
+    harness::main(&[
+        test(
+            "memory_hog_is_oom_killed_and_restarted_with_backoff",
+            ROOT_CGROUPS,
+            memory_hog_is_oom_killed_and_restarted_with_backoff,
+        ),
+        test("cpu_hog_is_throttled", ROOT_CGROUPS, cpu_hog_is_throttled),
+        test(
+            "fork_bomb_is_stopped_by_the_pids_limit",
+            ROOT_CGROUPS,
+            fork_bomb_is_stopped_by_the_pids_limit,
+        ),
+        test(
+            "killed_agent_restarts_and_adopts_without_duplicates",
+            ROOT_CGROUPS,
+            killed_agent_restarts_and_adopts_without_duplicates,
+        ),
+        test(
+            "removed_workload_leaves_no_cgroup_and_others_are_untouched",
+            ROOT_CGROUPS,
+            removed_workload_leaves_no_cgroup_and_others_are_untouched,
+        ),
+        test(
+            "bad_input_is_rejected_and_the_rest_keeps_running",
+            ROOT_CGROUPS,
+            bad_input_is_rejected_and_the_rest_keeps_running,
+        ),
+        test(
+            "status_table_and_json_from_a_running_agent",
+            ROOT_CGROUPS,
+            status_table_and_json_from_a_running_agent,
+        ),
+        test(
+            "a_workload_desired_again_during_its_stop_runs_again",
+            ROOT_CGROUPS,
+            a_workload_desired_again_during_its_stop_runs_again,
+        ),
+    ])
+}
 
 fn shell(name: &str, command: &str, extra: &str) -> String {
     format!(
@@ -21,14 +63,15 @@ fn desired(workloads: &[String]) -> String {
 /// Holds 200 MB in a shell variable (`tr` turns the NULs, which sh would drop, into x).
 const HOG: &str = "echo allocating; big=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived";
 
-#[test]
 fn memory_hog_is_oom_killed_and_restarted_with_backoff() {
-    require_root_cgroups!("memory_hog_is_oom_killed_and_restarted_with_backoff");
-    let mut a = Agent::new(&desired(&[shell(
-        "hog",
-        HOG,
-        "      resources:\n        limits: {memory: 32Mi}\n",
-    )]));
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[shell(
+            "hog",
+            HOG,
+            "      resources:\n        limits: {memory: 32Mi}\n",
+        )]),
+    );
     a.start();
     let s = a.wait_for("hog OOM-killed three times", Duration::from_secs(30), |s| {
         Agent::workload(s, "hog").is_some_and(|w| w.oom_kills >= 3)
@@ -61,14 +104,15 @@ fn memory_hog_is_oom_killed_and_restarted_with_backoff() {
     assert!(a.log().contains("OOMKilled"), "reported in the log");
 }
 
-#[test]
 fn cpu_hog_is_throttled() {
-    require_root_cgroups!("cpu_hog_is_throttled");
-    let mut a = Agent::new(&desired(&[shell(
-        "spin",
-        "while :; do :; done",
-        "      resources:\n        limits: {cpu: 100m}\n",
-    )]));
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[shell(
+            "spin",
+            "while :; do :; done",
+            "      resources:\n        limits: {cpu: 100m}\n",
+        )]),
+    );
     a.start();
     let s = a.wait_for("spin throttled", Duration::from_secs(20), |s| {
         Agent::workload(s, "spin")
@@ -86,14 +130,15 @@ fn cpu_hog_is_throttled() {
     );
 }
 
-#[test]
 fn fork_bomb_is_stopped_by_the_pids_limit() {
-    require_root_cgroups!("fork_bomb_is_stopped_by_the_pids_limit");
-    let mut a = Agent::new(&desired(&[shell(
-        "bomb",
-        "for i in $(seq 60); do sleep 30 & done; wait",
-        "      resources:\n        limits: {pids: 10}\n",
-    )]));
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[shell(
+            "bomb",
+            "for i in $(seq 60); do sleep 30 & done; wait",
+            "      resources:\n        limits: {pids: 10}\n",
+        )]),
+    );
     a.start();
     let s = a.wait_for("pids limit hit", Duration::from_secs(20), |s| {
         Agent::workload(s, "bomb")
@@ -106,10 +151,8 @@ fn fork_bomb_is_stopped_by_the_pids_limit() {
     assert_eq!(a.cgroup_file("bomb", "pids.max"), "10");
 }
 
-#[test]
 fn killed_agent_restarts_and_adopts_without_duplicates() {
-    require_root_cgroups!("killed_agent_restarts_and_adopts_without_duplicates");
-    let mut a = Agent::new(&desired(&[shell("sleeper", "sleep 600", "")]));
+    let mut a = Agent::new(BIN, &desired(&[shell("sleeper", "sleep 600", "")]));
     a.start();
     let s = a.wait_for("sleeper running", Duration::from_secs(10), |s| {
         Agent::workload(s, "sleeper").is_some_and(|w| w.state == "running")
@@ -149,27 +192,29 @@ fn killed_agent_restarts_and_adopts_without_duplicates() {
     assert_eq!(Agent::workload(&s, "sleeper").unwrap().restarts, 1);
 }
 
-#[test]
 fn removed_workload_leaves_no_cgroup_and_others_are_untouched() {
-    require_root_cgroups!("removed_workload_leaves_no_cgroup_and_others_are_untouched");
     let keep = shell("keep", "sleep 600", "");
-    let mut a = Agent::new(&desired(&[keep.clone(), shell("gone", "sleep 600", "")]));
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[keep.clone(), shell("gone", "sleep 600", "")]),
+    );
     a.start();
     let s = a.wait_for("both running", Duration::from_secs(10), |s| {
         s.workloads.iter().filter(|w| w.state == "running").count() == 2
     });
     let keep_pid = Agent::workload(&s, "keep").unwrap().pid;
-    let gone_cg = a.hierarchy().workload("gone");
+    let gone_cg = a.cgroup("gone");
     assert!(gone_cg.exists());
     a.set_desired(&desired(&[keep]));
     a.wait_for("gone removed", Duration::from_secs(10), |s| {
         Agent::workload(s, "gone").is_none()
     });
-    let start = std::time::Instant::now();
-    while gone_cg.exists() && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!gone_cg.exists(), "cgroup deleted");
+    wait_until(
+        "cgroup deleted",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || !gone_cg.exists(),
+    );
     assert!(
         !a.state_dir().join("workloads/gone.json").exists(),
         "record deleted"
@@ -182,13 +227,11 @@ fn removed_workload_leaves_no_cgroup_and_others_are_untouched() {
     );
 }
 
-#[test]
 fn bad_input_is_rejected_and_the_rest_keeps_running() {
-    require_root_cgroups!("bad_input_is_rejected_and_the_rest_keeps_running");
     let good = shell("good", "sleep 600", "");
     let bad = "  - name: bad\n    kind: shell\n    specification: |\n      command: [relative]\n"
         .to_string();
-    let mut a = Agent::new(&desired(&[good.clone(), bad]));
+    let mut a = Agent::new(BIN, &desired(&[good.clone(), bad]));
     a.start();
     let s = a.wait_for("good running, bad failed", Duration::from_secs(10), |s| {
         Agent::workload(s, "good").is_some_and(|w| w.state == "running")
@@ -226,14 +269,15 @@ fn bad_input_is_rejected_and_the_rest_keeps_running() {
     assert!(Agent::workload(&s, "bad").is_none());
 }
 
-#[test]
 fn status_table_and_json_from_a_running_agent() {
-    require_root_cgroups!("status_table_and_json_from_a_running_agent");
-    let mut a = Agent::new(&desired(&[shell(
-        "web",
-        "sleep 600",
-        "      resources:\n        limits: {memory: 64Mi, cpu: 250m, pids: 20}\n",
-    )]));
+    let mut a = Agent::new(
+        BIN,
+        &desired(&[shell(
+            "web",
+            "sleep 600",
+            "      resources:\n        limits: {memory: 64Mi, cpu: 250m, pids: 20}\n",
+        )]),
+    );
     a.start();
     a.wait_for("web running", Duration::from_secs(10), |s| {
         Agent::workload(s, "web").is_some_and(|w| w.state == "running" && w.usage.is_some())
@@ -274,5 +318,41 @@ fn status_table_and_json_from_a_running_agent() {
     assert!(
         !a.cgroup_procs("web").is_empty(),
         "workload survives a graceful stop"
+    );
+}
+
+/// Desired and actual converge whatever the timing (issue 13): a workload that ignores
+/// SIGTERM is removed, then desired again while its stop still waits for the grace time.
+fn a_workload_desired_again_during_its_stop_runs_again() {
+    let stubborn = shell("stubborn", "trap '' TERM; while :; do sleep 1; done", "");
+    let mut a = Agent::new(BIN, &desired(std::slice::from_ref(&stubborn)));
+    a.start();
+    let s = a.wait_for("stubborn running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "running")
+    });
+    let first = Agent::workload(&s, "stubborn").unwrap().pid;
+    a.set_desired("workloads: []\n");
+    a.wait_for("stopping", Duration::from_secs(10), |s| {
+        Agent::workload(s, "stubborn").is_some_and(|w| w.state == "stopping")
+    });
+    // Desired again while the stop waits out STOP_TIMEOUT (2 s in these tests).
+    a.set_desired(&desired(&[stubborn]));
+    let s = a.wait_for("running again", Duration::from_secs(20), |s| {
+        Agent::workload(s, "stubborn")
+            .is_some_and(|w| w.state == "running" && w.pid.is_some() && w.pid != first)
+    });
+    // And it stays so: no late removal.
+    std::thread::sleep(Duration::from_secs(2));
+    let again = a.status();
+    assert_eq!(
+        Agent::workload(&again, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        Agent::workload(&s, "stubborn").map(|w| (w.state.clone(), w.pid)),
+        "{}",
+        again.render()
+    );
+    assert!(
+        a.cgroup_procs("stubborn")
+            .contains(&Agent::workload(&s, "stubborn").unwrap().pid.unwrap()),
+        "the new run lives in its cgroup"
     );
 }

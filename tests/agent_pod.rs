@@ -2,34 +2,47 @@
 //! podman running the pod under the agent's cgroup, heartbeats, adoption, crash loops,
 //! removal. Root and podman only (CI installs podman: .ci/run).
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/flotta_server.rs"]
-mod flotta_server;
-
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use agent::Agent;
 use device_worker_ng::flotta::messages::{DeviceConfigurationMessage, WorkloadState};
-use flotta_server::{FlottaTestServer, ServerOptions};
+use dwng_test_support::agent::Agent;
+use dwng_test_support::flotta_server::{FlottaTestServer, ServerOptions};
+use dwng_test_support::harness::{self, test, Need, Needs, PODMAN};
+use dwng_test_support::podman::{self, TEST_IMAGE as IMAGE};
+use dwng_test_support::wait::wait_until;
 use serde_json::json;
 
+const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 const ID: &str = "edge-pod";
-const IMAGE: &str = "localhost/dwng-busybox:test";
+const POLL: Duration = Duration::from_millis(200);
 
-fn missing() -> Option<String> {
-    if let Some(why) = agent::root_cgroups_missing() {
-        return Some(why);
-    }
-    if Command::new("podman").arg("--version").output().is_err() {
-        return Some("podman is not installed".into());
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/build-image.sh");
-    match Command::new("sh").arg(script).status() {
-        Ok(s) if s.success() => None,
-        _ => Some(format!("cannot build {IMAGE}")),
-    }
+/// A rootless pod: podman maps the user's subordinate ids with newuidmap.
+const ROOTLESS: Needs = &[
+    Need::Root,
+    Need::Cgroups,
+    Need::PodmanImage,
+    Need::tool("newuidmap", "uidmap"),
+];
+
+fn main() {
+    harness::main(&[
+        test(
+            "pod_from_the_server_runs_is_reported_adopted_and_removed",
+            PODMAN,
+            pod_from_the_server_runs_is_reported_adopted_and_removed,
+        ),
+        test(
+            "crash_looping_pod_is_marked_broken",
+            PODMAN,
+            crash_looping_pod_is_marked_broken,
+        ),
+        test(
+            "rootless_pod_runs_as_the_configured_user",
+            ROOTLESS,
+            rootless_pod_runs_as_the_configured_user,
+        ),
+    ])
 }
 
 fn pod_config(name: &str, script: &str) -> DeviceConfigurationMessage {
@@ -51,17 +64,6 @@ fn pod_exists(name: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for: {what}");
-}
-
 struct PodGuard(&'static str);
 
 impl Drop for PodGuard {
@@ -75,19 +77,14 @@ impl Drop for PodGuard {
     }
 }
 
-#[test]
 fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
-    if let Some(why) = missing() {
-        eprintln!("SKIPPED: pod_from_the_server_runs_is_reported_adopted_and_removed: {why} (CI installs it: see .ci/run)");
-        return;
-    }
     let _guard = PodGuard("e2e-web");
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
         ..ServerOptions::default()
     });
     server.set_configuration(ID, pod_config("e2e-web", "echo pw=$PASSWORD; sleep 600"));
-    let mut a = Agent::new("workloads: []\n");
+    let mut a = Agent::new(BIN, "workloads: []\n");
     a.extra_env.extend(server.agent_env(ID));
     a.extra_env
         .push(("EDGE_DEVICE_POLL_INTERVAL".into(), "300ms".into()));
@@ -114,9 +111,10 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
         String::from_utf8_lossy(&logs.stdout).contains("pw=secret"),
         "{logs:?}"
     );
-    wait(
+    wait_until(
         "heartbeat reports the pod running",
         Duration::from_secs(15),
+        POLL,
         || {
             server.heartbeats().iter().any(|(_, hb)| {
                 hb.workloads
@@ -140,7 +138,7 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
         Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid != Some(pid))
     });
     let pid2 = Agent::workload(&s, "e2e-web").unwrap().pid;
-    wait("new output", Duration::from_secs(10), || {
+    wait_until("new output", Duration::from_secs(10), POLL, || {
         let logs = Command::new("podman")
             .args(["logs", "e2e-web-app"])
             .output()
@@ -164,22 +162,15 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
     a.wait_for("pod removed", Duration::from_secs(30), |s| {
         Agent::workload(s, "e2e-web").is_none()
     });
-    wait("podman pod gone", Duration::from_secs(20), || {
+    wait_until("podman pod gone", Duration::from_secs(20), POLL, || {
         !pod_exists("e2e-web")
     });
 }
 
-#[test]
 fn crash_looping_pod_is_marked_broken() {
-    if let Some(why) = missing() {
-        eprintln!(
-            "SKIPPED: crash_looping_pod_is_marked_broken: {why} (CI installs it: see .ci/run)"
-        );
-        return;
-    }
     let c = pod_config("e2e-crash", "echo failing; exit 3");
     let desired = json!({"workloads": c.workloads, "secrets": c.secrets});
-    let mut a = Agent::new(&serde_yaml_ng::to_string(&desired).unwrap());
+    let mut a = Agent::new(BIN, &serde_yaml_ng::to_string(&desired).unwrap());
     // Declared after the agent, so dropped before it: the pod goes first, then the agent's
     // Drop can remove the (then empty) workload cgroup.
     let _guard = PodGuard("e2e-crash");
@@ -241,11 +232,8 @@ fn rootless_user() -> Result<(String, u32), String> {
             return Err("usermod --add-subuids failed".into());
         }
     }
-    if Command::new("newuidmap").arg("--help").output().is_err() {
-        return Err("newuidmap (uidmap) is not installed".into());
-    }
     // The test image for that user's own image store.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/podman/build-image.sh");
+    let script = podman::build_script();
     let run = format!("/run/user/{uid}");
     std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
     let _ = Command::new("chown")
@@ -262,7 +250,7 @@ fn rootless_user() -> Result<(String, u32), String> {
             &format!("HOME=/home/{USER}"),
             "sh",
         ])
-        .arg(script)
+        .arg(&script)
         .current_dir("/")
         .status()
         .map_err(|e| format!("runuser: {e}"))?;
@@ -272,25 +260,14 @@ fn rootless_user() -> Result<(String, u32), String> {
     Ok((USER.to_string(), uid))
 }
 
-#[test]
 fn rootless_pod_runs_as_the_configured_user() {
-    if let Some(why) = missing() {
-        eprintln!("SKIPPED: rootless_pod_runs_as_the_configured_user: {why} (CI installs it: see .ci/run)");
-        return;
-    }
-    let (user, uid) = match rootless_user() {
-        Ok(u) => u,
-        Err(why) => {
-            eprintln!("SKIPPED: rootless_pod_runs_as_the_configured_user: {why}");
-            return;
-        }
-    };
+    let (user, uid) = rootless_user().unwrap_or_else(|why| panic!("the rootless user: {why}"));
     let spec = format!(
         "containers:\n- name: app\n  image: {IMAGE}\n  command: [\"sh\", \"-c\", \"sleep 600\"]\n  resources:\n    limits: {{memory: 64Mi}}\n"
     );
     let desired =
         json!({"workloads": [{"name": "e2e-rootless", "rootless": true, "specification": spec}]});
-    let mut a = Agent::new(&serde_yaml_ng::to_string(&desired).unwrap());
+    let mut a = Agent::new(BIN, &serde_yaml_ng::to_string(&desired).unwrap());
     a.extra_env
         .push(("EDGE_DEVICE_ROOTLESS_USER".into(), user.clone()));
     a.start();
@@ -332,5 +309,10 @@ fn rootless_pod_runs_as_the_configured_user() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    wait("the rootless pod is gone", Duration::from_secs(30), gone);
+    wait_until(
+        "the rootless pod is gone",
+        Duration::from_secs(30),
+        POLL,
+        gone,
+    );
 }

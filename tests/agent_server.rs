@@ -1,17 +1,52 @@
 //! The whole agent against the mTLS Flotta test server (PROTOCOL.md): first boot, restart,
 //! renewal, outages, faults, disconnect. Root only (the workloads run in real cgroups).
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/flotta_server.rs"]
-mod flotta_server;
-
 use std::time::{Duration, Instant};
 
-use agent::Agent;
 use device_worker_ng::flotta::messages::{DeviceConfigurationMessage, WorkloadState};
-use flotta_server::{Fault, FlottaTestServer, ServerOptions};
+use dwng_test_support::agent::Agent;
+use dwng_test_support::flotta_server::{Fault, FlottaTestServer, ServerOptions};
+use dwng_test_support::harness::{self, test, ROOT_CGROUPS};
+use dwng_test_support::wait::{poll_until, wait_until};
 use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+const POLL: Duration = Duration::from_millis(100);
+
+fn main() {
+    harness::main(&[
+        test(
+            "first_boot_enrols_registers_runs_and_reports",
+            ROOT_CGROUPS,
+            first_boot_enrols_registers_runs_and_reports,
+        ),
+        test(
+            "expired_certificate_is_renewed",
+            ROOT_CGROUPS,
+            expired_certificate_is_renewed,
+        ),
+        test(
+            "outage_degrades_keeps_workloads_and_delivers_events_exactly_once",
+            ROOT_CGROUPS,
+            outage_degrades_keeps_workloads_and_delivers_events_exactly_once,
+        ),
+        test(
+            "bad_answers_are_survived",
+            ROOT_CGROUPS,
+            bad_answers_are_survived,
+        ),
+        test(
+            "forbidden_degrades_and_not_found_reenrols",
+            ROOT_CGROUPS,
+            forbidden_degrades_and_not_found_reenrols,
+        ),
+        test(
+            "disconnect_removes_everything_and_stops_talking",
+            ROOT_CGROUPS,
+            disconnect_removes_everything_and_stops_talking,
+        ),
+    ])
+}
 
 const ID: &str = "edge-1";
 
@@ -33,7 +68,7 @@ fn config(workloads: &[(&str, &str)]) -> DeviceConfigurationMessage {
 
 /// An agent configured for `server` (desired state from the server, fast timers).
 fn agent_for(server: &FlottaTestServer) -> Agent {
-    let mut a = Agent::new("workloads: []\n");
+    let mut a = Agent::new(BIN, "workloads: []\n");
     a.extra_env.extend(server.agent_env(ID));
     for (k, v) in [
         ("EDGE_DEVICE_POLL_INTERVAL", "200ms".into()),
@@ -43,17 +78,6 @@ fn agent_for(server: &FlottaTestServer) -> Agent {
         a.extra_env.push((k.to_string(), v));
     }
     a
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {timeout:?} waiting for: {what}");
 }
 
 fn count(server: &FlottaTestServer, directive: &str) -> usize {
@@ -72,9 +96,7 @@ fn running(a: &Agent, name: &str) -> Option<i32> {
     })
 }
 
-#[test]
 fn first_boot_enrols_registers_runs_and_reports() {
-    require_root_cgroups!("first_boot_enrols_registers_runs_and_reports");
     // Approved during the first enrolment, so that one answers 200 (pending), the next 208.
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
@@ -108,9 +130,10 @@ fn first_boot_enrols_registers_runs_and_reports() {
         0o600
     );
     // A heartbeat lists the workload as running, with the applied version and hardware.
-    wait(
+    wait_until(
         "heartbeat with web running",
         Duration::from_secs(10),
+        POLL,
         || {
             server.heartbeats().iter().any(|(id, hb)| {
                 id == ID
@@ -150,14 +173,12 @@ fn first_boot_enrols_registers_runs_and_reports() {
     a.wait_for("web removed", Duration::from_secs(15), |s| {
         Agent::workload(s, "web").is_none()
     });
-    wait("cgroup gone", Duration::from_secs(5), || {
-        !a.hierarchy().workload("web").exists()
+    wait_until("cgroup gone", Duration::from_secs(5), POLL, || {
+        !a.cgroup("web").exists()
     });
 }
 
-#[test]
 fn expired_certificate_is_renewed() {
-    require_root_cgroups!("expired_certificate_is_renewed");
     let server = FlottaTestServer::start(ServerOptions::default());
     server.set_configuration(ID, config(&[("web", "sleep 600")]));
     let expired = server.issue_device_cert(ID, -40, -10);
@@ -190,7 +211,7 @@ fn expired_certificate_is_renewed() {
     // A 401 on a GET (the server stopped accepting the certificate): renew again.
     let pid = running(&a, "web").unwrap();
     server.inject_fault(Fault::Status(401), 1);
-    wait("second renewal", Duration::from_secs(15), || {
+    wait_until("second renewal", Duration::from_secs(15), POLL, || {
         count(&server, "registration") == 2
     });
     a.wait_for("polling again", Duration::from_secs(10), |s| {
@@ -203,9 +224,7 @@ fn expired_certificate_is_renewed() {
     );
 }
 
-#[test]
 fn outage_degrades_keeps_workloads_and_delivers_events_exactly_once() {
-    require_root_cgroups!("outage_degrades_keeps_workloads_and_delivers_events_exactly_once");
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
         ..ServerOptions::default()
@@ -251,9 +270,7 @@ fn outage_degrades_keeps_workloads_and_delivers_events_exactly_once() {
     assert_eq!(delivered, 1, "the event reached the server exactly once");
 }
 
-#[test]
 fn bad_answers_are_survived() {
-    require_root_cgroups!("bad_answers_are_survived");
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
         ..ServerOptions::default()
@@ -274,9 +291,10 @@ fn bad_answers_are_survived() {
     ] {
         let before = server.requests().len();
         server.inject_fault(fault.clone(), 2);
-        wait(
+        wait_until(
             &format!("{fault:?} consumed"),
             Duration::from_secs(30),
+            POLL,
             || server.requests().len() >= before + 2,
         );
     }
@@ -298,9 +316,7 @@ fn bad_answers_are_survived() {
     assert!(a.log().contains("keeping the last good configuration"));
 }
 
-#[test]
 fn forbidden_degrades_and_not_found_reenrols() {
-    require_root_cgroups!("forbidden_degrades_and_not_found_reenrols");
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
         ..ServerOptions::default()
@@ -330,21 +346,18 @@ fn forbidden_degrades_and_not_found_reenrols() {
     });
     let enrols = count(&server, "enrolment");
     server.inject_fault(Fault::Status(404), 1);
-    let start = Instant::now();
-    while count(&server, "enrolment") <= enrols {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no re-enrolment after the device was deleted\n{}\n{}",
-            a.status().render(),
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let reenrolled = poll_until(Duration::from_secs(20), POLL, || {
+        (count(&server, "enrolment") > enrols).then_some(())
+    });
+    assert!(
+        reenrolled.is_some(),
+        "no re-enrolment after the device was deleted\n{}\n{}",
+        a.status().render(),
+        a.log()
+    );
 }
 
-#[test]
 fn disconnect_removes_everything_and_stops_talking() {
-    require_root_cgroups!("disconnect_removes_everything_and_stops_talking");
     let server = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(1),
         ..ServerOptions::default()
@@ -357,11 +370,11 @@ fn disconnect_removes_everything_and_stops_talking() {
     });
     server.set_disconnect(ID, true);
     let s = a.wait_for("disconnected", Duration::from_secs(15), |s| {
-        s.workloads.is_empty() && s.device.state == "registering"
+        s.workloads.is_empty() && s.device.state == "disconnected"
     });
     assert!(s.server.unwrap().registration.contains("disconnected"));
-    wait("cgroup gone", Duration::from_secs(5), || {
-        !a.hierarchy().workload("web").exists()
+    wait_until("cgroup gone", Duration::from_secs(5), POLL, || {
+        !a.cgroup("web").exists()
     });
     let n = server.requests().len();
     std::thread::sleep(Duration::from_secs(2));

@@ -14,15 +14,47 @@
 //!
 //! Each boots a TCG guest (~10 s for the smoke test, up to ~60 s for the agent
 //! scenario). Without root, qemu-system-x86_64, a kernel in /boot,
-//! busybox-static, gcc or cpio, or with `DWNG_SKIP_VM=1`, the tests print a
-//! loud `SKIPPED:` line on stderr (bypassing the test harness's output capture)
-//! and return.
+//! busybox-static, gcc or cpio, or with `DWNG_SKIP_VM=1`, the tests show as
+//! ignored, with what is missing.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dwng_test_support::guest::GuestRun;
+use dwng_test_support::harness::{self, test, Need, Needs};
+
+/// tests/vm/guest.sh and its payloads' static helpers.
+const GUEST: Needs = &[
+    Need::QemuGuests,
+    Need::Root,
+    Need::tool("qemu-system-x86_64", "qemu-system-x86"),
+    Need::GuestKernel,
+    Need::file("/bin/busybox", "busybox-static"),
+    Need::tool("gcc", "gcc"),
+    Need::tool("cpio", "cpio"),
+];
+
+fn main() {
+    harness::main(&[
+        test(
+            "smoke_limits_enforced_in_cgroup_v2_guest",
+            GUEST,
+            smoke_limits_enforced_in_cgroup_v2_guest,
+        ),
+        test(
+            "agent_limits_in_cgroup_v2_guest",
+            GUEST,
+            agent_limits_in_cgroup_v2_guest,
+        ),
+        test(
+            "agent_budget_in_cgroup_v2_guest",
+            GUEST,
+            agent_budget_in_cgroup_v2_guest,
+        ),
+    ])
+}
 
 /// PASS lines the smoke payload must print (prefixes).
 const SMOKE_PASSES: &[&str] = &[
@@ -53,78 +85,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Loud skip notice that shows even when libtest captures the test's output.
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-fn have_kernel() -> bool {
-    fs::read_dir("/boot")
-        .map(|entries| {
-            entries.flatten().any(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with("vmlinuz-") && name.ends_with("-amd64")
-            })
-        })
-        .unwrap_or(false)
-}
-
-/// Returns false (after printing the SKIPPED line) if the guest cannot run here.
-fn vm_available(test: &str) -> bool {
-    if std::env::var("DWNG_SKIP_VM")
-        .map(|v| v == "1")
-        .unwrap_or(false)
-    {
-        skip(test, "DWNG_SKIP_VM=1 is set");
-        return false;
-    }
-    let mut missing: Vec<String> = Vec::new();
-    match effective_uid() {
-        Some(0) => {}
-        Some(uid) => missing.push(format!("root (running as uid {uid})")),
-        None => missing.push("root (uid unknown)".into()),
-    }
-    if !on_path("qemu-system-x86_64") {
-        missing.push("qemu-system-x86_64 (qemu-system-x86)".into());
-    }
-    if !have_kernel() {
-        missing.push("a kernel /boot/vmlinuz-*-amd64 (linux-image-amd64)".into());
-    }
-    if !Path::new("/bin/busybox").is_file() {
-        missing.push("/bin/busybox (busybox-static)".into());
-    }
-    if !on_path("gcc") {
-        missing.push("gcc".into());
-    }
-    if !on_path("cpio") {
-        missing.push("cpio".into());
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    skip(
-        test,
-        &format!(
-            "missing {} (CI installs it: see .ci/run)",
-            missing.join(", ")
-        ),
-    );
-    false
-}
-
 /// A payload directory that is removed when dropped.
 struct TempDir(PathBuf);
 
@@ -146,83 +106,32 @@ impl Drop for TempDir {
     }
 }
 
-struct GuestRun {
-    code: Option<i32>,
-    console: String,
+/// Runs `tests/vm/guest.sh payload_dir` with `env`.
+fn run_guest(payload_dir: &Path, env: &[(&str, &str)]) -> GuestRun {
+    GuestRun::of(
+        Command::new("bash")
+            .arg(repo().join("tests/vm/guest.sh"))
+            .arg(payload_dir)
+            .envs(env.iter().copied()),
+    )
 }
 
-/// Runs `tests/vm/guest.sh payload_dir`, echoing everything it printed
-/// (shown by libtest when the test fails, or with --nocapture).
-fn run_guest(payload_dir: &Path) -> GuestRun {
-    run_guest_with(payload_dir, &[])
-}
-
-fn run_guest_with(payload_dir: &Path, env: &[(&str, &str)]) -> GuestRun {
-    let script = repo().join("tests/vm/guest.sh");
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(payload_dir)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("{console}");
-    println!(
-        "---- guest.sh stderr ----\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "guest.sh exited {:?} after {:.1} s",
-        out.status.code(),
-        started.elapsed().as_secs_f64()
-    );
-    GuestRun {
-        code: out.status.code(),
-        console,
-    }
-}
-
+/// The payload's checks passed and it ran to its end.
 fn assert_passed(run: &GuestRun, what: &str, required: &[&str]) {
-    let lines: Vec<&str> = run.console.lines().collect();
-    let fails: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.starts_with("FAIL "))
-        .collect();
+    run.assert_passed(what, required);
     assert!(
-        fails.is_empty(),
-        "{what}: failed checks:\n{}",
-        fails.join("\n")
+        run.console.lines().any(|l| l == "GUEST-PAYLOAD-EXIT=0"),
+        "{what}: guest never printed GUEST-PAYLOAD-EXIT=0\n{}",
+        run.transcript()
     );
-    for want in required {
-        assert!(
-            lines.iter().any(|l| l.starts_with(want)),
-            "{what}: no line starting with {want:?} in the guest console"
-        );
-    }
-    assert!(
-        lines.contains(&"GUEST-PAYLOAD-EXIT=0"),
-        "{what}: guest never printed GUEST-PAYLOAD-EXIT=0 (exit {:?})",
-        run.code
-    );
-    assert_eq!(run.code, Some(0), "{what}: guest.sh exit status");
 }
 
-#[test]
 fn smoke_limits_enforced_in_cgroup_v2_guest() {
-    if !vm_available("smoke_limits_enforced_in_cgroup_v2_guest") {
-        return;
-    }
-    let run = run_guest(&repo().join("tests/vm/smoke"));
+    let run = run_guest(&repo().join("tests/vm/smoke"), &[]);
     assert_passed(&run, "smoke payload", SMOKE_PASSES);
 }
 
-#[test]
 fn agent_limits_in_cgroup_v2_guest() {
-    if !vm_available("agent_limits_in_cgroup_v2_guest") {
-        return;
-    }
     let payload = TempDir::new("agent-payload");
     let agent = env!("CARGO_BIN_EXE_device-worker-ng");
     let vm = repo().join("tests/vm/agent");
@@ -234,7 +143,7 @@ fn agent_limits_in_cgroup_v2_guest() {
         fs::copy(&from, payload.0.join(to))
             .unwrap_or_else(|e| panic!("copy {} into the payload: {e}", from.display()));
     }
-    let run = run_guest(&payload.0);
+    let run = run_guest(&payload.0, &[]);
     assert_passed(&run, "agent scenario", AGENT_PASSES);
 }
 
@@ -242,11 +151,7 @@ fn agent_limits_in_cgroup_v2_guest() {
 /// when the workloads together use more than the budget, re-admission after the hold time;
 /// issue 15: memory.high at the budget, and an eviction caused by its notification while the
 /// sampler's period is 30 s.
-#[test]
 fn agent_budget_in_cgroup_v2_guest() {
-    if !vm_available("agent_budget_in_cgroup_v2_guest") {
-        return;
-    }
     let payload = TempDir::new("budget-payload");
     let agent = env!("CARGO_BIN_EXE_device-worker-ng");
     for (from, to) in [
@@ -256,7 +161,7 @@ fn agent_budget_in_cgroup_v2_guest() {
         fs::copy(&from, payload.0.join(to))
             .unwrap_or_else(|e| panic!("copy {} into the payload: {e}", from.display()));
     }
-    let run = run_guest_with(&payload.0, &[("MEM", "1024")]);
+    let run = run_guest(&payload.0, &[("MEM", "1024")]);
     assert_passed(
         &run,
         "budget scenario",

@@ -2,7 +2,25 @@
 
 use std::process::Command;
 
+use dwng_test_support::harness::{self, test};
+
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+
+fn main() {
+    harness::main(&[
+        test("version", &[], version),
+        test(
+            "configuration_errors_exit_78_with_one_line",
+            &[],
+            configuration_errors_exit_78_with_one_line,
+        ),
+        test(
+            "status_without_an_agent_says_so",
+            &[],
+            status_without_an_agent_says_so,
+        ),
+    ])
+}
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = Command::new(BIN);
@@ -18,7 +36,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
-#[test]
 fn version() {
     let (code, out, _) = run(&["--version"], &[]);
     assert_eq!(code, 0);
@@ -28,7 +45,6 @@ fn version() {
     );
 }
 
-#[test]
 fn configuration_errors_exit_78_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
@@ -71,7 +87,6 @@ fn configuration_errors_exit_78_with_one_line() {
     }
 }
 
-#[test]
 fn status_without_an_agent_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("none.sock");

@@ -1,8 +1,5 @@
 //! The Flotta protocol layer against a real mTLS test server (PROTOCOL.md).
 
-#[path = "support/flotta_server.rs"]
-mod flotta_server;
-
 use std::time::{Duration, SystemTime};
 
 use device_worker_ng::flotta::client::{
@@ -14,7 +11,79 @@ use device_worker_ng::flotta::messages::{
     ControlKind, DateTime, DeviceConfigurationMessage, DeviceStatus, EnrolmentInfo, EventInfo,
     EventType, Heartbeat, Workload, WorkloadState, WorkloadStatus,
 };
-use flotta_server::{Fault, FlottaTestServer, ServerOptions};
+use dwng_test_support::flotta_server::{self, Fault, FlottaTestServer, ServerOptions};
+use dwng_test_support::harness::{self, test};
+
+fn main() {
+    harness::main(&[
+        test(
+            "enrolment_pending_then_approved",
+            &[],
+            enrolment_pending_then_approved,
+        ),
+        test(
+            "auto_approval_after_n_calls",
+            &[],
+            auto_approval_after_n_calls,
+        ),
+        test(
+            "registration_signs_a_cert_like_the_real_server",
+            &[],
+            registration_signs_a_cert_like_the_real_server,
+        ),
+        test("configurable_validity", &[], configurable_validity),
+        test(
+            "configuration_control_and_heartbeat_with_device_cert",
+            &[],
+            configuration_control_and_heartbeat_with_device_cert,
+        ),
+        test(
+            "bootstrap_cert_is_refused_where_the_server_refuses_it",
+            &[],
+            bootstrap_cert_is_refused_where_the_server_refuses_it,
+        ),
+        test(
+            "expired_cert_gets_401_on_get_but_can_heartbeat_and_renew",
+            &[],
+            expired_cert_gets_401_on_get_but_can_heartbeat_and_renew,
+        ),
+        test("cn_mismatch_is_forbidden", &[], cn_mismatch_is_forbidden),
+        test(
+            "faults_map_to_typed_errors",
+            &[],
+            faults_map_to_typed_errors,
+        ),
+        test("huge_body_is_too_large", &[], huge_body_is_too_large),
+        test("slow_server_times_out", &[], slow_server_times_out),
+        test(
+            "connect_timeout_and_refused_connection",
+            &[],
+            connect_timeout_and_refused_connection,
+        ),
+        test(
+            "trailing_slash_and_double_slash_server",
+            &[],
+            trailing_slash_and_double_slash_server,
+        ),
+        test(
+            "untrusted_server_is_refused",
+            &[],
+            untrusted_server_is_refused,
+        ),
+        test(
+            "mismatched_key_is_a_config_error_not_a_panic",
+            &[],
+            mismatched_key_is_a_config_error_not_a_panic,
+        ),
+        test("server_validation_rules", &[], server_validation_rules),
+        test("client_speaks_tls13_only", &[], client_speaks_tls13_only),
+        test(
+            "server_requires_a_client_certificate",
+            &[],
+            server_requires_a_client_certificate,
+        ),
+    ])
+}
 
 const ID: &str = "edge-1";
 
@@ -85,7 +154,6 @@ fn heartbeat() -> Heartbeat {
     }
 }
 
-#[test]
 fn enrolment_pending_then_approved() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let boot = bootstrap_client(&s);
@@ -113,7 +181,6 @@ fn enrolment_pending_then_approved() {
     }
 }
 
-#[test]
 fn auto_approval_after_n_calls() {
     let s = FlottaTestServer::start(ServerOptions {
         auto_approve_after: Some(2),
@@ -134,7 +201,6 @@ fn auto_approval_after_n_calls() {
     );
 }
 
-#[test]
 fn registration_signs_a_cert_like_the_real_server() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let boot = bootstrap_client(&s);
@@ -198,7 +264,6 @@ fn registration_signs_a_cert_like_the_real_server() {
     assert!(c.get_configuration(ID).unwrap().is_some());
 }
 
-#[test]
 fn configurable_validity() {
     let s = FlottaTestServer::start(ServerOptions {
         cert_validity: Duration::from_secs(3600),
@@ -213,7 +278,6 @@ fn configurable_validity() {
     );
 }
 
-#[test]
 fn configuration_control_and_heartbeat_with_device_cert() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let (c, _, _) = registered_device(&s);
@@ -280,7 +344,6 @@ fn configuration_control_and_heartbeat_with_device_cert() {
     );
 }
 
-#[test]
 fn bootstrap_cert_is_refused_where_the_server_refuses_it() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let boot = bootstrap_client(&s);
@@ -301,7 +364,6 @@ fn bootstrap_cert_is_refused_where_the_server_refuses_it() {
     ));
 }
 
-#[test]
 fn expired_cert_gets_401_on_get_but_can_heartbeat_and_renew() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let old = s.issue_device_cert(ID, -40, -10);
@@ -333,7 +395,6 @@ fn expired_cert_gets_401_on_get_but_can_heartbeat_and_renew() {
     assert!(renewed.get_configuration(ID).unwrap().is_some());
 }
 
-#[test]
 fn cn_mismatch_is_forbidden() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let other = s.issue_device_cert("edge-2", -1, 30);
@@ -356,7 +417,6 @@ fn cn_mismatch_is_forbidden() {
     assert!(matches!(e, ClientError::NotFound { .. }), "{e}");
 }
 
-#[test]
 fn faults_map_to_typed_errors() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let (c, _, _) = registered_device(&s);
@@ -410,7 +470,6 @@ fn faults_map_to_typed_errors() {
     );
 }
 
-#[test]
 fn huge_body_is_too_large() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let (_, cert, key) = registered_device(&s);
@@ -438,7 +497,6 @@ fn huge_body_is_too_large() {
     assert!(c.get_configuration(ID).is_ok());
 }
 
-#[test]
 fn slow_server_times_out() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let (_, cert, key) = registered_device(&s);
@@ -455,7 +513,6 @@ fn slow_server_times_out() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
-#[test]
 fn connect_timeout_and_refused_connection() {
     // Nothing listens on this port once the server is gone.
     let s = FlottaTestServer::start(ServerOptions::default());
@@ -473,7 +530,6 @@ fn connect_timeout_and_refused_connection() {
     assert!(e.is_retryable());
 }
 
-#[test]
 fn trailing_slash_and_double_slash_server() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let (_, cert, key) = registered_device(&s);
@@ -495,7 +551,6 @@ fn trailing_slash_and_double_slash_server() {
     }
 }
 
-#[test]
 fn untrusted_server_is_refused() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let other = FlottaTestServer::start(ServerOptions::default());
@@ -512,7 +567,6 @@ fn untrusted_server_is_refused() {
     assert!(!e.is_retryable());
 }
 
-#[test]
 fn mismatched_key_is_a_config_error_not_a_panic() {
     let s = FlottaTestServer::start(ServerOptions::default());
     let issued = s.issue_device_cert(ID, -1, 30);
@@ -591,7 +645,6 @@ fn sec1_from_pkcs8(pem: &str) -> String {
     )
 }
 
-#[test]
 fn server_validation_rules() {
     // The test server's own conformance: exercise it with raw requests through
     // a rustls client, where our client would never send such things.
@@ -679,7 +732,7 @@ mod raw {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-    use super::flotta_server::FlottaTestServer;
+    use dwng_test_support::flotta_server::FlottaTestServer;
 
     pub struct Raw {
         addr: String,
@@ -743,7 +796,6 @@ mod raw {
     }
 }
 
-#[test]
 fn client_speaks_tls13_only() {
     // A TLS 1.2-only server with a certificate the client trusts: the
     // handshake must still fail, because the server requires 1.3 (§1.1) and
@@ -792,7 +844,6 @@ fn client_speaks_tls13_only() {
     assert!(server_side.contains("Tls12NotOffered"), "{server_side}");
 }
 
-#[test]
 fn server_requires_a_client_certificate() {
     use std::io::Write;
     let s = FlottaTestServer::start(ServerOptions::default());

@@ -3,26 +3,61 @@
 //! speaks the API conventions the fake follows, not that a live MicroShift accepts it.
 //! No root needed.
 
-#[path = "support/fake_kube.rs"]
-mod fake_kube;
-
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use device_worker_ng::cgroup::WorkloadCgroup;
+use device_worker_ng::cgroup::{Hierarchy, Layout};
 use device_worker_ng::drivers::k8s::{self, Health, K8sDriver, K8sError, K8sSettings};
-use device_worker_ng::drivers::{self, RunEnd};
-use device_worker_ng::workload::{
-    parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadSpec,
+use device_worker_ng::drivers::{
+    watch, Driver, DriverSettings, Drivers, Placement, Run, RunEnd, Started,
 };
-use fake_kube::{FakeKube, TOKEN};
+use device_worker_ng::workload::{
+    parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadName, WorkloadSpec,
+};
+use dwng_test_support::fake_kube::{FakeKube, TOKEN};
+use dwng_test_support::harness::{self, test};
+
+fn main() {
+    harness::main(&[
+        test(
+            "a_workload_is_applied_deploying_then_running_and_reapplied_on_update",
+            &[],
+            a_workload_is_applied_deploying_then_running_and_reapplied_on_update,
+        ),
+        test(
+            "removal_deletes_only_what_carries_our_label",
+            &[],
+            removal_deletes_only_what_carries_our_label,
+        ),
+        test(
+            "the_waiter_reports_crashes_restarts_and_stops",
+            &[],
+            the_waiter_reports_crashes_restarts_and_stops,
+        ),
+        test(
+            "api_errors_have_clear_typed_reasons",
+            &[],
+            api_errors_have_clear_typed_reasons,
+        ),
+        test(
+            "the_driver_dispatch_runs_k8s_workloads_without_a_process",
+            &[],
+            the_driver_dispatch_runs_k8s_workloads_without_a_process,
+        ),
+        test(
+            "k8s_specs_are_validated_like_pods_plus_deployment_rules",
+            &[],
+            k8s_specs_are_validated_like_pods_plus_deployment_rules,
+        ),
+    ])
+}
 
 const MANAGER_QUERY: &str = "device-worker-ng";
 
 fn defaults() -> SpecDefaults {
     SpecDefaults {
-        workload_user: "nobody".into(),
+        workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
     }
 }
@@ -66,7 +101,6 @@ fn driver(kubeconfig: PathBuf) -> Arc<K8sDriver> {
     Arc::new(K8sDriver::new(K8sSettings {
         kubeconfig: Some(kubeconfig),
         poll_interval: Duration::from_millis(50),
-        ready_timeout: Duration::from_secs(10),
         api_patience: Duration::from_secs(2),
         timeouts: k8s::ApiTimeouts {
             connect: Duration::from_secs(2),
@@ -75,25 +109,30 @@ fn driver(kubeconfig: PathBuf) -> Arc<K8sDriver> {
     }))
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Applies; the run is then watched (the test plays the deployment controller).
+fn start(d: &Arc<K8sDriver>, spec: &WorkloadSpec, secrets: &[DesiredSecret]) -> Started {
+    d.start_workload(spec, secrets)
+        .unwrap_or_else(|e| panic!("start: {e}"))
 }
 
-/// Starts on a thread; the test plays the deployment controller meanwhile.
-fn start_async(
-    d: &Arc<K8sDriver>,
-    spec: &WorkloadSpec,
-    secrets: &[DesiredSecret],
-) -> std::thread::JoinHandle<Result<k8s::Started, K8sError>> {
-    let (d, spec, secrets) = (d.clone(), spec.clone(), secrets.to_vec());
-    std::thread::spawn(move || d.start(&spec, &secrets))
+/// Awaits the run's end on a thread, as the agent does on its reactor.
+fn watch_end(started: Started) -> std::thread::JoinHandle<RunEnd> {
+    std::thread::spawn(move || smol::block_on(watch::until_end(started.watch, |_, _| {})))
+}
+
+/// Like [`watch_end`], returning once the watch has seen the run available.
+fn watch_end_once_ready(started: Started) -> std::thread::JoinHandle<RunEnd> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        smol::block_on(watch::until_end(started.watch, move |ready, _| {
+            if ready {
+                let _ = tx.send(());
+            }
+        }))
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the watch sees the run available");
+    h
 }
 
 fn rv(v: &serde_json::Value) -> u64 {
@@ -104,7 +143,6 @@ fn rv(v: &serde_json::Value) -> u64 {
         .unwrap()
 }
 
-#[test]
 fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(None));
@@ -113,18 +151,20 @@ fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
     assert_eq!(spec.requests.cpu_millicores, Some(100));
     assert_eq!(spec.limits.memory_bytes, Some(64 << 20));
 
-    let h = start_async(&d, &spec, &secrets);
-    wait_for("the Deployment", || {
-        fake.get("deployments", "edge", "web").is_some()
-    });
+    let started = start(&d, &spec, &secrets);
+    assert!(fake.get("deployments", "edge", "web").is_some());
+    assert_eq!(started.pid, None, "no local process");
+    assert!(started
+        .notice
+        .as_deref()
+        .unwrap()
+        .contains("no local process"));
     assert!(matches!(d.health("web").unwrap(), Health::Deploying(_)));
     fake.observe("edge", "web");
     assert!(
         matches!(d.health("web").unwrap(), Health::Deploying(ref r) if r.contains("ContainerCreating"))
     );
     fake.rollout("edge", "web");
-    let started = h.join().unwrap().expect("started");
-    assert!(started.notice.as_deref().unwrap().contains("pid 0"));
     assert_eq!(d.health("web").unwrap(), Health::Running);
     assert!(d.still_running("web"));
 
@@ -182,7 +222,7 @@ fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
 
     // The same spec again: no change, no new resourceVersion, no new generation.
     let before = rv(&fake.get("deployments", "edge", "web").unwrap());
-    d.start(&spec, &secrets).expect("re-apply");
+    start(&d, &spec, &secrets);
     let same = fake.get("deployments", "edge", "web").unwrap();
     assert_eq!(rv(&same), before);
     assert_eq!(same["metadata"]["generation"], 1);
@@ -190,10 +230,11 @@ fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
     // An update changes the object in place: new generation, deploying until rolled out.
     let (v2, _) = workload("web", "edge", "quay.io/x/web:2");
     assert_ne!(v2.fingerprint, spec.fingerprint);
-    let h = start_async(&d, &v2, &secrets);
-    wait_for("generation 2", || {
-        fake.get("deployments", "edge", "web").unwrap()["metadata"]["generation"] == 2
-    });
+    start(&d, &v2, &secrets);
+    assert_eq!(
+        fake.get("deployments", "edge", "web").unwrap()["metadata"]["generation"],
+        2
+    );
     let updated = fake.get("deployments", "edge", "web").unwrap();
     assert!(rv(&updated) > before);
     assert_eq!(updated["metadata"]["uid"], same["metadata"]["uid"]);
@@ -205,11 +246,9 @@ fn a_workload_is_applied_deploying_then_running_and_reapplied_on_update() {
         matches!(d.health("web").unwrap(), Health::Deploying(ref r) if r.contains("generation 2"))
     );
     fake.rollout("edge", "web");
-    h.join().unwrap().expect("updated");
     assert_eq!(d.health("web").unwrap(), Health::Running);
 }
 
-#[test]
 fn removal_deletes_only_what_carries_our_label() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(Some(TOKEN)));
@@ -228,21 +267,17 @@ fn removal_deletes_only_what_carries_our_label() {
     let (a, secrets) = workload("a", "edge", "img:1");
     let (b, _) = workload("b", "edge", "img:1");
     for s in [&a, &b] {
-        let h = start_async(&d, s, &secrets);
-        wait_for("the Deployment", || {
-            fake.get("deployments", "edge", &s.name).is_some()
-        });
-        fake.rollout("edge", &s.name);
-        h.join().unwrap().expect("started");
+        start(&d, s, &secrets);
+        fake.rollout("edge", s.name.as_str());
     }
 
     // `a` goes: its Deployment and its own ConfigMap; the Secret `b` still uses stays.
-    d.stop("a", Duration::from_secs(1)).unwrap();
+    d.stop_workload("a", Duration::from_secs(1)).unwrap();
     assert_eq!(
         d.health("a").unwrap(),
         Health::Stopped("its Deployment is scaled to 0 replicas".into())
     );
-    d.cleanup("a").unwrap();
+    d.cleanup_workload("a").unwrap();
     assert!(fake.get("deployments", "edge", "a").is_none());
     assert!(fake.get("configmaps", "edge", "a-config").is_none());
     assert!(fake.get("secrets", "edge", "shared-creds").is_some());
@@ -273,7 +308,7 @@ fn removal_deletes_only_what_carries_our_label() {
 
     // An object of ours-to-be that someone else owns is not taken over.
     let (theirs, secrets) = workload("theirs", "edge", "img:1");
-    let e = d.start(&theirs, &secrets).err().expect("refused");
+    let e = d.start_workload(&theirs, &secrets).expect_err("refused");
     assert!(matches!(e, K8sError::NotOurs { .. }), "{e}");
     assert!(
         e.to_string().contains("not managed by device-worker-ng"),
@@ -285,19 +320,14 @@ fn removal_deletes_only_what_carries_our_label() {
     );
 }
 
-#[test]
 fn the_waiter_reports_crashes_restarts_and_stops() {
     let fake = FakeKube::start();
     let d = driver(fake.kubeconfig(None));
     let (spec, secrets) = workload("job", "default", "img:1");
     let run = |fake: &FakeKube| {
-        let h = start_async(&d, &spec, &secrets);
-        wait_for("the Deployment", || {
-            fake.get("deployments", "default", "job").is_some()
-        });
+        let started = start(&d, &spec, &secrets);
         fake.rollout("default", "job");
-        let started = h.join().unwrap().expect("started");
-        std::thread::spawn(started.waiter)
+        watch_end_once_ready(started)
     };
 
     // running → crashed (OOM kill in a crash loop)
@@ -315,13 +345,10 @@ fn the_waiter_reports_crashes_restarts_and_stops() {
         Health::Crashed(c) => assert!(c.reason.contains("CrashLoopBackOff"), "{}", c.reason),
         other => panic!("expected crashed, got {other:?}"),
     }
-    // A start of a crashed workload says why it does not run.
+    // A run of a workload that crashes at once ends at the first look.
     fake.crash("default", "job", 1, "Error");
-    let e = d.start(&spec, &secrets).err().expect("crashed");
-    assert!(
-        matches!(e, K8sError::Crashed(ref r) if r.contains("CrashLoopBackOff")),
-        "{e}"
-    );
+    let end = watch_end(start(&d, &spec, &secrets)).join().unwrap();
+    assert_eq!(end.code, Some(1), "{end:?}");
 
     // a container the kubelet restarted between two polls is a crash too
     let w = run(&fake);
@@ -332,7 +359,7 @@ fn the_waiter_reports_crashes_restarts_and_stops() {
 
     // stopped: scaled to 0 by stop, then deleted by cleanup
     let w = run(&fake);
-    d.stop("job", Duration::from_secs(1)).unwrap();
+    d.stop_workload("job", Duration::from_secs(1)).unwrap();
     let end = w.join().unwrap();
     assert_eq!(end, RunEnd::default());
     assert!(!d.still_running("job"));
@@ -342,11 +369,10 @@ fn the_waiter_reports_crashes_restarts_and_stops() {
         .find(|r| r.content_type.as_deref() == Some("application/merge-patch+json"))
         .expect("a merge patch");
     assert_eq!(scale.body.unwrap()["spec"]["replicas"], 0);
-    d.cleanup("job").unwrap();
+    d.cleanup_workload("job").unwrap();
     assert_eq!(d.health("job").unwrap().heartbeat_status(), "stopped");
 }
 
-#[test]
 fn api_errors_have_clear_typed_reasons() {
     let fake = FakeKube::start();
     let (spec, secrets) = workload("web", "default", "img:1");
@@ -360,14 +386,14 @@ fn api_errors_have_clear_typed_reasons() {
         &format!("https://127.0.0.1:{port}"),
         &format!("    token: {TOKEN}\n"),
     ));
-    let e = d.start(&spec, &secrets).err().expect("unreachable");
+    let e = d.start_workload(&spec, &secrets).expect_err("unreachable");
     assert!(matches!(e, K8sError::Unreachable { .. }), "{e}");
     assert!(e.is_retryable());
     assert!(e.to_string().contains("unreachable"), "{e}");
 
     // 401: a token the API does not know
     let d = driver(fake.kubeconfig(Some("wrong")));
-    let e = d.start(&spec, &secrets).err().expect("401");
+    let e = d.start_workload(&spec, &secrets).expect_err("401");
     assert!(matches!(e, K8sError::Unauthorized { .. }), "{e}");
     assert!(e.to_string().contains("401 Unauthorized"), "{e}");
     assert!(!e.is_retryable());
@@ -375,7 +401,7 @@ fn api_errors_have_clear_typed_reasons() {
     let d = driver(fake.kubeconfig(None));
     // 403: RBAC forbids patching Deployments
     fake.forbid("patch", "deployments");
-    let e = d.start(&spec, &secrets).err().expect("403");
+    let e = d.start_workload(&spec, &secrets).expect_err("403");
     assert!(matches!(e, K8sError::Forbidden { .. }), "{e}");
     assert!(
         e.to_string()
@@ -386,13 +412,13 @@ fn api_errors_have_clear_typed_reasons() {
 
     // 409: the object changed under us
     fake.fail("patch", "deployments", 409, 1);
-    let e = d.start(&spec, &secrets).err().expect("409");
+    let e = d.start_workload(&spec, &secrets).expect_err("409");
     assert!(matches!(e, K8sError::Conflict { .. }), "{e}");
     assert!(e.is_retryable());
 
     // 422: the API refuses the object, the causes are in the reason
     fake.fail("patch", "deployments", 422, 1);
-    let e = d.start(&spec, &secrets).err().expect("422");
+    let e = d.start_workload(&spec, &secrets).expect_err("422");
     assert!(matches!(e, K8sError::Invalid { .. }), "{e}");
     assert!(
         e.to_string()
@@ -401,12 +427,9 @@ fn api_errors_have_clear_typed_reasons() {
     );
 
     // A failing workload leaves the others alone: after the errors, it applies cleanly.
-    let h = start_async(&d, &spec, &secrets);
-    wait_for("the Deployment", || {
-        fake.get("deployments", "default", "web").is_some()
-    });
+    start(&d, &spec, &secrets);
     fake.rollout("default", "web");
-    h.join().unwrap().expect("started after the errors");
+    assert_eq!(d.health("web").unwrap(), Health::Running);
 
     // Listing in all namespaces forbidden: the driver falls back to the ones it used.
     fake.forbid_all_namespaces("deployments");
@@ -419,52 +442,81 @@ fn api_errors_have_clear_typed_reasons() {
 
     // An unsupported kubeconfig says what is unsupported.
     let exec = fake.kubeconfig_for(&fake.url(), "    exec:\n      command: oc\n");
-    let e = driver(exec).start(&spec, &secrets).err().expect("exec");
+    let e = driver(exec)
+        .start_workload(&spec, &secrets)
+        .expect_err("exec");
     assert!(matches!(e, K8sError::Kubeconfig { .. }), "{e}");
     assert!(e.to_string().contains("exec credential plugins"), "{e}");
     let e = K8sDriver::new(K8sSettings::default())
-        .start(&spec, &secrets)
-        .err()
-        .expect("no KUBECONFIG");
+        .start_workload(&spec, &secrets)
+        .expect_err("no KUBECONFIG");
     assert!(matches!(e, K8sError::NotConfigured), "{e}");
 }
 
-/// The controller's entry points (drivers::start/stop/cleanup/still_running) for kind k8s,
-/// through the process-wide configuration. The only test that touches it.
-#[test]
+/// The driver seam the controller uses (Drivers built from the settings, dispatched by kind)
+/// for kind k8s: start, adopt, stop, cleanup.
 fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
     let fake = FakeKube::start();
-    k8s::configure_with(K8sSettings {
-        kubeconfig: Some(fake.kubeconfig(None)),
-        poll_interval: Duration::from_millis(50),
-        ready_timeout: Duration::from_secs(10),
-        ..K8sSettings::default()
-    });
     let dir = tempfile::tempdir().unwrap();
-    let cgroup = WorkloadCgroup::V2 {
-        dir: dir.path().join("workloads/disp"),
+    let layout = Layout::Unified {
+        root: dir.path().to_path_buf(),
     };
-    let (spec, secrets) = workload("disp", "default", "img:1");
-    let (s2, c2, log) = (spec.clone(), cgroup.clone(), dir.path().join("disp.log"));
-    let h = std::thread::spawn(move || drivers::start(&s2, &c2, &log, &secrets));
-    wait_for("the Deployment", || {
-        fake.get("deployments", "default", "disp").is_some()
+    let drivers = Drivers::new(&DriverSettings {
+        state_dir: dir.path().join("state"),
+        layout: layout.clone(),
+        rootless_user: None,
+        xdg_runtime_dir: None,
+        kubeconfig: Some(fake.kubeconfig(None)),
     });
+    let name = WorkloadName::parse("disp").unwrap();
+    let cgroup = Hierarchy::new(layout, "dwng", Some(dir.path().join("dwng"))).workload(&name);
+    let (spec, secrets) = workload("disp", "default", "img:1");
+    let d = drivers.of(&spec.kind);
+    let log = dir.path().join("disp.log");
+    let started = d
+        .start(&Run {
+            spec: &spec,
+            cgroup: &cgroup,
+            log: &log,
+            secrets: &secrets,
+            uid: None,
+        })
+        .expect("started");
     fake.rollout("default", "disp");
-    let started = h.join().unwrap().expect("started");
-    assert_eq!(started.pid, 0);
-    assert!(started.notice.unwrap().contains("no local process"));
-    assert!(drivers::still_running(&spec.kind, &cgroup, 0, 0));
-    assert!(drivers::adopted_waiter(&spec.kind, &cgroup).is_some());
-    let waiter = std::thread::spawn(move || started.waiter.wait());
-    drivers::stop(&spec.kind, &cgroup, Duration::from_secs(1)).unwrap();
-    assert_eq!(waiter.join().unwrap(), RunEnd::default());
-    drivers::cleanup(&spec.kind, &cgroup).unwrap();
+    assert_eq!(started.pid, None);
+    assert!(started
+        .notice
+        .as_deref()
+        .unwrap()
+        .contains("no local process"));
+    let at = Placement {
+        name: name.clone(),
+        kind: spec.kind.clone(),
+        cgroup,
+    };
+    let record = device_worker_ng::store::WorkloadRecord {
+        name,
+        kind: spec.kind.clone(),
+        fingerprint: spec.fingerprint.clone(),
+        pid: None,
+        pid_start_ticks: 0,
+        started_at_unix: 0,
+        restarts: 0,
+        oom_kills_at_start: 0,
+        uid: None,
+        cgroup: None,
+    };
+    let adopted = d.adopt(&at, &record).expect("its Deployment is adopted");
+    let w = watch_end(started);
+    let w2 = watch_end(adopted);
+    d.stop(&at, Duration::from_secs(1)).unwrap();
+    assert_eq!(w.join().unwrap(), RunEnd::default());
+    assert_eq!(w2.join().unwrap(), RunEnd::default());
+    d.cleanup(&at).unwrap();
     assert!(fake.get("deployments", "default", "disp").is_none());
-    assert!(!drivers::still_running(&spec.kind, &cgroup, 0, 0));
+    assert!(d.adopt(&at, &record).is_none());
 }
 
-#[test]
 fn k8s_specs_are_validated_like_pods_plus_deployment_rules() {
     let one = |extra: &str, spec: &str| {
         let doc = format!(

@@ -15,18 +15,88 @@
 //!   systemd 252 (cgroup v2) under qemu TCG, installs the .deb with dpkg and runs
 //!   `tests/vm/systemd/probe` (~2-3 min with a cached rootfs; DWNG_SKIP_VM=1 skips it).
 //!
-//! Missing root or tools make a test print `SKIPPED: ... (CI installs it: see .ci/run)` on
-//! stderr (visible despite libtest's capture) and return.
+//! A test whose tools (or root) are missing shows as ignored, with what it needs (CI installs
+//! it: .ci/run).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG, KEYS};
+use dwng_test_support::guest::GuestRun;
+use dwng_test_support::harness::{self, test, Need, Needs};
+
+/// cargo-deb and cargo-generate-rpm build the packages.
+const PACKAGERS: [Need; 2] = [
+    Need::tool("cargo-deb", "cargo install --locked cargo-deb"),
+    Need::tool(
+        "cargo-generate-rpm",
+        "cargo install --locked cargo-generate-rpm",
+    ),
+];
+const SYSTEMD_ANALYZE: Needs = &[Need::tool("systemd-analyze", "systemd")];
+const LINTIAN: Needs = &[
+    PACKAGERS[0],
+    PACKAGERS[1],
+    Need::tool("lintian", "lintian"),
+    Need::tool("dpkg-deb", "dpkg"),
+];
+const RPMLINT: Needs = &[
+    PACKAGERS[0],
+    PACKAGERS[1],
+    Need::tool("rpmlint", "rpmlint"),
+    Need::tool("rpm", "rpm"),
+];
+/// tests/vm/systemd/guest.sh: debootstrap and chroot need root.
+const SYSTEMD_GUEST: Needs = &[
+    Need::QemuGuests,
+    Need::Root,
+    PACKAGERS[0],
+    PACKAGERS[1],
+    Need::tool("qemu-system-x86_64", "qemu-system-x86"),
+    Need::tool("debootstrap", "debootstrap"),
+    Need::tool("mkfs.ext4", "e2fsprogs"),
+    Need::tool("gcc", "gcc"),
+    Need::tool("flock", "util-linux"),
+    Need::GuestKernel,
+];
+
+fn main() {
+    harness::main(&[
+        test(
+            "packaged_config_documents_every_key",
+            &[],
+            packaged_config_documents_every_key,
+        ),
+        test(
+            "unit_has_the_settings_the_agent_relies_on",
+            &[],
+            unit_has_the_settings_the_agent_relies_on,
+        ),
+        test(
+            "systemd_analyze_verifies_the_unit",
+            SYSTEMD_ANALYZE,
+            systemd_analyze_verifies_the_unit,
+        ),
+        test(
+            "deb_package_passes_lintian",
+            LINTIAN,
+            deb_package_passes_lintian,
+        ),
+        test(
+            "rpm_package_passes_rpmlint",
+            RPMLINT,
+            rpm_package_passes_rpmlint,
+        ),
+        test(
+            "deb_installs_and_runs_in_systemd_guest",
+            SYSTEMD_GUEST,
+            deb_installs_and_runs_in_systemd_guest,
+        ),
+    ])
+}
 
 const UNIT: &str = "packaging/device-worker-ng.service";
 const CONFIG: &str = "packaging/config.yaml";
@@ -56,56 +126,10 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Loud skip notice that shows even when libtest captures the test's output.
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
-}
-
-/// The skip reason for missing tools (or root).
-fn missing_msg(what: &[String]) -> String {
-    format!("missing {} (CI installs it: see .ci/run)", what.join(", "))
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
-        line.split_whitespace().nth(2)?.parse::<u32>().ok()
-    }) == Some(0)
-}
-
-/// The `(missing tool, package)` pairs of `tools` that are not on PATH.
-fn missing(tools: &[(&str, &str)]) -> Vec<String> {
-    tools
-        .iter()
-        .filter(|(t, _)| !on_path(t))
-        .map(|(t, p)| {
-            if t == p {
-                t.to_string()
-            } else {
-                format!("{t} ({p})")
-            }
-        })
-        .collect()
-}
-
 fn run(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
-    let started = Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    println!(
-        "$ {shown}\n  -> {:?} after {:.1} s",
-        out.status.code(),
-        started.elapsed().as_secs_f64()
-    );
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
 }
 
 fn text(b: &[u8]) -> String {
@@ -141,7 +165,6 @@ fn load(path: &Path) -> Result<Settings, String> {
     .map_err(|e| e.to_string())
 }
 
-#[test]
 fn packaged_config_documents_every_key() {
     let path = repo().join(CONFIG);
     let text = fs::read_to_string(&path).expect("read packaging/config.yaml");
@@ -176,7 +199,11 @@ fn packaged_config_documents_every_key() {
         .join("\n");
     fs::write(&all, uncommented).expect("write");
     let s = load(&all).unwrap_or_else(|e| panic!("{CONFIG} with every key uncommented: {e}"));
-    assert_eq!(s.workload_user, "dwng", "the package's workload user");
+    assert_eq!(
+        s.workload_user.as_deref(),
+        Some("dwng"),
+        "the package's example workload user"
+    );
 }
 
 /// `Key=value` settings of the unit (all values of repeated keys).
@@ -196,7 +223,6 @@ fn unit_settings() -> BTreeMap<String, Vec<String>> {
     out
 }
 
-#[test]
 fn unit_has_the_settings_the_agent_relies_on() {
     let s = unit_settings();
     let one = |k: &str| -> String {
@@ -242,13 +268,7 @@ fn unit_has_the_settings_the_agent_relies_on() {
     }
 }
 
-#[test]
 fn systemd_analyze_verifies_the_unit() {
-    let test = "systemd_analyze_verifies_the_unit";
-    let gone = missing(&[("systemd-analyze", "systemd")]);
-    if !gone.is_empty() {
-        return skip(test, &missing_msg(&gone));
-    }
     // verify checks that ExecStart= exists: point it at this build's binary.
     let dir = tempfile::tempdir().expect("tempdir");
     let unit = dir.path().join("device-worker-ng.service");
@@ -266,7 +286,6 @@ fn systemd_analyze_verifies_the_unit() {
         .arg(&unit)
         .env("SYSTEMD_LOG_COLOR", "0"));
     let stderr = text(&out.stderr);
-    println!("{stderr}");
     // Complaints about the host's own units (no systemd running here) are not ours.
     let ours: Vec<&str> = stderr
         .lines()
@@ -287,32 +306,21 @@ struct Packages {
     rpm: PathBuf,
 }
 
-/// Builds both packages once per test process; `Err` = why it could not (skip reason).
-fn packages() -> &'static Result<Packages, String> {
-    static BUILT: OnceLock<Result<Packages, String>> = OnceLock::new();
+/// Builds both packages once per test process (the tests using them need [`PACKAGERS`]).
+fn packages() -> &'static Packages {
+    static BUILT: OnceLock<Packages> = OnceLock::new();
     BUILT.get_or_init(build_packages)
 }
 
-fn build_packages() -> Result<Packages, String> {
+fn build_packages() -> Packages {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let has_sub = |sub: &str| on_path(&format!("cargo-{sub}"));
-    let mut gone = Vec::new();
-    if !has_sub("deb") {
-        gone.push("cargo-deb (cargo install --locked cargo-deb)".to_string());
-    }
-    if !has_sub("generate-rpm") {
-        gone.push("cargo-generate-rpm (cargo install --locked cargo-generate-rpm)".to_string());
-    }
-    if !gone.is_empty() {
-        return Err(missing_msg(&gone));
-    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target"))
         .join("packaging");
     let outdir = target.join("packages");
     let _ = fs::remove_dir_all(&outdir);
-    fs::create_dir_all(&outdir).map_err(|e| format!("create {}: {e}", outdir.display()))?;
+    fs::create_dir_all(&outdir).unwrap_or_else(|e| panic!("create {}: {e}", outdir.display()));
 
     let build = run(Command::new(&cargo)
         .args(["build", "--release", "--bin", "device-worker-ng"])
@@ -355,10 +363,10 @@ fn build_packages() -> Result<Packages, String> {
             .find(|p| p.extension().is_some_and(|x| x == ext))
             .unwrap_or_else(|| panic!("no .{ext} in {}", outdir.display()))
     };
-    Ok(Packages {
+    Packages {
         deb: find("deb"),
         rpm: find("rpm"),
-    })
+    }
 }
 
 /// Lines of a linter's output that are errors (`E:` in lintian's and rpmlint's formats).
@@ -370,25 +378,10 @@ fn error_lines(output: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
 fn deb_package_passes_lintian() {
-    let test = "deb_package_passes_lintian";
-    let gone = missing(&[("lintian", "lintian"), ("dpkg-deb", "dpkg")]);
-    if !gone.is_empty() {
-        return skip(test, &missing_msg(&gone));
-    }
-    let pkgs = match packages() {
-        Ok(p) => p,
-        Err(why) => return skip(test, why),
-    };
+    let pkgs = packages();
     let listing = run(Command::new("dpkg-deb").arg("--contents").arg(&pkgs.deb));
     let listing = text(&listing.stdout);
-    println!("{listing}");
-    let depends = run(Command::new("dpkg-deb")
-        .args(["--field"])
-        .arg(&pkgs.deb)
-        .arg("Depends"));
-    println!("Depends: {}", text(&depends.stdout));
     for want in [
         "./usr/bin/device-worker-ng",
         "./usr/lib/systemd/system/device-worker-ng.service",
@@ -398,7 +391,7 @@ fn deb_package_passes_lintian() {
         "./usr/libexec/device-worker-ng/stop-workloads",
         "./usr/share/doc/device-worker-ng/README.md",
     ] {
-        assert!(listing.contains(want), "the .deb lacks {want}");
+        assert!(listing.contains(want), "the .deb lacks {want}:\n{listing}");
     }
     let ctl = tempfile::tempdir().expect("tempdir");
     let ok = run(Command::new("dpkg-deb")
@@ -412,130 +405,66 @@ fn deb_package_passes_lintian() {
         "config.yaml is not a conffile: {conffiles:?}"
     );
     let postinst = fs::read_to_string(ctl.path().join("postinst")).unwrap_or_default();
-    println!("---- postinst ----\n{postinst}");
     for want in [
         "systemd-sysusers",
         "deb-systemd-helper",
         "deb-systemd-invoke",
     ] {
-        assert!(postinst.contains(want), "postinst lacks {want}");
+        assert!(
+            postinst.contains(want),
+            "postinst lacks {want}:\n{postinst}"
+        );
     }
 
     let out = run(Command::new("lintian")
         .args(["--tag-display-limit", "0", "--info"])
         .arg(&pkgs.deb));
     let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    println!("---- lintian ----\n{report}");
     let errors = error_lines(&report);
-    assert!(errors.is_empty(), "lintian errors:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "lintian errors:\n{}\n---- lintian ----\n{report}",
+        errors.join("\n")
+    );
 }
 
-#[test]
 fn rpm_package_passes_rpmlint() {
-    let test = "rpm_package_passes_rpmlint";
-    let gone = missing(&[("rpmlint", "rpmlint"), ("rpm", "rpm")]);
-    if !gone.is_empty() {
-        return skip(test, &missing_msg(&gone));
-    }
-    let pkgs = match packages() {
-        Ok(p) => p,
-        Err(why) => return skip(test, why),
-    };
+    let pkgs = packages();
     let q = run(Command::new("rpm")
         .args(["-qp", "--configfiles", "--scripts"])
         .arg(&pkgs.rpm));
     let q = text(&q.stdout);
-    println!("{q}");
     assert!(
         q.contains("/etc/device-worker-ng/config.yaml"),
-        "config.yaml is not a %config file"
+        "config.yaml is not a %config file:\n{q}"
     );
     for want in [
         "postinstall scriptlet",
         "preuninstall scriptlet",
         "postuninstall scriptlet",
     ] {
-        assert!(q.contains(want), "the .rpm lacks its {want}");
+        assert!(q.contains(want), "the .rpm lacks its {want}:\n{q}");
     }
     let out = run(Command::new("rpmlint")
         .arg("-r")
         .arg(repo().join("packaging/rpm/rpmlintrc"))
         .arg(&pkgs.rpm));
     let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    println!("---- rpmlint ----\n{report}");
     let errors = error_lines(&report);
-    assert!(errors.is_empty(), "rpmlint errors:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "rpmlint errors:\n{}\n---- rpmlint ----\n{report}",
+        errors.join("\n")
+    );
 }
 
-#[test]
 fn deb_installs_and_runs_in_systemd_guest() {
-    let test = "deb_installs_and_runs_in_systemd_guest";
-    if std::env::var("DWNG_SKIP_VM").is_ok_and(|v| v == "1") {
-        return skip(test, "DWNG_SKIP_VM=1 is set");
-    }
-    let mut gone = missing(&[
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("debootstrap", "debootstrap"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("gcc", "gcc"),
-        ("flock", "util-linux"),
-    ]);
-    if !is_root() {
-        return skip(
-            test,
-            "needs root: debootstrap, chroot (CI runs .ci/run as root)",
-        );
-    }
-    let kernel = fs::read_dir("/boot").ok().and_then(|rd| {
-        rd.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-    });
-    if kernel.is_none() {
-        gone.push("a kernel in /boot (linux-image-amd64)".into());
-    }
-    if !gone.is_empty() {
-        return skip(test, &missing_msg(&gone));
-    }
-    let pkgs = match packages() {
-        Ok(p) => p,
-        Err(why) => return skip(test, why),
-    };
-    let started = Instant::now();
-    let out = run(Command::new("bash")
-        .arg(repo().join("tests/vm/systemd/guest.sh"))
-        .arg(&pkgs.deb));
-    let console = text(&out.stdout);
-    println!(
-        "{console}\n---- guest.sh stderr ----\n{}",
-        text(&out.stderr)
+    let pkgs = packages();
+    let run = GuestRun::of(
+        Command::new("bash")
+            .arg(repo().join("tests/vm/systemd/guest.sh"))
+            .arg(&pkgs.deb),
     );
-    println!(
-        "systemd guest: exit {:?} after {:.1} s",
-        out.status.code(),
-        started.elapsed().as_secs_f64()
-    );
-    let lines: Vec<&str> = console.lines().collect();
-    let fails: Vec<&str> = lines
-        .iter()
-        .copied()
-        .filter(|l| l.starts_with("FAIL "))
-        .collect();
-    assert!(
-        fails.is_empty(),
-        "systemd guest: failed checks (the console above has the unit's journal):\n{}",
-        fails.join("\n")
-    );
-    for want in GUEST_PASSES {
-        assert!(
-            lines.iter().any(|l| l.starts_with(want)),
-            "systemd guest: no line starting with {want:?}"
-        );
-    }
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "tests/vm/systemd/guest.sh exit status"
-    );
+    // The console has the unit's journal when a check fails.
+    run.assert_passed("systemd guest", GUEST_PASSES);
 }

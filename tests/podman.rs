@@ -7,16 +7,49 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use device_worker_ng::cgroup::{self, Hierarchy, WorkloadCgroup};
-use device_worker_ng::drivers::{self, podman};
+use device_worker_ng::drivers::{podman, watch, Driver, DriverError, Placement, RunEnd, Started};
+use device_worker_ng::store::WorkloadRecord;
 use device_worker_ng::workload::{
-    parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadKind, WorkloadSpec,
+    parse_desired, BackoffPolicy, DesiredSecret, SpecDefaults, WorkloadKind, WorkloadName,
+    WorkloadSpec,
 };
+use dwng_test_support::harness::{self, test, PODMAN};
+use dwng_test_support::podman::TEST_IMAGE as IMAGE;
+use dwng_test_support::wait::wait_until;
 
-const IMAGE: &str = "localhost/dwng-busybox:test";
+fn main() {
+    harness::main(&[
+        test(
+            "deploys_with_configmap_secret_and_limits_then_removes_everything",
+            PODMAN,
+            deploys_with_configmap_secret_and_limits_then_removes_everything,
+        ),
+        test(
+            "memory_limit_oom_kills_with_137_and_the_agent_sees_it",
+            PODMAN,
+            memory_limit_oom_kills_with_137_and_the_agent_sees_it,
+        ),
+        test(
+            "an_unpullable_image_fails_with_podmans_message_and_leaves_nothing",
+            PODMAN,
+            an_unpullable_image_fails_with_podmans_message_and_leaves_nothing,
+        ),
+        test(
+            "a_pod_spec_podman_rejects_fails_cleanly",
+            PODMAN,
+            a_pod_spec_podman_rejects_fails_cleanly,
+        ),
+        test(
+            "an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not",
+            &[],
+            an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not,
+        ),
+    ])
+}
 
 /// The desired state's secrets, the same in every test: starting a pod syncs the whole list,
 /// and tests share one secrets ledger (one process).
@@ -30,45 +63,52 @@ fn secrets() -> Vec<DesiredSecret> {
 /// The limit tests measure OOM kills and throttling: one pod at a time on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn missing() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root".into());
-    }
-    if Command::new("podman").arg("--version").output().is_err() {
-        return Some("podman is not installed".into());
-    }
-    if let Err(e) = cgroup::detect() {
-        return Some(format!("no usable cgroup hierarchy: {e}"));
-    }
-    None
-}
-
-macro_rules! require_podman {
-    ($test:expr) => {
-        if let Some(why) = missing() {
-            eprintln!("SKIPPED: {}: {why} (CI installs it: see .ci/run)", $test);
-            return;
-        }
-        setup();
-    };
-}
-
 fn state_dir() -> PathBuf {
     std::env::temp_dir().join(format!("dwng-podman-test-{}", std::process::id()))
 }
 
-fn setup() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/podman/build-image.sh");
-        let st = Command::new("sh").arg(script).status().unwrap();
-        assert!(st.success(), "building {IMAGE} failed");
-        podman::configure(podman::PodmanSettings {
+/// The driver, once per process (the harness has built the image: [`PODMAN`]).
+fn driver() -> &'static podman::PodDriver {
+    static DRIVER: OnceLock<podman::PodDriver> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        podman::PodDriver::new(podman::PodmanSettings {
             state_dir: state_dir(),
+            layout: cgroup::detect().unwrap(),
             rootless_user: None,
             xdg_runtime_dir: None,
-        });
-    });
+        })
+    })
+}
+
+fn setup() {
+    driver();
+}
+
+fn name(s: &str) -> WorkloadName {
+    WorkloadName::parse(s).unwrap()
+}
+
+fn start(spec: &WorkloadSpec, cg: &WorkloadCgroup, log: &Path) -> Result<Started, DriverError> {
+    driver().start(&device_worker_ng::drivers::Run {
+        spec,
+        cgroup: cg,
+        log,
+        secrets: &secrets(),
+        uid: None,
+    })
+}
+
+fn at(n: &str, cg: &WorkloadCgroup) -> Placement {
+    Placement {
+        name: name(n),
+        kind: WorkloadKind::Pod,
+        cgroup: cg.clone(),
+    }
+}
+
+/// Waits for the run's end the way the agent does (its watch, on the reactor).
+fn end_of(started: Started) -> RunEnd {
+    smol::block_on(watch::until_end(started.watch, |_, _| {}))
 }
 
 /// A cgroup subtree of its own, removed (in every hierarchy) on drop.
@@ -88,8 +128,9 @@ impl Tree {
 
 impl Drop for Tree {
     fn drop(&mut self) {
-        for name in self.h.existing_workloads() {
-            let _ = drivers::cleanup(&WorkloadKind::Pod, &self.h.workload(&name));
+        for n in self.h.existing_workloads().into_iter().flatten() {
+            let cg = self.h.workload(&n);
+            let _ = driver().cleanup(&at(n.as_str(), &cg));
         }
         let _ = self.h.remove_all();
         // podman creates the subtree in every hierarchy (blkio, devices, ...), not only in the
@@ -115,7 +156,7 @@ impl Drop for Tree {
 
 fn defaults() -> SpecDefaults {
     SpecDefaults {
-        workload_user: "nobody".into(),
+        workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
     }
 }
@@ -147,18 +188,6 @@ fn pod_exists(name: &str) -> bool {
         .success()
 }
 
-/// Waits until `f` holds (podman's log files are written asynchronously).
-fn eventually(what: &str, timeout: Duration, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 /// The first container's cgroup directory in the memory (v1) or unified (v2) hierarchy.
 fn container_cgroup(cg: &WorkloadCgroup, pid: i32) -> PathBuf {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -178,7 +207,7 @@ fn container_cgroup(cg: &WorkloadCgroup, pid: i32) -> PathBuf {
             let root = cpu.to_string_lossy().trim_end_matches(&wl_rel).to_string();
             PathBuf::from(format!("{root}{rel}"))
         }
-        WorkloadCgroup::V2 { dir } => {
+        WorkloadCgroup::V2 { dir, .. } => {
             let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
             let wl_rel = rel_of(dir);
             let root = dir.to_string_lossy().trim_end_matches(&wl_rel).to_string();
@@ -194,17 +223,19 @@ fn rel_of(p: &Path) -> String {
     s[i..].to_string()
 }
 
-#[test]
 fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
-    require_podman!("deploys_with_configmap_secret_and_limits_then_removes_everything");
+    setup();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("deploy");
     let name = "dwng-t-deploy";
     let secret = "dwng-t-db-creds";
-    let rep = podman::secrets::sync(&[DesiredSecret {
-        name: secret.into(),
-        data: r#"{"password":"c2VjcmV0"}"#.into(),
-    }])
+    let rep = podman::secrets::sync(
+        driver(),
+        &[DesiredSecret {
+            name: secret.into(),
+            data: r#"{"password":"c2VjcmV0"}"#.into(),
+        }],
+    )
     .unwrap();
     // Created now, or already by an earlier pod start of this process (same list).
     assert!(rep.failed.is_empty(), "{rep:?}");
@@ -216,29 +247,42 @@ fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
         ),
         "  configmaps:\n  - |\n    apiVersion: v1\n    kind: ConfigMap\n    metadata: {name: app-config, creationTimestamp: null}\n    data: {LOG_LEVEL: debug}\n",
     );
-    let cg = tree.h.workload(name);
+    let cg = tree.h.workload(&self::name(name));
     let log = state_dir().join("deploy.log");
     std::fs::create_dir_all(state_dir()).unwrap();
     let t = Instant::now();
-    let started =
-        drivers::start(&spec, &cg, &log, &secrets()).unwrap_or_else(|e| panic!("start: {e}"));
+    let started = start(&spec, &cg, &log).unwrap_or_else(|e| panic!("start: {e}"));
     eprintln!("pod started in {:?}", t.elapsed());
-    assert!(started.pid > 0);
+    let pid = started.pid.unwrap();
+    assert!(pid > 0);
     assert!(pod_exists(name));
-    // Found by its label (what adoption relies on), inside the workload's cgroup subtree.
-    assert_eq!(podman::running_pid(name), Some(started.pid));
-    assert!(drivers::still_running(
-        &WorkloadKind::Pod,
-        &cg,
-        started.pid,
-        started.start_ticks
-    ));
+    // Adopted after an agent restart: found by its label, inside the workload's cgroup.
+    let record = WorkloadRecord {
+        name: self::name(name),
+        kind: WorkloadKind::Pod,
+        fingerprint: spec.fingerprint.clone(),
+        pid: Some(pid),
+        pid_start_ticks: started.start_ticks,
+        started_at_unix: 0,
+        restarts: 0,
+        oom_kills_at_start: 0,
+        uid: None,
+        cgroup: None,
+    };
+    let adopted = driver()
+        .adopt(&at(name, &cg), &record)
+        .expect("the running pod is adopted");
+    assert_eq!(adopted.pid, Some(pid));
 
-    eventually("the container's output", Duration::from_secs(10), || {
-        podman_out(&["logs", &format!("{name}-app")]).contains("PW=secret LL=debug")
-    });
+    // podman's log files are written asynchronously.
+    wait_until(
+        "the container's output",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || podman_out(&["logs", &format!("{name}-app")]).contains("PW=secret LL=debug"),
+    );
     // Limits: podman's on the container, the agent's (sum + overhead, pids) on the pod.
-    let ccg = container_cgroup(&cg, started.pid);
+    let ccg = container_cgroup(&cg, pid);
     let quota = std::fs::read_to_string(ccg.join(match cg {
         WorkloadCgroup::V1 { .. } => "cpu.cfs_quota_us",
         WorkloadCgroup::V2 { .. } => "cpu.max",
@@ -259,21 +303,25 @@ fn deploys_with_configmap_secret_and_limits_then_removes_everything() {
         Some(device_worker_ng::workload::DEFAULT_POD_PIDS)
     );
 
-    drivers::stop(&WorkloadKind::Pod, &cg, Duration::from_secs(2)).unwrap();
-    let end = started.waiter.wait();
-    assert!(end.code.is_some(), "{end:?}");
-    drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
+    driver()
+        .stop(&at(name, &cg), Duration::from_secs(2))
+        .unwrap();
+    let end = end_of(started);
+    assert!(end.code.is_some(), "podman knows the exit code: {end:?}");
+    // The adopted watch learns the same from podman (not "status unknown").
+    let adopted_end = end_of(adopted);
+    assert_eq!(adopted_end.code, end.code, "{adopted_end:?}");
+    driver().cleanup(&at(name, &cg)).unwrap();
     assert!(!pod_exists(name));
     assert!(!podman_out(&["ps", "-a", "--format", "{{.Names}}"]).contains(name));
     assert!(!cg.display_path().exists());
-    let rep = podman::secrets::sync(&[]).unwrap();
+    let rep = podman::secrets::sync(driver(), &[]).unwrap();
     assert_eq!(rep.removed, vec![secret.to_string()]);
     assert!(!podman_out(&["secret", "ls"]).contains(secret));
 }
 
-#[test]
 fn memory_limit_oom_kills_with_137_and_the_agent_sees_it() {
-    require_podman!("memory_limit_oom_kills_with_137_and_the_agent_sees_it");
+    setup();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("oom");
     let name = "dwng-t-oom";
@@ -283,26 +331,29 @@ fn memory_limit_oom_kills_with_137_and_the_agent_sees_it() {
         "containers:\n- name: hog\n  image: IMAGE\n  command: [/bin/sh, -c, 'sleep 1; dd if=/dev/zero of=/dev/null bs=200M count=1']\n  resources:\n    limits: {memory: 32Mi}\n",
         "",
     );
-    let cg = tree.h.workload(name);
-    let started = drivers::start(&spec, &cg, &state_dir().join("oom.log"), &secrets()).unwrap();
-    let end = started.waiter.wait();
+    let cg = tree.h.workload(&self::name(name));
+    let log = state_dir().join("oom.log");
+    let started = start(&spec, &cg, &log).unwrap();
+    let first = started.pid;
+    let end = end_of(started);
     assert_eq!(end.code, Some(137), "{end:?}");
     assert!(
-        end.oom_killed,
+        end.oom_killed || cg.oom_kills() > 0,
         "the OOM kill is visible to the agent: {end:?}"
     );
     // A restart (the workload machine's Start) replaces the pod.
-    let again = drivers::start(&spec, &cg, &state_dir().join("oom.log"), &secrets()).unwrap();
+    let again = start(&spec, &cg, &log).unwrap();
     assert!(pod_exists(name));
-    assert_ne!(again.pid, started.pid);
-    drivers::stop(&WorkloadKind::Pod, &cg, Duration::from_secs(1)).unwrap();
-    drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
+    assert_ne!(again.pid, first);
+    driver()
+        .stop(&at(name, &cg), Duration::from_secs(1))
+        .unwrap();
+    driver().cleanup(&at(name, &cg)).unwrap();
     assert!(!pod_exists(name));
 }
 
-#[test]
 fn an_unpullable_image_fails_with_podmans_message_and_leaves_nothing() {
-    require_podman!("an_unpullable_image_fails_with_podmans_message_and_leaves_nothing");
+    setup();
     // Starting a pod syncs the shared secrets list: one pod test at a time.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("pull");
@@ -312,8 +363,8 @@ fn an_unpullable_image_fails_with_podmans_message_and_leaves_nothing() {
         "containers:\n- name: app\n  image: localhost/does-not-exist:1\n",
         "",
     );
-    let cg = tree.h.workload(name);
-    let err = match drivers::start(&spec, &cg, &state_dir().join("pull.log"), &secrets()) {
+    let cg = tree.h.workload(&self::name(name));
+    let err = match start(&spec, &cg, &state_dir().join("pull.log")) {
         Ok(_) => panic!("started a pod with an unpullable image"),
         Err(e) => e.to_string(),
     };
@@ -324,12 +375,11 @@ fn an_unpullable_image_fails_with_podmans_message_and_leaves_nothing() {
     );
     assert!(!pod_exists(name));
     assert!(!pod_exists(&format!("{name}-dwng-staging")));
-    drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
+    driver().cleanup(&at(name, &cg)).unwrap();
 }
 
-#[test]
 fn a_pod_spec_podman_rejects_fails_cleanly() {
-    require_podman!("a_pod_spec_podman_rejects_fails_cleanly");
+    setup();
     // Starting a pod syncs the shared secrets list: one pod test at a time.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tree = Tree::new("reject");
@@ -340,17 +390,15 @@ fn a_pod_spec_podman_rejects_fails_cleanly() {
         "containers:\n- name: app\n  image: IMAGE\n  volumeMounts: [{name: v, mountPath: /v}]\nvolumes:\n- name: v\n  hostPath: {path: /nonexistent/dwng-test, type: Directory}\n",
         "",
     );
-    let cg = tree.h.workload(name);
-    let err = drivers::start(&spec, &cg, &state_dir().join("reject.log"), &secrets())
-        .err()
-        .expect("podman accepted a missing hostPath directory")
+    let cg = tree.h.workload(&self::name(name));
+    let err = start(&spec, &cg, &state_dir().join("reject.log"))
+        .expect_err("podman accepted a missing hostPath directory")
         .to_string();
     assert!(err.contains("/nonexistent/dwng-test"), "{err}");
     assert!(!pod_exists(name));
-    drivers::cleanup(&WorkloadKind::Pod, &cg).unwrap();
+    driver().cleanup(&at(name, &cg)).unwrap();
 }
 
-#[test]
 fn an_unchanged_spec_keeps_its_fingerprint_a_changed_one_does_not() {
     // Pure, but next to the podman tests because it is what decides a redeploy.
     let a = pod_spec(

@@ -52,29 +52,18 @@ pub fn detect_from(
 ) -> Result<Layout, CgroupError> {
     let mut v2: Option<PathBuf> = None;
     let (mut memory, mut cpu, mut cpuacct, mut pids) = (None, None, None, None);
-    for line in mountinfo.lines() {
-        // "36 25 0:31 / /sys/fs/cgroup/memory rw,relatime shared:15 - cgroup cgroup rw,memory"
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mount_point = left.split_whitespace().nth(4);
-        let mut r = right.split_whitespace();
-        let fstype = r.next();
-        let _source = r.next();
-        let opts = r.next().unwrap_or("");
-        let Some(mp) = mount_point else { continue };
-        let mp = PathBuf::from(unescape(mp));
-        match fstype {
-            Some("cgroup2") => {
-                v2.get_or_insert(mp);
+    for m in crate::mountinfo::parse(mountinfo) {
+        match m.fstype.as_str() {
+            "cgroup2" => {
+                v2.get_or_insert(m.mount_point);
             }
-            Some("cgroup") => {
-                for o in opts.split(',') {
+            "cgroup" => {
+                for o in m.super_options.split(',') {
                     match o {
-                        "memory" => memory = Some(mp.clone()),
-                        "cpu" => cpu = Some(mp.clone()),
-                        "cpuacct" => cpuacct = Some(mp.clone()),
-                        "pids" => pids = Some(mp.clone()),
+                        "memory" => memory = Some(m.mount_point.clone()),
+                        "cpu" => cpu = Some(m.mount_point.clone()),
+                        "cpuacct" => cpuacct = Some(m.mount_point.clone()),
+                        "pids" => pids = Some(m.mount_point.clone()),
                         _ => {}
                     }
                 }
@@ -125,23 +114,4 @@ pub fn detect_from(
             "no cgroup filesystem is mounted".to_string(),
         )),
     }
-}
-
-/// mountinfo escapes spaces and friends as octal (`\040`).
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i] as char);
-        i += 1;
-    }
-    out
 }

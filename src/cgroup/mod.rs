@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
+use crate::workload::WorkloadName;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("cgroup layout: {0}")]
@@ -66,7 +68,11 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// One workload's cgroup, in whichever hierarchy the host has (an enum, not a trait object,
 /// so the layout is visible in `match`es).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Only [`Hierarchy`] makes one, from a validated [`WorkloadName`], under the agent's own
+/// `<CGROUP_ROOT>/workloads/`: the private `sealed` field keeps any other code (and any
+/// file: it is not `Deserialize`) from pointing the kill and removal functions elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "version", rename_all = "lowercase")]
 pub enum WorkloadCgroup {
     V1 {
@@ -74,35 +80,45 @@ pub enum WorkloadCgroup {
         cpu: PathBuf,
         cpuacct: PathBuf,
         pids: PathBuf,
+        #[serde(skip)]
+        sealed: Sealed,
     },
     V2 {
         dir: PathBuf,
+        #[serde(skip)]
+        sealed: Sealed,
     },
 }
+
+/// Proof that a [`WorkloadCgroup`] was made by this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed(());
 
 impl WorkloadCgroup {
     /// The directory shown to people (the memory controller's on v1).
     pub fn display_path(&self) -> &Path {
         match self {
             WorkloadCgroup::V1 { memory, .. } => memory,
-            WorkloadCgroup::V2 { dir } => dir,
+            WorkloadCgroup::V2 { dir, .. } => dir,
         }
     }
 
-    fn dirs(&self) -> Vec<&Path> {
+    /// Every directory of the cgroup (one per v1 controller mount; one on v2).
+    pub fn dirs(&self) -> Vec<&Path> {
         match self {
             WorkloadCgroup::V1 {
                 memory,
                 cpu,
                 cpuacct,
                 pids,
+                ..
             } => {
                 let mut v: Vec<&Path> = vec![memory, cpu, cpuacct, pids];
                 v.sort();
                 v.dedup();
                 v
             }
-            WorkloadCgroup::V2 { dir } => vec![dir],
+            WorkloadCgroup::V2 { dir, .. } => vec![dir],
         }
     }
 
@@ -150,7 +166,7 @@ impl WorkloadCgroup {
                 let p = limits.pids.map_or("max".to_string(), |p| p.to_string());
                 files::write(&pids.join("pids.max"), &p)?;
             }
-            WorkloadCgroup::V2 { dir } => {
+            WorkloadCgroup::V2 { dir, .. } => {
                 let mem = limits
                     .memory_bytes
                     .map_or("max".to_string(), |b| b.to_string());
@@ -179,7 +195,7 @@ impl WorkloadCgroup {
     pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
         let dir = match self {
             WorkloadCgroup::V1 { pids, .. } => pids,
-            WorkloadCgroup::V2 { dir } => dir,
+            WorkloadCgroup::V2 { dir, .. } => dir,
         };
         let path = dir.join("cgroup.procs");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
@@ -193,7 +209,7 @@ impl WorkloadCgroup {
     pub fn memory_usage_file(&self) -> PathBuf {
         match self {
             WorkloadCgroup::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
-            WorkloadCgroup::V2 { dir } => dir.join("memory.current"),
+            WorkloadCgroup::V2 { dir, .. } => dir.join("memory.current"),
         }
     }
 
@@ -202,7 +218,7 @@ impl WorkloadCgroup {
             WorkloadCgroup::V1 { memory, .. } => {
                 files::keyed(&memory.join("memory.oom_control"), "oom_kill").unwrap_or(0)
             }
-            WorkloadCgroup::V2 { dir } => {
+            WorkloadCgroup::V2 { dir, .. } => {
                 files::keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0)
             }
         }
@@ -221,6 +237,7 @@ impl WorkloadCgroup {
                 cpu,
                 cpuacct,
                 pids,
+                ..
             } => Counters {
                 memory_bytes: r.read_u64(&memory.join("memory.usage_in_bytes"))?,
                 cpu_ns: r.read_u64(&cpuacct.join("cpuacct.usage"))?,
@@ -231,7 +248,7 @@ impl WorkloadCgroup {
                 cpu_throttled_periods: r.keyed(&cpu.join("cpu.stat"), "nr_throttled").unwrap_or(0),
                 pids_max_events: r.keyed(&pids.join("pids.events"), "max").unwrap_or(0),
             },
-            WorkloadCgroup::V2 { dir } => {
+            WorkloadCgroup::V2 { dir, .. } => {
                 let stat = dir.join("cpu.stat");
                 let kv = parse_flat_keyed(r.read(&stat).map_err(io_err(&stat))?);
                 let get = |k: &str| kv.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
@@ -252,7 +269,7 @@ impl WorkloadCgroup {
     /// Sends `signal` to every process in the cgroup; returns how many were signalled.
     pub fn signal_all(&self, signal: Signal) -> Result<usize, CgroupError> {
         if signal == Signal::SIGKILL {
-            if let WorkloadCgroup::V2 { dir } = self {
+            if let WorkloadCgroup::V2 { dir, .. } = self {
                 // cgroup.kill (5.14+) kills atomically, including processes forked meanwhile.
                 let kill = dir.join("cgroup.kill");
                 if kill.exists() && files::write(&kill, "1").is_ok() {
@@ -375,17 +392,29 @@ impl Hierarchy {
         }
     }
 
-    pub fn workload(&self, name: &str) -> WorkloadCgroup {
-        let rel = Path::new("workloads").join(name);
+    /// The cgroup of a workload: `<base>/workloads/<name>`, nothing else (the name is one
+    /// validated label: no `/`, no `..`).
+    pub fn workload(&self, name: &WorkloadName) -> WorkloadCgroup {
+        self.under_workloads(Path::new(name.as_str()))
+    }
+
+    fn under_workloads(&self, rel: &Path) -> WorkloadCgroup {
+        let rel = if rel.as_os_str().is_empty() {
+            PathBuf::from("workloads")
+        } else {
+            Path::new("workloads").join(rel)
+        };
         match &self.layout {
             Layout::Unified { .. } => WorkloadCgroup::V2 {
                 dir: self.base.join(rel),
+                sealed: Sealed(()),
             },
             Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
                 memory: m.memory.join(&self.base).join(&rel),
                 cpu: m.cpu.join(&self.base).join(&rel),
                 cpuacct: m.cpuacct.join(&self.base).join(&rel),
                 pids: m.pids.join(&self.base).join(&rel),
+                sealed: Sealed(()),
             },
         }
     }
@@ -435,17 +464,7 @@ impl Hierarchy {
 
     /// The parent of every workload cgroup (`<base>/workloads`), as a cgroup of its own.
     pub fn workloads_parent(&self) -> WorkloadCgroup {
-        match &self.layout {
-            Layout::Unified { .. } => WorkloadCgroup::V2 {
-                dir: self.base.join("workloads"),
-            },
-            Layout::Legacy(m) | Layout::Hybrid(m) => WorkloadCgroup::V1 {
-                memory: m.memory.join(&self.base).join("workloads"),
-                cpu: m.cpu.join(&self.base).join("workloads"),
-                cpuacct: m.cpuacct.join(&self.base).join("workloads"),
-                pids: m.pids.join(&self.base).join("workloads"),
-            },
-        }
+        self.under_workloads(Path::new(""))
     }
 
     /// Caps all workloads together: whatever they do, the kernel keeps them within `limits`,
@@ -454,8 +473,9 @@ impl Hierarchy {
         self.workloads_parent().apply(limits)
     }
 
-    /// Names of the workload cgroups that exist (to find orphans after a restart).
-    pub fn existing_workloads(&self) -> Vec<String> {
+    /// The workload cgroups that exist (to find orphans after a restart); a directory whose
+    /// name is no workload name is reported, never touched.
+    pub fn existing_workloads(&self) -> Vec<Result<WorkloadName, String>> {
         let dir = match &self.layout {
             Layout::Unified { .. } => self.base.join("workloads"),
             Layout::Legacy(m) | Layout::Hybrid(m) => m.memory.join(&self.base).join("workloads"),
@@ -463,10 +483,13 @@ impl Hierarchy {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
-        let mut names: Vec<String> = rd
+        let mut names: Vec<Result<WorkloadName, String>> = rd
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
-            .filter_map(|e| e.file_name().into_string().ok())
+            .map(|e| {
+                let raw = e.file_name().to_string_lossy().into_owned();
+                WorkloadName::parse(&raw).map_err(|_| dir.join(&raw).display().to_string())
+            })
             .collect();
         names.sort();
         names
@@ -474,7 +497,7 @@ impl Hierarchy {
 
     /// Removes the whole subtree (tests and `purge`): every workload cgroup, then the base.
     pub fn remove_all(&self) -> Result<(), CgroupError> {
-        for name in self.existing_workloads() {
+        for name in self.existing_workloads().into_iter().flatten() {
             self.workload(&name).remove()?;
         }
         let dirs: Vec<PathBuf> = match &self.layout {

@@ -98,7 +98,13 @@ fn fake_v2() -> (tempfile::TempDir, WorkloadCgroup) {
     ] {
         std::fs::write(dir.join(f), v).unwrap();
     }
-    (t, WorkloadCgroup::V2 { dir })
+    (
+        t,
+        WorkloadCgroup::V2 {
+            dir,
+            sealed: Sealed(()),
+        },
+    )
 }
 
 #[test]
@@ -147,12 +153,14 @@ fn v1_limits_on_a_fake_tree() {
         cpu: mk("cpu"),
         cpuacct: mk("cpuacct"),
         pids: mk("pids"),
+        sealed: Sealed(()),
     };
     let WorkloadCgroup::V1 {
         memory,
         cpu,
         cpuacct,
         pids,
+        ..
     } = &cg
     else {
         unreachable!()
@@ -220,12 +228,13 @@ fn hierarchy_paths() {
         None,
     );
     assert_eq!(
-        v1.workload("web"),
+        v1.workload(&name("web")),
         WorkloadCgroup::V1 {
             memory: "/sys/fs/cgroup/memory/dwng/workloads/web".into(),
             cpu: "/sys/fs/cgroup/cpu/dwng/workloads/web".into(),
             cpuacct: "/sys/fs/cgroup/cpuacct/dwng/workloads/web".into(),
             pids: "/sys/fs/cgroup/pids/dwng/workloads/web".into(),
+            sealed: Sealed(()),
         }
     );
     let v2 = Hierarchy::new(
@@ -236,14 +245,14 @@ fn hierarchy_paths() {
         None,
     );
     assert_eq!(
-        v2.workload("web").procs_files(),
+        v2.workload(&name("web")).procs_files(),
         vec![PathBuf::from(
             "/sys/fs/cgroup/dwng/workloads/web/cgroup.procs"
         )]
     );
     let legacy = Hierarchy::new(detect_from(RHEL8, |_| String::new()).unwrap(), "dwng", None);
     assert_eq!(
-        legacy.workload("w").procs_files().len(),
+        legacy.workload(&name("w")).procs_files().len(),
         3,
         "cpu,cpuacct deduplicated"
     );
@@ -279,4 +288,33 @@ fn cached_reader_sees_fresh_content_and_sweeps_closed_files() {
     r.sweep();
     assert_eq!(r.open_files(), 1, "b was not read in the last round");
     assert!(r.read_u64(&t.path().join("missing")).is_err());
+}
+
+fn name(s: &str) -> WorkloadName {
+    WorkloadName::parse(s).unwrap()
+}
+
+#[test]
+fn only_valid_names_come_back_from_the_subtree_and_paths_stay_inside() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("dwng");
+    let h = Hierarchy::new(
+        Layout::Unified {
+            root: t.path().to_path_buf(),
+        },
+        "dwng",
+        Some(base.clone()),
+    );
+    for d in ["web", "..", "Bad_Name", "x.y"] {
+        let _ = std::fs::create_dir_all(base.join("workloads").join(d));
+    }
+    let found = h.existing_workloads();
+    let names: Vec<String> = found
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|n| n.to_string()))
+        .collect();
+    assert_eq!(names, vec!["web"]);
+    assert_eq!(found.iter().filter(|r| r.is_err()).count(), 2, "{found:?}");
+    let web = h.workload(&name("web"));
+    assert!(web.display_path().starts_with(base.join("workloads")));
 }

@@ -30,6 +30,7 @@ enum Kind {
     Count,
     DeviceId,
     Fraction,
+    IdRange,
 }
 
 impl Kind {
@@ -46,6 +47,9 @@ impl Kind {
             Kind::Count => "a whole number",
             Kind::DeviceId => "a lowercase RFC 1123 name",
             Kind::Fraction => "a fraction between 0 and 1 like 0.75 or 75%",
+            Kind::IdRange => {
+                "a range of ids like 524288-589823 (at least 1000 ids, none below 1000)"
+            }
         }
     }
 }
@@ -176,8 +180,20 @@ pub const KEYS: &[KeySpec] = &[
     key!(
         "WORKLOAD_USER",
         Text,
-        Some("nobody"),
-        "user shell workloads run as unless their spec names one"
+        None,
+        "user every shell workload without `user:` runs as; unset: each gets a uid of its own from WORKLOAD_UIDS"
+    ),
+    key!(
+        "WORKLOAD_UIDS",
+        IdRange,
+        Some("524288-589823"),
+        "uids (and gids) given to shell workloads, one each, when neither their spec nor WORKLOAD_USER names a user"
+    ),
+    key!(
+        "MAX_WORKLOADS",
+        Count,
+        Some("256"),
+        "most workloads a desired state may hold; the rest are refused unread"
     ),
     key!(
         "RESTART_BACKOFF_INITIAL",
@@ -354,7 +370,9 @@ pub struct Settings {
     pub cgroup_root: String,
     pub reserved_memory: u64,
     pub reserved_cpu_millis: u64,
-    pub workload_user: String,
+    pub workload_user: Option<String>,
+    pub workload_uids: Option<(u32, u32)>,
+    pub max_workloads: usize,
     pub restart_backoff_initial: Duration,
     pub restart_backoff_max: Duration,
     pub restart_max_failures: u32,
@@ -474,6 +492,7 @@ enum Value {
     Duration(Duration),
     Quantity(u64),
     Fraction(f64),
+    Range(u32, u32),
 }
 
 fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
@@ -529,6 +548,16 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
                 return Err(wrong());
             }
             Value::Text(raw.to_string())
+        }
+        Kind::IdRange => {
+            let (lo, hi) = raw.trim().split_once('-').ok_or_else(wrong)?;
+            let lo: u32 = lo.trim().parse().map_err(|_| wrong())?;
+            let hi: u32 = hi.trim().parse().map_err(|_| wrong())?;
+            // Low ids belong to the system; the top one is (uid_t)-1.
+            if lo < 1000 || hi < lo.saturating_add(999) || hi == u32::MAX {
+                return Err(wrong());
+            }
+            Value::Range(lo, hi)
         }
         Kind::Fraction => {
             let t = raw.trim();
@@ -637,7 +666,9 @@ impl Settings {
             cgroup_root: take.text("CGROUP_ROOT").unwrap_or_default(),
             reserved_memory: take.quantity("RESERVED_MEMORY"),
             reserved_cpu_millis: take.quantity("RESERVED_CPU"),
-            workload_user: take.text("WORKLOAD_USER").unwrap_or_default(),
+            workload_user: take.text("WORKLOAD_USER"),
+            workload_uids: take.range("WORKLOAD_UIDS"),
+            max_workloads: take.quantity("MAX_WORKLOADS") as usize,
             restart_backoff_initial: take.duration("RESTART_BACKOFF_INITIAL"),
             restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
             restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
@@ -734,6 +765,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Fraction(f)) => f,
             _ => 0.75,
+        }
+    }
+    fn range(&mut self, k: &str) -> Option<(u32, u32)> {
+        match self.0.remove(k) {
+            Some(Value::Range(a, b)) => Some((a, b)),
+            _ => None,
         }
     }
     fn quantity(&mut self, k: &str) -> u64 {

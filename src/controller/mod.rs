@@ -1,35 +1,79 @@
-//! The controller: one task owns every machine and all state. Everything else (timers,
+//! The controller: one task owns every machine and all state; everything else (timers,
 //! signals, the desired-state watcher, the sampler, drivers, the control socket) only sends
-//! [`Event`]s into one bounded channel. Machines decide; the controller executes their commands
-//! through the drivers on blocking lanes and feeds the results back as events.
+//! [`Event`]s into one bounded channel.
+//!
+//! The loop only dispatches. The state lives in owned parts, each with its own file: the
+//! device ([`device`]), the workloads ([`workloads`], with the pure decisions of
+//! [`admission`]), the Flotta session ([`session`]), the resources ([`resources`]: budget,
+//! pressure, totals, the cap on all workloads, profile variables) and what is reported
+//! ([`reports`]: the outbox and the storage problem). Parts never call each other: what one
+//! has to tell another goes into a local run-to-completion queue of [`Internal`] events that
+//! the loop drains before it takes the next event, and what they do to the world goes
+//! through [`effects::Effects`] (a unit test records it). Admission runs once per drained
+//! batch, not once per change.
 
-mod admission;
-mod kernel;
-pub mod server;
+pub mod admission;
+pub mod device;
+pub mod effects;
+pub mod generation;
+pub mod reports;
+pub mod resources;
+pub mod session;
 mod snapshot;
 pub mod sources;
-mod workloads;
+pub mod workloads;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_channel::{Receiver, Sender};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::budget::{Budget, PressureTracker};
-use crate::cgroup::Hierarchy;
 use crate::config::{Inputs, Settings};
-use crate::machines::device::{self, DeviceCommand, DeviceEvent};
+use crate::drivers::{RunEnd, Started};
+use crate::machines::device::{DeviceEvent, ProblemKey};
 use crate::machines::workload::WorkloadEvent;
-use crate::sampler::{self, DeviceTotals};
+use crate::machines::Transition;
+use crate::sampler;
 use crate::status::{Snapshot, TransitionInfo};
-use crate::store::Store;
+use crate::workload::{DesiredError, DesiredState, ValidatedDesired, WorkloadName};
 
-pub use workloads::Entry;
+use effects::{Effect, Effects, Write};
+use generation::Generation;
 
 /// Capacity of the event channel: producers wait (back-pressure) rather than grow memory.
 pub const EVENT_CAPACITY: usize = 1024;
+
+/// What a driver operation or a run's watch reports for one workload.
+#[derive(Debug)]
+pub enum RunOutcome {
+    Started(Started),
+    StartFailed(String),
+    /// A run without a local process: available or not, and why.
+    Progress {
+        ready: bool,
+        reason: String,
+    },
+    /// The run ended (its watch resolved).
+    Ended(RunEnd),
+    /// A stop finished: the workload's processes are gone.
+    Stopped,
+    /// A cleanup finished (with its error, if any).
+    CleanedUp(Option<String>),
+    /// After an agent restart: the recorded run is still there (and how to watch it).
+    Adopted(Option<Box<Started>>),
+}
+
+/// What was read from the desired-state file (or, at start, STATE_DIR/desired.json).
+#[derive(Debug)]
+pub struct DesiredRead {
+    /// The file's problem, if it gave nothing valid.
+    pub file_error: Option<DesiredError>,
+    /// What to apply: `None` when nothing valid was found anywhere.
+    pub desired: Option<(DesiredState, ValidatedDesired)>,
+    /// Where `desired` came from, for the log.
+    pub source: String,
+}
 
 #[derive(Debug)]
 pub enum Event {
@@ -37,47 +81,159 @@ pub enum Event {
     Shutdown,
     /// SIGHUP: reload the configuration and the desired state.
     Reload,
-    /// The local desired-state file changed.
-    DesiredStateChanged,
-    /// The sampling period is over (stale tokens: a sample came in between and set a new one).
+    /// The local desired-state file changed (after a short quiet time).
+    DesiredFileChanged,
+    /// A read of the desired state finished (off the controller task).
+    DesiredRead {
+        gen: Generation,
+        read: Box<DesiredRead>,
+    },
     SampleTick {
-        token: u64,
+        gen: Generation,
     },
-    Sampled(sampler::Report),
-    /// A notification from the kernel (crate::alerts): sample, and decide, now.
+    Sampled(Box<sampler::Report>),
+    /// A notification from the kernel (crate::alerts): sample, and so decide, now.
     Kernel(crate::alerts::Alert),
-    /// A driver result for one run of one workload (stale runs are dropped).
-    Workload {
-        name: String,
-        run: u64,
-        event: WorkloadEvent,
-    },
-    /// A waiter could not be started for a process: watch it like an adopted one.
-    Unwatched {
-        name: String,
-        run: u64,
-        pid: i32,
-        ticks: u64,
+    /// A driver result for one run of one workload (stale generations are dropped).
+    Run {
+        name: WorkloadName,
+        gen: Generation,
+        outcome: RunOutcome,
     },
     RetryDue {
-        name: String,
-        token: u64,
+        name: WorkloadName,
+        gen: Generation,
     },
-    Status(Sender<Snapshot>),
-    WatchdogTick,
-    /// The Flotta session: timers and request results.
-    Server(server::ServerEvent),
     /// A cron workload's scheduled time has come.
     CronDue {
-        name: String,
-        token: u64,
+        name: WorkloadName,
+        gen: Generation,
     },
-    /// A driver's notice about a run (e.g. limits it cannot enforce).
-    Notice {
-        name: String,
-        run: u64,
+    Status(Sender<Snapshot>),
+    /// An operator's `device-worker-ng reset`: the answer says what was done.
+    Reset(Sender<String>),
+    WatchdogTick,
+    /// A request to the server finished.
+    Session(Box<session::SessionResult>),
+    SessionTimer {
+        timer: crate::machines::session::Timer,
+        gen: Generation,
+    },
+    /// A write finished.
+    Persisted {
+        write: Box<Write>,
+        error: Option<String>,
+    },
+}
+
+impl Event {
+    /// The event's kind, for the longest-handler figure.
+    fn kind(&self) -> &'static str {
+        match self {
+            Event::Shutdown => "shutdown",
+            Event::Reload => "reload",
+            Event::DesiredFileChanged => "desired-file-changed",
+            Event::DesiredRead { .. } => "desired-read",
+            Event::SampleTick { .. } => "sample-tick",
+            Event::Sampled(_) => "sampled",
+            Event::Kernel(_) => "kernel-alert",
+            Event::Run { .. } => "run",
+            Event::RetryDue { .. } => "retry-due",
+            Event::CronDue { .. } => "cron-due",
+            Event::Status(_) => "status",
+            Event::Reset(_) => "reset",
+            Event::WatchdogTick => "watchdog",
+            Event::Session(_) => "session",
+            Event::SessionTimer { .. } => "session-timer",
+            Event::Persisted { .. } => "persisted",
+        }
+    }
+}
+
+/// What one part tells another, through the controller's local queue.
+#[derive(Debug)]
+pub enum Internal {
+    Device(DeviceEvent),
+    Workload(WorkloadName, WorkloadEvent),
+    /// Compare a workload's desired and actual state again (level-triggered).
+    Converge(WorkloadName),
+    /// An event for the log and, with a server, the heartbeat outbox.
+    Report {
+        warn: bool,
+        reason: String,
         message: String,
     },
+    /// Over budget: evict the lowest-priority running workload.
+    ShedLoad,
+    /// The budget recovered: evicted workloads may return.
+    Readmit,
+    /// The server disconnected the device: remove every workload.
+    WipeWorkloads,
+    /// The profile evaluation changed: stop or requota the workloads it concerns.
+    ProfilesChanged,
+    Persist(Write),
+    /// A changed configuration from the server, validated on the session lane.
+    ApplyDesired(Box<(DesiredState, ValidatedDesired)>),
+}
+
+/// What a part's handler gets: the effects and the local queue.
+pub struct Ctx<'a> {
+    pub fx: &'a mut dyn Effects,
+    pub queue: &'a mut VecDeque<Internal>,
+    pub history: &'a mut History,
+    /// Run an admission round once the queue is drained.
+    pub admission_due: &'a mut bool,
+}
+
+impl Ctx<'_> {
+    pub fn push(&mut self, i: Internal) {
+        self.queue.push_back(i);
+    }
+
+    pub fn problem(&mut self, key: ProblemKey, reason: Option<String>) {
+        self.push(Internal::Device(match reason {
+            Some(reason) => DeviceEvent::ProblemRaised { key, reason },
+            None => DeviceEvent::ProblemCleared { key },
+        }));
+    }
+
+    pub fn report(&mut self, warn: bool, reason: &str, message: String) {
+        self.push(Internal::Report {
+            warn,
+            reason: reason.to_string(),
+            message,
+        });
+    }
+
+    pub fn after(&mut self, after: Duration, event: Event) {
+        self.fx.run(Effect::Timer { after, event });
+    }
+}
+
+/// Recent transitions (for `status`) and how long the controller's handlers take.
+#[derive(Debug, Default)]
+pub struct History {
+    pub transitions: VecDeque<TransitionInfo>,
+    /// The longest single event handling since start, and its event kind.
+    pub longest_handler: (Duration, &'static str),
+}
+
+const MAX_TRANSITIONS: usize = 100;
+
+impl History {
+    pub fn record(&mut self, machine: &str, t: &Transition) {
+        info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
+        if self.transitions.len() == MAX_TRANSITIONS {
+            self.transitions.pop_front();
+        }
+        self.transitions.push_back(TransitionInfo {
+            at_unix: unix_now(),
+            machine: machine.to_string(),
+            from: t.from.to_string(),
+            to: t.to.to_string(),
+            reason: t.reason.clone(),
+        });
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -86,270 +242,376 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub struct Controller {
-    pub(crate) settings: Settings,
-    inputs: Inputs,
-    pub(crate) store: Store,
-    pub(crate) hierarchy: Hierarchy,
-    pub(crate) tx: Sender<Event>,
-    device: device::Machine,
-    pub(crate) workloads: BTreeMap<String, Entry>,
-    transitions: VecDeque<TransitionInfo>,
-    started: Instant,
-    totals: DeviceTotals,
-    last_sample: Option<Instant>,
-    used: (u64, u64),
-    pressure: PressureTracker,
-    sampler: Option<Sender<Vec<sampler::Target>>>,
-    /// Profiles, their variables and the admission loop's state.
-    pub(crate) admission: admission::AdmissionState,
-    /// The desired state's secrets, for drivers that consume them.
-    pub(crate) secrets: std::sync::Arc<Vec<crate::workload::DesiredSecret>>,
-    /// The Flotta session; `None` in serverless mode.
-    pub(crate) server: Option<server::ServerSession>,
-    /// Events for the server, kept until a heartbeat carrying them is acknowledged.
-    pub(crate) outbox: crate::store::Outbox,
-    /// The kernel's memory pressure (PSI some avg10) at the last sample.
-    memory_pressure: Option<f64>,
-    /// The cap last written on all workloads together.
-    workloads_cap: Option<crate::cgroup::Limits>,
-    /// Lane for writes to STATE_DIR that must not block the controller.
-    pub(crate) persist: Sender<workloads::LaneOp>,
-    /// The kernel's notifications; `None` until the loop runs.
-    pub(crate) alerts: Option<crate::alerts::Alerts>,
-    pub(crate) sampling: kernel::Sampling,
+/// The controller: the effects, the parts' state, and the local queue.
+pub struct Controller<E: Effects> {
+    fx: E,
+    st: State,
+    queue: VecDeque<Internal>,
+    history: History,
+    admission_due: bool,
 }
 
-const MAX_TRANSITIONS: usize = 100;
+/// The parts and what the loop keeps besides them.
+pub struct State {
+    settings: Settings,
+    inputs: Inputs,
+    device: device::DevicePart,
+    workloads: workloads::Workloads,
+    session: Option<session::SessionPart>,
+    resources: resources::Resources,
+    reports: reports::Reports,
+    /// The read of the desired state whose result is awaited.
+    desired_gen: Generation,
+    sample_gen: Generation,
+    started: Instant,
+    hierarchy_info: (String, String),
+}
 
-impl Controller {
-    pub fn new(
-        settings: Settings,
-        inputs: Inputs,
-        store: Store,
-        hierarchy: Hierarchy,
-        tx: Sender<Event>,
-        server: Option<server::ServerSession>,
-    ) -> Controller {
-        let pressure = PressureTracker::new(
-            settings.budget_window,
-            settings.budget_hold,
-            settings.budget_low_watermark,
-        );
-        let outbox = if server.is_some() {
-            store.load_outbox()
-        } else {
-            Default::default()
-        };
-        Controller {
-            memory_pressure: None,
-            workloads_cap: None,
-            admission: Default::default(),
-            secrets: Default::default(),
-            server,
-            outbox,
+/// What the controller is built from.
+pub struct Parts {
+    pub settings: Settings,
+    pub inputs: Inputs,
+    pub hierarchy: crate::cgroup::Hierarchy,
+    pub store: crate::store::Store,
+    pub session: Option<session::SessionPart>,
+}
+
+impl<E: Effects> Controller<E> {
+    pub fn new(parts: Parts, fx: E) -> Controller<E> {
+        let Parts {
             settings,
             inputs,
-            store,
             hierarchy,
-            tx,
-            device: device::new_machine(),
-            workloads: BTreeMap::new(),
-            transitions: VecDeque::new(),
-            started: Instant::now(),
-            totals: sampler::device_totals(),
-            last_sample: None,
-            used: (0, 0),
-            pressure,
-            sampler: None,
-            persist: workloads::spawn_lane(),
-            alerts: None,
-            sampling: Default::default(),
+            store,
+            session,
+        } = parts;
+        let hierarchy_info = (
+            hierarchy.layout.name().to_string(),
+            hierarchy.base_display().display().to_string(),
+        );
+        let reports = reports::Reports::new(&store, session.is_some());
+        Controller {
+            fx,
+            st: State {
+                workloads: workloads::Workloads::new(&settings, hierarchy, store),
+                resources: resources::Resources::new(&settings),
+                device: device::DevicePart::new(),
+                session,
+                reports,
+                desired_gen: Generation::default(),
+                sample_gen: Generation::default(),
+                started: Instant::now(),
+                hierarchy_info,
+                settings,
+                inputs,
+            },
+            queue: VecDeque::new(),
+            history: History::default(),
+            admission_due: false,
         }
     }
 
-    pub(crate) fn budget(&self) -> Budget {
-        Budget::of(
-            &self.totals,
-            self.settings.reserved_memory,
-            self.settings.reserved_cpu_millis,
-        )
-    }
-
-    pub(crate) fn record_transition(
-        &mut self,
-        machine: String,
-        from: &str,
-        to: &str,
-        reason: String,
-    ) {
-        info!(machine = %machine, from, to, reason = %reason, "transition");
-        if self.transitions.len() == MAX_TRANSITIONS {
-            self.transitions.pop_front();
-        }
-        self.transitions.push_back(TransitionInfo {
-            at_unix: unix_now(),
-            machine,
-            from: from.to_string(),
-            to: to.to_string(),
-            reason,
-        });
-    }
-
-    pub(crate) fn report(&mut self, warn_level: bool, reason: String, message: String) {
-        if warn_level {
-            warn!(reason = %reason, "{message}");
-        } else {
-            info!(reason = %reason, "{message}");
-        }
-        if self.server.is_some() {
-            self.outbox
-                .push(warn_level, reason.clone(), message.clone(), unix_now());
-            self.persist_outbox();
-        }
-    }
-
-    /// Feeds an event to the device machine and executes what it decides.
-    pub(crate) fn device_event(&mut self, event: DeviceEvent) {
-        let before = (self.device.state().name(), self.device.state().reason());
-        let mut cmds = Vec::new();
-        self.device.handle_with_context(&event, &mut cmds);
-        let after = (self.device.state().name(), self.device.state().reason());
-        if before != after {
-            if before.0 != after.0 {
-                self.record_transition("device".into(), before.0, after.0, after.1.clone());
-            }
-            crate::notify::notify(&format!("STATUS={}: {}", after.0, after.1));
-        }
-        for c in cmds {
-            match c {
-                DeviceCommand::Report {
-                    warn,
-                    reason,
-                    message,
-                } => self.report(warn, reason, message),
-                DeviceCommand::ShedLoad => self.shed_load(),
-                DeviceCommand::Readmit => self.readmit(),
-                DeviceCommand::WipeWorkloads => {
-                    let names: Vec<String> = self.workloads.keys().cloned().collect();
-                    for n in names {
-                        self.workload_event(&n, WorkloadEvent::Remove);
-                    }
-                }
-                DeviceCommand::Enrol => self.enrol(),
-            }
-        }
-    }
-
-    pub fn device_problems(&self) -> Vec<String> {
-        self.device.inner().problems.values().cloned().collect()
-    }
-
-    pub(crate) fn device_heartbeat(&self) -> Option<&'static str> {
-        self.device.state().heartbeat_status()
+    /// The effects (tests inspect what was recorded).
+    pub fn effects(&mut self) -> &mut E {
+        &mut self.fx
     }
 
     pub fn device_state(&self) -> (&'static str, String) {
-        (self.device.state().name(), self.device.state().reason())
+        self.st.device.state()
     }
 
-    /// Boots the machines: adopts or starts what the desired state asks for.
-    pub fn boot(&mut self) {
-        let serverless = self.server.is_none();
-        let has_certificate = self.server.as_ref().is_some_and(|s| s.has_certificate());
-        self.device_event(DeviceEvent::Boot {
-            serverless,
-            has_certificate,
-        });
-        self.adopt_and_reconcile();
-        self.start_server();
-    }
-
-    fn on_sampled(&mut self, report: sampler::Report) {
-        let elapsed = self.last_sample.map(|t| report.at.duration_since(t));
-        self.last_sample = Some(report.at);
-        self.totals = report.device;
-        let (mut mem, mut cpu) = (0u64, 0u64);
-        for s in report.workloads {
-            let Some(e) = self.workloads.get_mut(&s.name) else {
-                continue;
-            };
-            if let Some(c) = s.counters {
-                let millis = match (e.last_cpu, elapsed) {
-                    (Some(prev), Some(_)) => {
-                        sampler::millicores(prev.0, c.cpu_ns, report.at.duration_since(prev.1))
-                    }
-                    _ => 0,
-                };
-                e.last_cpu = Some((c.cpu_ns, report.at));
-                mem += c.memory_bytes;
-                cpu += millis;
-                e.usage = Some(crate::status::Usage {
-                    memory_bytes: c.memory_bytes,
-                    cpu_millicores: millis,
-                    pids: c.pids,
-                    oom_kills: c.oom_kills,
-                    cpu_throttled_periods: c.cpu_throttled_periods,
-                    pids_max_events: c.pids_max_events,
-                });
-            }
-            if s.adopted_alive == Some(false) {
-                let name = s.name.clone();
-                self.adopted_exited(&name);
-            }
-        }
-        self.used = (mem, cpu);
-        self.memory_pressure = report.memory_pressure;
-        tracing::trace!(memory = mem, cpu, parent = ?report.parent_memory, "sampled");
-        self.place_marks(report.parent_memory);
-        self.cap_workloads();
-        self.native_variables(report.disk_percent, report.pids_percent);
-        self.fed_variables(report.variables);
-        self.reevaluate_profiles();
-        let budget = self.budget();
-        let evicting = self.evicting();
-        if let Some(p) = self
-            .pressure
-            .observe(mem, cpu, &budget, report.at, evicting)
-        {
-            match p {
-                crate::budget::Pressure::Exceeded(reason) => {
-                    self.device_event(DeviceEvent::BudgetExceeded { reason })
-                }
-                crate::budget::Pressure::Recovered => {
-                    self.device_event(DeviceEvent::BudgetRecovered)
-                }
-            }
-        }
-    }
-
-    /// Keeps the kernel-enforced cap on all workloads together in line with the budget: cpu
-    /// at the budget, memory at the budget plus half of RESERVED_MEMORY, so the agent's
-    /// priority-aware eviction normally acts first and the kernel's OOM killer (within the
-    /// workloads only) is the last resort that keeps the OS and the agent alive.
-    fn cap_workloads(&mut self) {
-        let b = self.budget();
-        if b.memory_bytes == 0 || b.cpu_millicores == 0 {
-            return;
-        }
-        let cap = crate::cgroup::Limits {
-            memory_bytes: Some(b.memory_bytes + self.settings.reserved_memory / 2),
-            cpu_millicores: Some(b.cpu_millicores),
-            pids: None,
+    /// Runs `f` with the parts and a context (no draining).
+    fn with_cx<R>(&mut self, f: impl FnOnce(&mut State, &mut Ctx) -> R) -> R {
+        let mut cx = Ctx {
+            fx: &mut self.fx,
+            queue: &mut self.queue,
+            history: &mut self.history,
+            admission_due: &mut self.admission_due,
         };
-        if self.workloads_cap == Some(cap) {
+        f(&mut self.st, &mut cx)
+    }
+
+    /// Runs `f` with the parts and a context, then drains the queue.
+    fn dispatch(&mut self, f: impl FnOnce(&mut State, &mut Ctx)) {
+        self.with_cx(f);
+        self.drain();
+    }
+
+    /// Boots the machines: the device's start state, adoption of what earlier agents left
+    /// running, the desired state's first read, the session's first request.
+    pub fn boot(
+        &mut self,
+        records: Vec<Result<crate::store::WorkloadRecord, crate::store::StoreError>>,
+    ) {
+        self.dispatch(|st, cx| {
+            let disconnected = st
+                .session
+                .as_ref()
+                .is_some_and(|s| s.disconnected_at_boot());
+            let serverless = st.session.is_none();
+            let has_certificate = st.session.as_ref().is_some_and(|s| s.has_certificate());
+            cx.push(Internal::Device(DeviceEvent::Boot {
+                serverless,
+                has_certificate,
+                disconnected,
+            }));
+            st.workloads.adopt_records(records, cx);
+            st.read_desired(true, cx);
+            if let Some(s) = st.session.as_mut() {
+                s.boot(cx);
+            }
+        });
+    }
+
+    /// Handles internal events until none is left; then one admission round if due.
+    fn drain(&mut self) {
+        loop {
+            while let Some(i) = self.queue.pop_front() {
+                self.with_cx(|st, cx| st.internal(i, cx));
+            }
+            if !self.admission_due {
+                return;
+            }
+            self.admission_due = false;
+            self.with_cx(|st, cx| {
+                let budget = st.resources.budget();
+                st.workloads.admit(&budget, &st.resources.profiles, cx)
+            });
+        }
+    }
+
+    /// Handles one event from the channel (and everything it causes); false on shutdown.
+    pub fn handle(&mut self, ev: Event) -> bool {
+        let t0 = Instant::now();
+        let kind = ev.kind();
+        let go_on = self.event(ev);
+        let took = t0.elapsed();
+        if took > self.history.longest_handler.0 {
+            self.history.longest_handler = (took, kind);
+            if took > Duration::from_millis(50) {
+                warn!(event = kind, took = ?took, "a controller handler took long");
+            }
+        }
+        go_on
+    }
+
+    fn event(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Shutdown => {
+                info!("shutting down; workloads keep running and will be adopted on restart");
+                self.fx.run(Effect::Notify("STOPPING=1".into()));
+                return false;
+            }
+            Event::Reload => self.dispatch(|st, cx| st.reload(cx)),
+            Event::DesiredFileChanged => self.dispatch(|st, cx| st.read_desired(false, cx)),
+            Event::DesiredRead { gen, read } => {
+                if self.st.desired_gen.is(gen) {
+                    self.dispatch(|st, cx| st.on_desired_read(*read, cx));
+                }
+            }
+            Event::SampleTick { gen } => {
+                if self.st.sample_gen.is(gen) {
+                    self.with_cx(|st, cx| st.request_sample(cx));
+                }
+            }
+            Event::Sampled(report) => self.dispatch(|st, cx| st.on_sampled(*report, cx)),
+            Event::Kernel(alert) => self.with_cx(|st, cx| st.on_alert(alert, cx)),
+            Event::Run { name, gen, outcome } => {
+                self.dispatch(|st, cx| st.workloads.on_run(&name, gen, outcome, cx))
+            }
+            Event::RetryDue { name, gen } => {
+                self.dispatch(|st, cx| st.workloads.retry_due(&name, gen, cx))
+            }
+            Event::CronDue { name, gen } => {
+                self.dispatch(|st, cx| st.workloads.cron_due(&name, gen, cx))
+            }
+            Event::Status(reply) => {
+                let snap = self.snapshot();
+                let _ = reply.try_send(snap);
+            }
+            Event::Reset(reply) => {
+                let mut answer = String::new();
+                self.dispatch(|st, cx| answer = st.reset(cx));
+                let _ = reply.try_send(answer);
+            }
+            Event::WatchdogTick => self.fx.run(Effect::Notify("WATCHDOG=1".into())),
+            Event::Session(result) => self.dispatch(|st, cx| {
+                let State {
+                    session,
+                    workloads,
+                    device,
+                    reports,
+                    ..
+                } = st;
+                if let Some(s) = session.as_mut() {
+                    s.on_result(*result, workloads, device, reports, cx);
+                }
+            }),
+            Event::SessionTimer { timer, gen } => self.dispatch(|st, cx| {
+                let State {
+                    session,
+                    workloads,
+                    device,
+                    reports,
+                    ..
+                } = st;
+                if let Some(s) = session.as_mut() {
+                    s.on_timer(timer, gen, workloads, device, reports, cx);
+                }
+            }),
+            Event::Persisted { write, error } => {
+                self.dispatch(|st, cx| st.reports.persisted(*write, error, &st.workloads, cx))
+            }
+        }
+        true
+    }
+
+    /// Runs the loop until shutdown.
+    pub async fn run(mut self, rx: Receiver<Event>, tx: Sender<Event>) {
+        self.with_cx(|st, cx| st.request_sample(cx));
+        if let Some(iv) = crate::notify::watchdog_interval() {
+            sources::every(tx.clone(), iv, || Event::WatchdogTick);
+        }
+        while let Ok(ev) = rx.recv().await {
+            if !self.handle(ev) {
+                break;
+            }
+        }
+    }
+}
+
+impl State {
+    fn internal(&mut self, i: Internal, cx: &mut Ctx) {
+        match i {
+            Internal::Device(ev) => self.device.handle(&ev, cx),
+            Internal::Workload(name, ev) => self.workloads.feed(&name, ev, cx),
+            Internal::Converge(name) => self.workloads.converge(&name, cx),
+            Internal::Report {
+                warn,
+                reason,
+                message,
+            } => self.reports.report(warn, reason, message, cx),
+            Internal::ShedLoad => {
+                let (used, budget) = (self.resources.used(), self.resources.budget());
+                self.workloads.shed_load(used, &budget, cx)
+            }
+            Internal::Readmit => self.workloads.readmit(cx),
+            Internal::WipeWorkloads => self.workloads.wipe(cx),
+            Internal::ProfilesChanged => self
+                .workloads
+                .profiles_changed(&self.resources.profiles, cx),
+            Internal::Persist(w) => cx.fx.run(Effect::Persist(Box::new(w))),
+            Internal::ApplyDesired(d) => {
+                let (raw, v) = *d;
+                self.apply_desired(raw, v, cx)
+            }
+        }
+    }
+
+    /// Asks for the desired state off the controller task (serverless: the file; at start
+    /// also STATE_DIR/desired.json as a fallback; with a server: desired.json at start only).
+    fn read_desired(&mut self, at_start: bool, cx: &mut Ctx) {
+        if self.session.is_some() && !at_start {
             return;
         }
-        self.workloads_cap = Some(cap);
-        let h = self.hierarchy.clone();
-        let _ = self.persist.try_send(Box::new(move || {
-            if let Err(e) = h.cap_workloads(&cap) {
-                error!("capping all workloads at the budget: {e}");
-            }
+        let gen = self.desired_gen.bump();
+        let path = if self.session.is_some() {
+            None
+        } else {
+            self.settings.desired_state.clone()
+        };
+        cx.fx.run(Effect::ReadDesired(effects::ReadDesired {
+            gen,
+            path,
+            fallback: at_start,
+            serverless: self.session.is_none(),
+            defaults: workloads::spec_defaults(&self.settings),
+            max_workloads: self.settings.max_workloads,
         }));
     }
 
-    fn reload(&mut self) {
+    fn on_desired_read(&mut self, read: DesiredRead, cx: &mut Ctx) {
+        match &read.file_error {
+            Some(e) => {
+                error!("{e}; keeping the last good desired state");
+                cx.report(true, "DesiredStateRejected", e.to_string());
+                let what = if read.desired.is_some() || self.workloads.desired_known() {
+                    "running the last good desired state"
+                } else {
+                    "no valid desired state anywhere: running what was adopted, starting nothing"
+                };
+                cx.problem(ProblemKey::DesiredState, Some(format!("{e} ({what})")));
+            }
+            None => cx.problem(ProblemKey::DesiredState, None),
+        }
+        if let Some((raw, validated)) = read.desired {
+            debug!(source = %read.source, "desired state read");
+            self.apply_desired(raw, validated, cx);
+        }
+    }
+
+    /// Applies a validated desired state (from the file or the server).
+    pub(crate) fn apply_desired(&mut self, raw: DesiredState, v: ValidatedDesired, cx: &mut Ctx) {
+        cx.push(Internal::Persist(Write::Desired(raw)));
+        let profiles = crate::profiles::DeviceProfiles::from_config(&v.profiles);
+        if self.resources.set_profiles(profiles) {
+            cx.push(Internal::ProfilesChanged);
+        }
+        self.workloads.apply(v, cx);
+        cx.push(Internal::Device(DeviceEvent::DesiredStateApplied));
+    }
+
+    fn on_sampled(&mut self, report: sampler::Report, cx: &mut Ctx) {
+        let at = report.at;
+        let used = self
+            .workloads
+            .record_usage(&report, self.resources.last_sample());
+        let evicting = self.workloads.evicting();
+        let pressure = self.resources.observe(&report, used, at, evicting);
+        if let Some(marks) = self.resources.marks_due(report.parent_memory) {
+            cx.fx.run(Effect::Marks(marks));
+        }
+        if self.resources.reevaluate() {
+            cx.push(Internal::ProfilesChanged);
+        }
+        if let Some(cap) = self.resources.cap_due(self.settings.reserved_memory) {
+            cx.push(Internal::Persist(Write::CapWorkloads(cap)));
+        }
+        // The next sample's time is chosen from this one: near the budget, at once faster.
+        let interval = self
+            .resources
+            .next_interval(self.settings.sample_interval, at);
+        let gen = self.sample_gen.bump();
+        cx.after(interval, Event::SampleTick { gen });
+        self.workloads.adopted_liveness(&report, cx);
+        if let Some(p) = pressure {
+            cx.push(Internal::Device(match p {
+                crate::budget::Pressure::Exceeded(reason) => DeviceEvent::BudgetExceeded { reason },
+                crate::budget::Pressure::Recovered => DeviceEvent::BudgetRecovered,
+            }));
+        }
+    }
+
+    /// Hands the sampler the current targets.
+    fn request_sample(&mut self, cx: &mut Ctx) {
+        self.resources.sample_requested(Instant::now());
+        cx.fx.run(Effect::Sample(self.workloads.sample_targets()));
+    }
+
+    /// A kernel alert: a sample now (or as soon as the alert spacing allows); the decision
+    /// follows from it like from any sample.
+    fn on_alert(&mut self, alert: crate::alerts::Alert, cx: &mut Ctx) {
+        debug!(?alert, "kernel alert: sampling now");
+        match self.resources.on_alert(&alert, Instant::now()) {
+            None => self.request_sample(cx),
+            Some(wait) => {
+                let gen = self.sample_gen.bump();
+                cx.after(wait, Event::SampleTick { gen });
+            }
+        }
+    }
+
+    fn reload(&mut self, cx: &mut Ctx) {
         match Settings::load(&self.inputs).and_then(|s| s.prepare_paths().map(|_| s)) {
             Ok(s) => {
                 crate::logging::set_level(s.log_level);
@@ -372,107 +634,29 @@ impl Controller {
                     self.settings.state_dir,
                     self.settings.cgroup_root,
                 ) = keep;
+                self.workloads.reconfigure(&self.settings);
+                self.resources.reconfigure(&self.settings);
                 info!("configuration reloaded");
-                self.reload_desired();
+                self.read_desired(false, cx);
             }
             Err(e) => error!("configuration reload failed, keeping the running configuration: {e}"),
         }
     }
 
-    /// Runs the loop until shutdown.
-    pub async fn run(mut self, rx: Receiver<Event>) {
-        let sampler_config = sampler::SamplerConfig {
-            state_dir: self.settings.state_dir.clone(),
-            variables_file: self.settings.variables_file.clone(),
-            variables_ttl: self.settings.variables_ttl,
-            parent_memory_file: Some(self.hierarchy.workloads_parent().memory_usage_file()),
+    /// `device-worker-ng reset`: a disconnected device enrols afresh.
+    fn reset(&mut self, cx: &mut Ctx) -> String {
+        let Some(s) = self.session.as_mut() else {
+            return "serverless: there is nothing to reset".into();
         };
-        match sampler::spawn(self.tx.clone(), sampler_config) {
-            Ok(s) => self.sampler = Some(s),
-            Err(e) => error!("cannot start the sampler thread: {e}; no usage figures"),
+        if self.device.state().0 != "disconnected" {
+            return format!(
+                "the device is {}, not disconnected: nothing to reset",
+                self.device.state().0
+            );
         }
-        self.alerts = Some(crate::alerts::Alerts::start(
-            self.tx.clone(),
-            &self.hierarchy.workloads_parent(),
-        ));
-        self.watch_running_workloads();
-        self.request_sample();
-        if let Some(iv) = crate::notify::watchdog_interval() {
-            sources::every(self.tx.clone(), iv, || Event::WatchdogTick);
-        }
-        while let Ok(ev) = rx.recv().await {
-            match ev {
-                Event::Shutdown => {
-                    info!("shutting down; workloads keep running and will be adopted on restart");
-                    crate::notify::notify("STOPPING=1");
-                    break;
-                }
-                Event::Reload => self.reload(),
-                Event::DesiredStateChanged => self.reload_desired(),
-                Event::SampleTick { token } => {
-                    if token == self.sampling.token {
-                        self.request_sample();
-                    }
-                }
-                Event::Sampled(report) => {
-                    self.on_sampled(report);
-                    self.schedule_next_sample();
-                }
-                Event::Kernel(alert) => self.on_alert(alert),
-                Event::Workload { name, run, event } => {
-                    if self.workloads.get(&name).is_some_and(|e| e.run == run) {
-                        self.workload_event(&name, event);
-                    }
-                }
-                Event::Unwatched {
-                    name,
-                    run,
-                    pid,
-                    ticks,
-                } => {
-                    if let Some(e) = self.workloads.get_mut(&name) {
-                        if e.run == run {
-                            e.adopted = Some((pid, ticks));
-                            if let Some(a) = &mut self.alerts {
-                                a.watch_exit(&name, pid, ticks);
-                            }
-                        }
-                    }
-                }
-                Event::RetryDue { name, token } => {
-                    if self
-                        .workloads
-                        .get(&name)
-                        .is_some_and(|e| e.retry_token == token)
-                    {
-                        self.workload_event(&name, WorkloadEvent::RetryDue);
-                    }
-                }
-                Event::Status(reply) => {
-                    let snap = self.snapshot();
-                    let _ = reply.try_send(snap);
-                }
-                Event::WatchdogTick => crate::notify::notify("WATCHDOG=1"),
-                Event::Server(ev) => self.on_server_event(ev),
-                Event::CronDue { name, token } => self.on_cron_due(&name, token),
-                Event::Notice { name, run, message } => {
-                    if let Some(e) = self.workloads.get_mut(&name).filter(|e| e.run == run) {
-                        if e.notice.as_ref() != Some(&message) {
-                            e.notice = Some(message.clone());
-                            self.report(
-                                true,
-                                "Notice".into(),
-                                format!("workload {name}: {message}"),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    pub fn desired_path(&self) -> Option<PathBuf> {
-        self.settings.desired_state.clone()
+        cx.push(Internal::Device(DeviceEvent::Reset));
+        s.reset(&mut self.reports, cx);
+        "reset: the device forgot its disconnect and enrols afresh".into()
     }
 }
 

@@ -1,86 +1,127 @@
-//! Builds the status snapshot from the controller's state.
+//! Builds the status snapshot from the controller's parts.
 
+use super::effects::Effects;
 use super::Controller;
 use crate::status::{AgentInfo, BudgetInfo, DeviceInfo, Snapshot, WorkloadInfo};
 
-impl Controller {
+impl<E: Effects> Controller<E> {
     pub fn snapshot(&self) -> Snapshot {
-        let budget = self.budget();
-        let (state, reason) = self.device_state();
-        let problems = self.device_problems();
+        let st = &self.st;
+        let budget = st.resources.budget();
+        let totals = st.resources.totals();
+        let used = st.resources.used();
+        let (state, reason) = st.device.state();
+        let mut workloads: Vec<WorkloadInfo> = st
+            .workloads
+            .entries()
+            .iter()
+            .map(|(name, e)| {
+                let m = e.machine.state();
+                let mut reason = m.reason();
+                if let Some(why) = &e.update_rejected {
+                    reason = format!(
+                        "{reason}; its new spec is refused ({why}): running the last good one"
+                    );
+                }
+                if e.spec.is_none() {
+                    reason =
+                        format!("{reason}; kept running: no valid desired state says what it is");
+                }
+                WorkloadInfo {
+                    name: name.to_string(),
+                    kind: e.kind.name().into(),
+                    state: m.name().into(),
+                    reason,
+                    heartbeat_status: m.heartbeat_status().as_str().into(),
+                    pid: m.pid(),
+                    restarts: e.machine.inner().restarts,
+                    oom_kills: e.machine.inner().oom_kills,
+                    priority: e.spec.as_ref().map_or(0, |s| s.priority),
+                    limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
+                    usage: e.usage.clone(),
+                    cgroup: (e.kind != crate::workload::WorkloadKind::K8s)
+                        .then(|| e.cgroup.display_path().display().to_string()),
+                    notice: e.notice.clone(),
+                    log: (e.kind == crate::workload::WorkloadKind::Shell)
+                        .then(|| st.workloads.store().log_path(name).display().to_string()),
+                    uid: e.uid,
+                }
+            })
+            .collect();
+        for r in st.workloads.rejected() {
+            if r.name
+                .as_ref()
+                .is_some_and(|n| st.workloads.entries().contains_key(n))
+            {
+                continue;
+            }
+            workloads.push(WorkloadInfo {
+                name: r.shown_name.clone(),
+                kind: "-".into(),
+                state: "failed".into(),
+                reason: format!("invalid spec: {}: {}", r.error.field, r.error.why),
+                heartbeat_status: "crashed".into(),
+                pid: None,
+                restarts: 0,
+                oom_kills: 0,
+                priority: 0,
+                limits: Default::default(),
+                usage: None,
+                cgroup: None,
+                notice: None,
+                log: None,
+                uid: None,
+            });
+        }
         Snapshot {
             agent: AgentInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
-                uptime_seconds: self.started.elapsed().as_secs(),
-                cgroup_layout: self.hierarchy.layout.name().into(),
-                cgroup_base: self.hierarchy.base_display().display().to_string(),
-                state_dir: self.settings.state_dir.display().to_string(),
-                desired_state: self
+                uptime_seconds: st.started.elapsed().as_secs(),
+                cgroup_layout: st.hierarchy_info.0.clone(),
+                cgroup_base: st.hierarchy_info.1.clone(),
+                state_dir: st.settings.state_dir.display().to_string(),
+                desired_state: st
                     .settings
                     .desired_state
                     .as_ref()
                     .map(|p| p.display().to_string()),
-                server: self.settings.server.clone(),
+                server: st.settings.server.clone(),
                 rss_bytes: crate::drivers::process::rss_bytes(std::process::id() as i32),
+                longest_handler_ms: self.history.longest_handler.0.as_secs_f64() * 1000.0,
+                longest_handler_event: self.history.longest_handler.1.to_string(),
             },
             device: DeviceInfo {
                 state: state.into(),
                 reason,
-                problems,
+                problems: st.device.problems(),
             },
             budget: BudgetInfo {
-                memory_total_bytes: self.totals.memory_total_bytes,
-                memory_reserved_bytes: self.settings.reserved_memory,
+                memory_total_bytes: totals.memory_total_bytes,
+                memory_reserved_bytes: st.settings.reserved_memory,
                 memory_budget_bytes: budget.memory_bytes,
-                memory_used_bytes: self.used.0,
-                cpu_total_millicores: self.totals.cpus * 1000,
-                cpu_reserved_millicores: self.settings.reserved_cpu_millis,
+                memory_used_bytes: used.memory_bytes,
+                cpu_total_millicores: totals.cpus * 1000,
+                cpu_reserved_millicores: st.settings.reserved_cpu_millis,
                 cpu_budget_millicores: budget.cpu_millicores,
-                cpu_used_millicores: self.used.1,
+                cpu_used_millicores: used.cpu_millicores,
             },
             profiles: crate::status::ProfilesInfo {
-                variables: self
-                    .admission
+                variables: st
+                    .resources
+                    .profiles
                     .variables
                     .iter()
                     .map(|(k, v)| (k.clone(), format!("{v:.1}")))
                     .collect(),
-                conditions: self.admission.evaluation.clone(),
+                conditions: st.resources.profiles.evaluation.clone(),
             },
-            server: self
-                .server
+            server: st
+                .session
                 .as_ref()
-                .map(|s| s.info(self.outbox.events.len())),
-            workloads: self
-                .workloads
-                .iter()
-                .map(|(name, e)| {
-                    let st = e.machine.state();
-                    let has_cgroup = e.spec.is_some();
-                    WorkloadInfo {
-                        name: name.clone(),
-                        kind: if e.spec.is_some() {
-                            e.kind.name().into()
-                        } else {
-                            "-".into()
-                        },
-                        state: st.name().into(),
-                        reason: st.reason(),
-                        heartbeat_status: st.heartbeat_status().into(),
-                        pid: st.pid(),
-                        restarts: e.machine.inner().restarts,
-                        oom_kills: e.machine.inner().oom_kills,
-                        priority: e.spec.as_ref().map_or(0, |s| s.priority),
-                        limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
-                        usage: e.usage.clone(),
-                        cgroup: has_cgroup.then(|| e.cgroup.display_path().display().to_string()),
-                        notice: e.notice.clone(),
-                        log: has_cgroup.then(|| self.store.log_path(name).display().to_string()),
-                    }
-                })
-                .collect(),
-            transitions: self.transitions.iter().cloned().collect(),
+                .map(|s| s.info(st.reports.outbox.events.len())),
+            workloads,
+            transitions: self.history.transitions.iter().cloned().collect(),
         }
     }
 }

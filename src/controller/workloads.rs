@@ -1,587 +1,538 @@
-//! The controller's workload side: reconciling the desired state, adopting what survived an
-//! agent restart, and executing the workload machines' commands through the drivers.
+//! The controller's workload side: the desired workloads, one entry (and machine) per actual
+//! workload, and convergence between the two.
+//!
+//! Convergence is level-triggered: whenever the desired state changes for a name, and after
+//! every transition of its machine, the name's desired and actual state are compared again
+//! ([`Workloads::converge`]), so no change is lost to timing (a workload desired again while
+//! its removal still stops it starts again once stopped). Applying a desired state touches
+//! only the names whose spec changed: O(n log n) in its workloads; admission runs once per
+//! batch of changes (the controller's drain), not once per workload.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use async_channel::Sender;
-use tracing::{error, info, warn};
+use tracing::{debug, info, warn};
 
-use super::{unix_now, Controller, Event};
-use crate::cgroup::WorkloadCgroup;
-use crate::drivers;
-use crate::machines::device::DeviceEvent;
+use super::admission::{self, counted_requests, Candidate, Decision, Hold, Running};
+use super::effects::{DriverOp, Effect, Write};
+use super::generation::Generation;
+use super::resources::{ProfilesState, Used};
+use super::{unix_now, Ctx, Event, Internal, RunOutcome};
+use crate::budget::Budget;
+use crate::cgroup::{Hierarchy, WorkloadCgroup};
+use crate::config::Settings;
+use crate::drivers::{Placement, Started};
+use crate::machines::device::ProblemKey;
 use crate::machines::workload::{
-    self, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
+    self, AfterStop, Context, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
 };
-use crate::sampler::Target;
+use crate::sampler::{self, Report, Target};
 use crate::status::Usage;
-use crate::store::{Store, WorkloadRecord};
+use crate::store::{Store, StoreError, WorkloadRecord};
+use crate::units::Bytes;
 use crate::workload::{
-    DesiredSecret, DesiredState, SpecDefaults, SpecError, WorkloadKind, WorkloadSpec,
+    BackoffPolicy, DesiredSecret, Rejection, SpecDefaults, ValidatedDesired, WorkloadKind,
+    WorkloadName, WorkloadSpec,
 };
 
-/// A blocking operation on one workload; a workload's operations run one at a time, in order,
-/// so a stop always sees what an earlier start has spawned.
-pub(crate) type LaneOp = Box<dyn FnOnce() + Send>;
-
-pub(crate) fn spawn_lane() -> Sender<LaneOp> {
-    let (tx, rx) = async_channel::unbounded::<LaneOp>();
-    smol::spawn(async move {
-        while let Ok(op) = rx.recv().await {
-            smol::unblock(op).await;
-        }
-    })
-    .detach();
-    tx
-}
-
-/// Everything the controller holds for one workload.
+/// Everything the controller holds for one actual workload.
 pub struct Entry {
-    /// `None` when the desired spec is invalid.
+    /// The spec it runs (or will run); `None` for a run adopted while no valid desired state
+    /// is known: kept running, never restarted, until a desired state says what it is.
     pub spec: Option<WorkloadSpec>,
-    /// Kind of the last valid spec (what stop and cleanup must undo).
+    /// Kind of the run (what stop and cleanup must undo).
     pub kind: WorkloadKind,
+    /// Fingerprint of the spec of the current run.
+    pub fingerprint: String,
     pub machine: workload::Machine,
     pub cgroup: WorkloadCgroup,
-    lane: Sender<LaneOp>,
-    /// Identifies the current run; results of earlier runs are dropped.
-    pub run: u64,
-    pub retry_token: u64,
-    /// (pid, start ticks) of a process without a waiter (adopted after a restart).
-    pub adopted: Option<(i32, u64)>,
+    /// The current run: driver results and watches of earlier runs are stale.
+    pub run: Generation,
+    retry: Generation,
+    cron: Generation,
+    /// Main process (pid, start ticks) of the current run.
+    pub process: Option<(i32, u64)>,
     pub started_at: Option<Instant>,
+    started_unix: u64,
     pub oom_baseline: u64,
     pub usage: Option<Usage>,
-    pub last_cpu: Option<(u64, Instant)>,
-    pub admitted_seq: u64,
+    last_cpu: Option<(u64, Instant)>,
+    /// Order of arrival (older first among equal priorities).
+    pub seq: u64,
     /// What the driver said the operator must know about the current run.
     pub notice: Option<String>,
+    /// The desired state's new spec for it was refused: it runs the last good one.
+    pub update_rejected: Option<String>,
     /// Why an evicted workload waits (budget recovery, or its profiles).
-    pub hold: super::admission::Hold,
+    pub hold: Hold,
     /// A cron workload's run is due (consumed by admission).
     pub cron_due: bool,
-    pub cron_next: Option<std::time::SystemTime>,
-    pub cron_token: u64,
+    pub cron_next: Option<SystemTime>,
     /// The cpu limit an active profile condition imposes (PROTOCOL §7 workload profiles).
     pub profile_cpu_quota: Option<u64>,
+    /// The uid of its processes, allocated from WORKLOAD_UIDS (shell workloads without
+    /// `user:`).
+    pub uid: Option<u32>,
+    /// Adopted from an earlier agent (its process is no child of this one).
+    pub adopted: bool,
 }
 
-#[cfg(test)]
 impl Entry {
-    /// An entry in whatever state a test needs, as if admitted `seq`-th.
-    pub(super) fn for_test(
-        spec: WorkloadSpec,
-        machine: workload::Machine,
-        cgroup: WorkloadCgroup,
-        seq: u64,
-    ) -> Entry {
-        Entry {
-            kind: spec.kind.clone(),
-            spec: Some(spec),
-            machine,
-            cgroup,
-            lane: spawn_lane(),
-            run: 1,
-            retry_token: 0,
-            adopted: None,
-            started_at: None,
-            oom_baseline: 0,
-            usage: None,
-            last_cpu: None,
-            admitted_seq: seq,
-            notice: None,
-            hold: Default::default(),
-            cron_due: false,
-            cron_next: None,
-            cron_token: 0,
-            profile_cpu_quota: None,
+    fn placement(&self, name: &WorkloadName) -> Placement {
+        Placement {
+            name: name.clone(),
+            kind: self.kind.clone(),
+            cgroup: self.cgroup.clone(),
         }
+    }
+
+    fn priority(&self) -> i32 {
+        self.spec.as_ref().map_or(0, |s| s.priority)
     }
 }
 
-impl Controller {
-    pub(super) fn defaults(&self) -> SpecDefaults {
-        SpecDefaults {
-            workload_user: self.settings.workload_user.clone(),
-            backoff: crate::workload::BackoffPolicy {
-                initial: self.settings.restart_backoff_initial,
-                max: self.settings.restart_backoff_max,
-                multiplier: 2.0,
-                max_failures: self.settings.restart_max_failures,
-                reset_after: Duration::from_secs(60).max(self.settings.restart_backoff_max),
-            },
+/// Agent-wide defaults every spec falls back to (from the settings).
+pub fn spec_defaults(settings: &Settings) -> SpecDefaults {
+    SpecDefaults {
+        workload_user: settings.workload_user.clone(),
+        backoff: BackoffPolicy {
+            initial: settings.restart_backoff_initial,
+            max: settings.restart_backoff_max,
+            multiplier: 2.0,
+            max_failures: settings.restart_max_failures,
+            reset_after: Duration::from_secs(60).max(settings.restart_backoff_max),
+        },
+    }
+}
+
+pub struct Workloads {
+    entries: BTreeMap<WorkloadName, Entry>,
+    /// The desired workloads by name; `None` until a valid desired state is known (then
+    /// nothing is stopped or started: what was adopted keeps running).
+    desired: Option<BTreeMap<WorkloadName, WorkloadSpec>>,
+    rejected: Vec<Rejection>,
+    /// Workloads past MAX_WORKLOADS: how many, the first names.
+    excess: (usize, Vec<String>),
+    /// Records whose adoption is under way (their names start nothing meanwhile).
+    adopting: BTreeMap<WorkloadName, WorkloadRecord>,
+    secrets: Arc<Vec<DesiredSecret>>,
+    seq: u64,
+    hierarchy: Hierarchy,
+    store: Store,
+    stop_timeout: Duration,
+    uids: Option<(u32, u32)>,
+}
+
+impl Workloads {
+    pub fn new(settings: &Settings, hierarchy: Hierarchy, store: Store) -> Workloads {
+        Workloads {
+            entries: BTreeMap::new(),
+            desired: None,
+            rejected: Vec::new(),
+            excess: (0, Vec::new()),
+            adopting: BTreeMap::new(),
+            secrets: Arc::default(),
+            seq: 0,
+            hierarchy,
+            store,
+            stop_timeout: settings.stop_timeout,
+            uids: settings.workload_uids,
         }
     }
 
-    /// The desired state from its source; on error the last accepted one (persisted).
-    /// With a server, the source is the last configuration accepted from it.
-    fn load_desired(&mut self) -> Option<DesiredState> {
-        if self.server.is_some() {
-            return self.store.load_desired();
-        }
-        let Some(path) = self.settings.desired_state.clone() else {
-            return Some(DesiredState::default());
-        };
-        match crate::workload::load_desired_file(&path) {
-            Ok(d) => {
-                self.device_event(DeviceEvent::ProblemCleared {
-                    key: "desired-state".into(),
-                });
-                Some(d)
+    pub fn reconfigure(&mut self, settings: &Settings) {
+        self.stop_timeout = settings.stop_timeout;
+        self.uids = settings.workload_uids;
+    }
+
+    pub fn entries(&self) -> &BTreeMap<WorkloadName, Entry> {
+        &self.entries
+    }
+
+    pub fn rejected(&self) -> &[Rejection] {
+        &self.rejected
+    }
+
+    pub fn excess(&self) -> &(usize, Vec<String>) {
+        &self.excess
+    }
+
+    pub fn desired_known(&self) -> bool {
+        self.desired.is_some()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn secrets(&self) -> Arc<Vec<DesiredSecret>> {
+        self.secrets.clone()
+    }
+
+    // ---- the desired state --------------------------------------------------------------
+
+    /// Takes in a validated desired state: only the names whose spec changed are converged.
+    pub fn apply(&mut self, v: ValidatedDesired, cx: &mut Ctx) {
+        let ValidatedDesired {
+            specs,
+            rejected,
+            excess,
+            excess_names,
+            secrets,
+            profiles: _,
+        } = v;
+        if secrets != *self.secrets {
+            // Secrets no longer listed are removed now; listed ones are (re)written here and,
+            // to be sure they exist when a pod is created, again by each pod start.
+            let had = !self.secrets.is_empty();
+            self.secrets = Arc::new(secrets);
+            let pods = had
+                || !self.secrets.is_empty()
+                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
+            if pods {
+                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
             }
-            Err(e) => {
-                error!("{e}; keeping the last good desired state");
-                self.report(true, "DesiredStateRejected".into(), e.to_string());
-                self.device_event(DeviceEvent::ProblemRaised {
-                    key: "desired-state".into(),
-                    reason: format!("{e} (running the last good desired state)"),
-                });
-                None
-            }
         }
-    }
-
-    pub(crate) fn reload_desired(&mut self) {
-        if self.server.is_some() {
-            return;
-        }
-        if let Some(d) = self.load_desired() {
-            self.reconcile(&d);
-        }
-    }
-
-    /// First reconciliation after start: adopt what still runs from an earlier agent, clean up
-    /// what is no longer wanted, start the rest.
-    pub(crate) fn adopt_and_reconcile(&mut self) {
-        let (desired, persisted) = match self.load_desired() {
-            Some(d) => (d, true),
-            None => (self.store.load_desired().unwrap_or_default(), false),
-        };
-        let specs = desired.validate(&self.defaults());
-        let mut known = BTreeSet::new();
-        for rec in self.store.load_records() {
-            let rec = match rec {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("ignoring workload record: {e}");
-                    continue;
+        // The desired order is the order of arrival (older first among equal priorities).
+        let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
+        let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
+            specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+        // A workload whose new spec is refused keeps running the last good one.
+        let mut refused = BTreeSet::new();
+        for r in &rejected {
+            let Some(name) = &r.name else { continue };
+            let last_good = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.get(name))
+                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
+            if let Some(good) = last_good {
+                new.insert(name.clone(), good.clone());
+                refused.insert(name.clone());
+                let why = format!("{}: {}", r.error.field, r.error.why);
+                if let Some(e) = self.entries.get_mut(name) {
+                    if e.update_rejected.as_deref() != Some(&why) {
+                        cx.problem(
+                            ProblemKey::Workload(name.to_string()),
+                            Some(format!(
+                                "workload {name}: its new spec is refused ({why}); running the last good one"
+                            )),
+                        );
+                    }
+                    e.update_rejected = Some(why);
                 }
+            }
+        }
+        for (name, e) in self.entries.iter_mut() {
+            if !refused.contains(name) && e.update_rejected.take().is_some() {
+                cx.push(Internal::Converge(name.clone()));
+            }
+        }
+        self.note_rejections(&rejected, refused.len(), excess, excess_names, cx);
+        self.rejected = rejected;
+
+        let first = self.desired.is_none();
+        let old = self.desired.replace(new);
+        let desired = self.desired.as_ref();
+        let gone = old
+            .as_ref()
+            .map(|o| {
+                o.keys()
+                    .filter(|n| !desired.is_some_and(|d| d.contains_key(*n)))
+            })
+            .into_iter()
+            .flatten();
+        // (A refused name is never among the valid ones: `order` and `refused` are disjoint.)
+        for name in order.iter().chain(refused.iter()).chain(gone) {
+            let before = old.as_ref().and_then(|d| d.get(name));
+            let after = desired.and_then(|d| d.get(name));
+            let same = match (before, after) {
+                (Some(a), Some(b)) => {
+                    a.fingerprint == b.fingerprint && a.scheduling == b.scheduling
+                }
+                (None, None) => true,
+                _ => false,
             };
-            known.insert(rec.name.clone());
-            let spec = specs
-                .iter()
-                .filter_map(|s| s.as_ref().ok())
-                .find(|s| s.name == rec.name);
-            let alive = WorkloadKind::from_name(&rec.kind).is_some_and(|k| {
-                drivers::still_running(&k, &rec.cgroup, rec.pid, rec.pid_start_ticks)
-            });
-            match spec {
-                Some(spec) if alive && spec.fingerprint == rec.fingerprint => {
-                    info!(workload = %rec.name, pid = rec.pid, "adopting the running workload");
-                    self.adopt(spec.clone(), &rec);
-                }
-                _ => {
-                    if alive {
-                        info!(workload = %rec.name, "running workload is no longer desired as it is: stopping it");
-                    }
-                    // The driver undoes what it created (a pod's containers live in child
-                    // cgroups that only `kube down` removes), then the cgroup goes.
-                    let kind = WorkloadKind::from_name(&rec.kind).unwrap_or(WorkloadKind::Shell);
-                    if let Err(e) = drivers::cleanup(&kind, &rec.cgroup) {
-                        warn!(workload = %rec.name, "cleaning up: {e}");
-                    }
-                    let _ = self.store.remove_record(&rec.name);
-                }
+            if !same {
+                cx.push(Internal::Converge(name.clone()));
             }
         }
-        // cgroups of ours without a record (e.g. an agent killed between start and record).
-        for name in self.hierarchy.existing_workloads() {
-            if !known.contains(&name) && !self.workloads.contains_key(&name) {
-                warn!(workload = %name, "removing an orphaned workload cgroup");
-                let cg = self.hierarchy.workload(&name);
-                // No record says what it was: a plain cgroup, or a pod whose containers
-                // keep child cgroups busy.
-                if let Err(e) = drivers::cleanup(&WorkloadKind::Shell, &cg) {
-                    if let Err(e2) = drivers::cleanup(&WorkloadKind::Pod, &cg) {
-                        warn!(workload = %name, "{e}; as a pod: {e2}");
-                    }
-                }
+        if first {
+            // Entries adopted before any desired state was known: now it says what they are.
+            for name in self.entries.keys() {
+                cx.push(Internal::Converge(name.clone()));
             }
         }
-        // With a server and nothing persisted yet, the first configuration is still to come.
-        let applied = persisted || self.server.is_none();
-        self.apply_specs(&desired, specs, applied);
     }
 
-    fn adopt(&mut self, spec: WorkloadSpec, rec: &WorkloadRecord) {
-        let mut shared = WorkloadMachine::new(spec.restart, spec.backoff);
-        shared.restarts = rec.restarts;
-        let mut cmds = Vec::new();
-        let machine = workload::machine_in(shared, State::Running { pid: rec.pid }, &mut cmds);
-        let name = spec.name.clone();
-        let entry = Entry {
-            kind: spec.kind.clone(),
-            cgroup: rec.cgroup.clone(),
-            spec: Some(spec),
-            machine,
-            lane: spawn_lane(),
-            run: 1,
-            retry_token: 0,
-            adopted: Some((rec.pid, rec.pid_start_ticks)),
-            started_at: Some(Instant::now()),
-            oom_baseline: rec.oom_kills_at_start,
-            usage: None,
-            last_cpu: None,
-            admitted_seq: self.next_seq(),
-            notice: None,
-            hold: Default::default(),
-            cron_due: false,
-            cron_next: None,
-            cron_token: 0,
-            profile_cpu_quota: None,
-        };
-        let kind = entry.kind.clone();
-        let cgroup = entry.cgroup.clone();
-        self.workloads.insert(name.clone(), entry);
-        if kind == WorkloadKind::K8s {
-            // No local process to sample: the driver watches the Deployment instead.
-            if let Some(e) = self.workloads.get_mut(&name) {
-                e.adopted = None;
-            }
-            let watch = move || match drivers::adopted_waiter(&kind, &cgroup) {
-                Some(w) => w.wait(),
-                None => drivers::RunEnd::default(),
-            };
-            let cg = self.hierarchy.workload(&name);
-            if let Err(e) = spawn_waiter(self.tx.clone(), name.clone(), 1, watch, cg, u64::MAX) {
-                warn!(workload = %name, "cannot watch the adopted workload: {e}");
+    /// Reports new rejections once (not again on every identical desired state).
+    fn note_rejections(
+        &mut self,
+        rejected: &[Rejection],
+        updates_refused: usize,
+        excess: usize,
+        excess_names: Vec<String>,
+        cx: &mut Ctx,
+    ) {
+        let known: BTreeSet<String> = self.rejected.iter().map(|r| r.error.to_string()).collect();
+        for r in rejected {
+            let text = r.error.to_string();
+            if !known.contains(&text) {
+                cx.report(true, "InvalidWorkload", format!("refused: {text}"));
             }
         }
-        self.record_transition(
-            format!("workload/{name}"),
-            "-",
-            "running",
-            format!("adopted pid {}", rec.pid),
+        let mut problems = Vec::new();
+        // Refused updates of running workloads are their own workloads' problems.
+        let invalid = rejected.len().saturating_sub(updates_refused);
+        if invalid > 0 {
+            problems.push(format!(
+                "{invalid} workload(s) of the desired state refused (see status)"
+            ));
+        }
+        if excess > 0 {
+            problems.push(format!(
+                "{excess} workload(s) past MAX_WORKLOADS refused unread (first: {})",
+                excess_names.join(", ")
+            ));
+            if self.excess.0 != excess {
+                cx.report(
+                    true,
+                    "TooManyWorkloads",
+                    format!("{excess} workloads over MAX_WORKLOADS refused"),
+                );
+            }
+        }
+        self.excess = (excess, excess_names);
+        cx.problem(
+            ProblemKey::Workloads,
+            (!problems.is_empty()).then(|| problems.join("; ")),
         );
     }
 
-    pub(super) fn next_seq(&self) -> u64 {
-        self.workloads
-            .values()
-            .map(|e| e.admitted_seq)
-            .max()
-            .unwrap_or(0)
-            + 1
+    /// The server disconnected the device: nothing is desired any more.
+    pub fn wipe(&mut self, cx: &mut Ctx) {
+        self.desired = Some(BTreeMap::new());
+        self.rejected.clear();
+        self.excess = (0, Vec::new());
+        for name in self.entries.keys() {
+            cx.push(Internal::Converge(name.clone()));
+        }
     }
 
-    /// Converges the workloads to a desired state (apply only on change).
-    pub(crate) fn reconcile(&mut self, desired: &DesiredState) {
-        let specs = desired.validate(&self.defaults());
-        self.apply_specs(desired, specs, true);
-    }
-
-    fn apply_specs(
-        &mut self,
-        desired: &DesiredState,
-        specs: Vec<Result<WorkloadSpec, SpecError>>,
-        applied: bool,
-    ) {
-        // Persisted off the controller task (fsync), in order, on the store's own lane.
-        let (store, copy) = (self.store.clone(), desired.clone());
-        let _ = self.persist.try_send(Box::new(move || {
-            if let Err(e) = store.save_desired(&copy) {
-                error!("cannot persist the desired state: {e}");
-            }
-        }));
-        if desired.secrets != *self.secrets {
-            // Secrets no longer listed are removed now; listed ones are (re)written here and,
-            // to be sure they exist when a pod is created, again by each pod start.
-            let had_secrets = !self.secrets.is_empty();
-            self.secrets = Arc::new(desired.secrets.clone());
-            let uses_pods = had_secrets
-                || !self.secrets.is_empty()
-                || self.workloads.values().any(|e| e.kind == WorkloadKind::Pod);
-            if uses_pods {
-                let copy = self.secrets.clone();
-                let _ =
-                    self.persist.try_send(Box::new(move || {
-                        match drivers::podman::secrets::sync(&copy) {
-                            Ok(r) => {
-                                for (name, why) in r.failed {
-                                    error!(secret = %name, "cannot write the podman secret: {why}");
-                                }
-                            }
-                            Err(e) => error!("syncing podman secrets: {e}"),
-                        }
-                    }));
-            }
-        }
-        let profiles: Vec<crate::flotta::messages::DeviceProfile> = desired
-            .extra
-            .get("configuration")
-            .and_then(|c| c.get("profiles"))
-            .and_then(|p| serde_json::from_value(p.clone()).ok())
-            .unwrap_or_default();
-        self.set_profiles(crate::profiles::DeviceProfiles::from_config(&profiles));
-        let wanted: BTreeSet<String> = desired.workloads.iter().map(|w| w.name.clone()).collect();
-        let present: Vec<String> = self.workloads.keys().cloned().collect();
-        for name in present {
-            if !wanted.contains(&name) {
-                self.workload_event(&name, WorkloadEvent::Remove);
-            }
-        }
-        for (i, result) in specs.into_iter().enumerate() {
-            match result {
-                Ok(spec) => self.apply_spec(spec),
-                Err(e) => {
-                    let name = desired.workloads[i].name.clone();
-                    error!("rejected: {e}");
-                    self.report(true, "InvalidWorkload".into(), e.to_string());
-                    self.apply_invalid(&name, e);
+    /// Compares one name's desired and actual state and acts on the difference.
+    pub fn converge(&mut self, name: &WorkloadName, cx: &mut Ctx) {
+        let Some(desired) = self.desired.as_ref() else {
+            return;
+        };
+        let want = desired.get(name).cloned();
+        let Some(e) = self.entries.get_mut(name) else {
+            if let Some(spec) = want {
+                if !self.adopting.contains_key(name) {
+                    self.create(spec, cx);
                 }
             }
+            return;
+        };
+        let removing = matches!(
+            e.machine.state(),
+            State::Stopping {
+                after: workload::AfterStop::Remove
+            }
+        );
+        let Some(spec) = want else {
+            if !removing && !matches!(e.machine.state(), State::Removed {}) {
+                self.feed(name, WorkloadEvent::Remove, cx);
+            }
+            return;
+        };
+        let rescheduled = e.spec.as_ref().map(|s| &s.scheduling) != Some(&spec.scheduling);
+        let changed = spec.fingerprint != e.fingerprint;
+        if !e.machine.state().is_up() && !removing {
+            e.kind = spec.kind.clone();
         }
-        if applied {
-            self.device_event(DeviceEvent::DesiredStateApplied);
+        let same_spec = e.spec.as_ref() == Some(&spec);
+        e.spec = Some(spec);
+        if rescheduled {
+            self.schedule_cron(name, cx);
+        }
+        if changed || removing {
+            self.feed(name, WorkloadEvent::Update, cx);
+        }
+        if !same_spec {
+            *cx.admission_due = true;
         }
     }
 
-    fn new_entry(
-        &mut self,
-        spec: Option<WorkloadSpec>,
-        name: &str,
-        kind: WorkloadKind,
-        state: State,
-    ) -> Vec<WorkloadCommand> {
-        let (restart, backoff) = spec
-            .as_ref()
-            .map_or((Default::default(), self.defaults().backoff), |s| {
-                (s.restart, s.backoff)
-            });
-        let mut cmds = Vec::new();
-        let machine =
-            workload::machine_in(WorkloadMachine::new(restart, backoff), state, &mut cmds);
+    fn create(&mut self, spec: WorkloadSpec, cx: &mut Ctx) {
+        let name = spec.name.clone();
+        let uid = self.wants_uid(&spec).then(|| self.free_uid()).flatten();
+        if self.wants_uid(&spec) && uid.is_none() {
+            warn!(workload = %name, "WORKLOAD_UIDS is exhausted: it runs as root");
+        }
+        let mut out = Context::default();
+        let machine = workload::machine_in(
+            WorkloadMachine::new(spec.restart, spec.backoff),
+            State::waiting("waiting for admission".into()),
+            &mut out,
+        );
+        self.seq += 1;
         let entry = Entry {
-            spec,
-            kind,
+            kind: spec.kind.clone(),
+            fingerprint: spec.fingerprint.clone(),
+            cgroup: self.hierarchy.workload(&name),
+            spec: Some(spec),
             machine,
-            cgroup: self.hierarchy.workload(name),
-            lane: spawn_lane(),
-            run: 0,
-            retry_token: 0,
-            adopted: None,
+            run: Generation::default(),
+            retry: Generation::default(),
+            cron: Generation::default(),
+            process: None,
             started_at: None,
+            started_unix: 0,
             oom_baseline: 0,
             usage: None,
             last_cpu: None,
-            admitted_seq: self.next_seq(),
+            seq: self.seq,
             notice: None,
-            hold: Default::default(),
+            update_rejected: None,
+            hold: Hold::None,
             cron_due: false,
             cron_next: None,
-            cron_token: 0,
             profile_cpu_quota: None,
+            uid,
+            adopted: false,
         };
-        self.workloads.insert(name.to_string(), entry);
-        cmds
+        self.entries.insert(name.clone(), entry);
+        cx.history.record(
+            &format!("workload/{name}"),
+            &crate::machines::Transition {
+                from: "-",
+                to: "pending",
+                reason: "added to the desired state".into(),
+            },
+        );
+        self.schedule_cron(&name, cx);
+        *cx.admission_due = true;
     }
 
-    fn apply_spec(&mut self, spec: WorkloadSpec) {
-        let name = spec.name.clone();
-        match self.workloads.get_mut(&name) {
-            None => {
-                let kind = spec.kind.clone();
-                self.new_entry(
-                    Some(spec),
-                    &name,
-                    kind,
-                    State::Pending {
-                        reason: "waiting for admission".into(),
-                    },
-                );
-                self.record_transition(
-                    format!("workload/{name}"),
-                    "-",
-                    "pending",
-                    "added to the desired state".into(),
-                );
-                self.schedule_cron(&name);
-                self.admit_pending();
-            }
-            Some(e) => {
-                let changed = e.spec.as_ref().map(|s| &s.fingerprint) != Some(&spec.fingerprint);
-                let rescheduled = e.spec.as_ref().map(|s| &s.scheduling) != Some(&spec.scheduling);
-                if !changed && !rescheduled {
-                    return;
-                }
-                e.kind = spec.kind.clone();
-                e.spec = Some(spec);
-                if rescheduled {
-                    self.schedule_cron(&name);
-                }
-                if changed {
-                    self.workload_event(&name, WorkloadEvent::Update);
-                }
-                self.admit_pending();
-            }
-        }
+    /// Shell workloads without `user:` (and without WORKLOAD_USER) run as a uid of their own.
+    fn wants_uid(&self, spec: &WorkloadSpec) -> bool {
+        self.uids.is_some() && spec.shell.as_ref().is_some_and(|s| s.user.is_none())
     }
 
-    fn apply_invalid(&mut self, name: &str, err: SpecError) {
-        let reason = format!("{}: {}", err.field, err.why);
-        match self.workloads.get_mut(name) {
-            None => {
-                self.new_entry(
-                    None,
-                    name,
-                    WorkloadKind::Shell,
-                    State::Failed {
-                        reason: format!("invalid spec: {reason}"),
-                    },
-                );
-                self.record_transition(
-                    format!("workload/{name}"),
-                    "-",
-                    "failed",
-                    format!("invalid spec: {reason}"),
-                );
-                self.update_problem(name);
-            }
-            Some(e) => {
-                if e.spec.is_none() && e.machine.state().reason().ends_with(&reason) {
-                    return;
-                }
-                e.spec = None;
-                self.workload_event(name, WorkloadEvent::Invalidate { reason });
-            }
-        }
+    fn free_uid(&self) -> Option<u32> {
+        let (lo, hi) = self.uids?;
+        let used: BTreeSet<u32> = self
+            .entries
+            .values()
+            .filter_map(|e| e.uid)
+            .chain(self.adopting.values().filter_map(|r| r.uid))
+            .collect();
+        (lo..=hi).find(|u| !used.contains(u))
     }
+
+    // ---- machines ------------------------------------------------------------------------
 
     /// Feeds one event to a workload machine and executes its commands.
-    pub(crate) fn workload_event(&mut self, name: &str, event: WorkloadEvent) {
-        let Some(e) = self.workloads.get_mut(name) else {
+    pub fn feed(&mut self, name: &WorkloadName, event: WorkloadEvent, cx: &mut Ctx) {
+        let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        let before = e.machine.state().name();
-        let mut cmds = Vec::new();
-        e.machine.handle_with_context(&event, &mut cmds);
-        let after = e.machine.state().name();
-        let reason = e.machine.state().reason();
-        if let State::Running { .. } = e.machine.state() {
-            if before != "running" {
-                e.started_at = Some(Instant::now());
-                if let Some(a) = &mut self.alerts {
-                    a.watch_workload(name, &e.cgroup);
-                }
-            }
+        let held_before = e.machine.state().holds_resources();
+        let mut out = Context::default();
+        e.machine.handle_with_context(&event, &mut out);
+        let machine_name = format!("workload/{name}");
+        for t in &out.transitions {
+            cx.history.record(&machine_name, t);
         }
-        if before != after {
-            self.record_transition(format!("workload/{name}"), before, after, reason);
+        if !out.transitions.is_empty() && e.machine.state().is_up() && e.started_at.is_none() {
+            e.started_at = Some(Instant::now());
         }
-        for c in cmds {
-            self.exec(name, c);
+        for c in out.commands {
+            self.exec(name, c, cx);
         }
-        self.update_problem(name);
-        if after == "removed" {
-            self.workloads.remove(name);
-            if let Some(a) = &mut self.alerts {
-                a.forget(name);
-            }
-            self.device_event(DeviceEvent::ProblemCleared {
-                key: format!("workload/{name}"),
-            });
-        } else if after == "pending" && before != "pending" {
-            self.admit_pending();
+        let Some(e) = self.entries.get(name) else {
+            return;
+        };
+        let state = e.machine.state();
+        let problem = match state {
+            State::Failed { reason } => Some(format!("workload {name} failed: {reason}")),
+            _ => e.update_rejected.as_ref().map(|why| {
+                format!(
+                    "workload {name}: its new spec is refused ({why}); running the last good one"
+                )
+            }),
+        };
+        cx.problem(ProblemKey::Workload(name.to_string()), problem);
+        if matches!(state, State::Removed {}) {
+            self.entries.remove(name);
+            cx.fx.run(Effect::Forget { name: name.clone() });
+            cx.problem(ProblemKey::Workload(name.to_string()), None);
+            *cx.admission_due = true;
+        } else if held_before != state.holds_resources() || matches!(state, State::Pending { .. }) {
+            *cx.admission_due = true;
         }
-        // Resources freed: what waits for room may fit now.
-        let holding = ["starting", "running", "backoff", "stopping"];
-        if holding.contains(&before) && !holding.contains(&after) {
-            self.admit_pending();
+        if !out.transitions.is_empty() {
+            cx.push(Internal::Converge(name.clone()));
         }
     }
 
-    /// A failed workload is a device problem until it leaves that state.
-    fn update_problem(&mut self, name: &str) {
-        let Some(e) = self.workloads.get(name) else {
-            return;
-        };
-        let key = format!("workload/{name}");
-        let event = match e.machine.state() {
-            State::Failed { reason } => DeviceEvent::ProblemRaised {
-                key,
-                reason: format!("workload {name} failed: {reason}"),
-            },
-            _ => DeviceEvent::ProblemCleared { key },
-        };
-        self.device_event(event);
-    }
-
-    fn exec(&mut self, name: &str, cmd: WorkloadCommand) {
-        let store = self.store.clone();
-        let secrets = self.secrets.clone();
-        let tx = self.tx.clone();
-        let grace = self.settings.stop_timeout;
-        let Some(e) = self.workloads.get_mut(name) else {
+    fn exec(&mut self, name: &WorkloadName, cmd: WorkloadCommand, cx: &mut Ctx) {
+        let (store, secrets, grace) = (&self.store, self.secrets.clone(), self.stop_timeout);
+        let Some(e) = self.entries.get_mut(name) else {
             return;
         };
         match cmd {
             WorkloadCommand::Start => {
-                e.run += 1;
-                e.adopted = None;
+                let gen = e.run.bump();
+                e.process = None;
+                e.started_at = None;
                 e.usage = None;
                 e.last_cpu = None;
+                e.adopted = false;
                 let Some(mut spec) = e.spec.clone() else {
                     return;
                 };
-                // An active profile condition's cpu quota lowers the cpu limit of this run.
-                spec.limits = Self::effective_limits(&spec, e.profile_cpu_quota);
-                let op = start_op(
-                    spec,
-                    e.cgroup.clone(),
-                    store,
-                    tx,
-                    e.run,
-                    e.machine.inner().restarts,
-                    secrets,
-                );
-                let _ = e.lane.try_send(op);
+                e.kind = spec.kind.clone();
+                e.fingerprint = spec.fingerprint.clone();
+                spec.limits = admission::effective_limits(&spec, e.profile_cpu_quota);
+                cx.fx.run(Effect::Driver {
+                    name: name.clone(),
+                    gen,
+                    op: DriverOp::Start {
+                        spec: Box::new(spec),
+                        cgroup: e.cgroup.clone(),
+                        log: store.log_path(name),
+                        uid: e.uid,
+                        secrets,
+                    },
+                });
             }
-            WorkloadCommand::Stop => {
-                let (cg, run, n, kind) =
-                    (e.cgroup.clone(), e.run, name.to_string(), e.kind.clone());
-                let _ = e.lane.try_send(Box::new(move || {
-                    if let Err(err) = drivers::stop(&kind, &cg, grace) {
-                        error!(workload = %n, "stopping: {err}");
-                    }
-                    let _ = tx.send_blocking(Event::Workload {
-                        name: n,
-                        run,
-                        event: WorkloadEvent::StopCompleted,
-                    });
-                }));
-            }
+            WorkloadCommand::Stop => cx.fx.run(Effect::Driver {
+                name: name.clone(),
+                gen: e.run,
+                op: DriverOp::Stop {
+                    at: e.placement(name),
+                    grace,
+                },
+            }),
             WorkloadCommand::Cleanup => {
-                let (cg, n, kind) = (e.cgroup.clone(), name.to_string(), e.kind.clone());
-                let _ = e.lane.try_send(Box::new(move || {
-                    if let Err(err) = drivers::cleanup(&kind, &cg) {
-                        error!(workload = %n, "removing its cgroup: {err}");
-                    }
-                    if let Err(err) = store.remove_record(&n) {
-                        error!(workload = %n, "removing its record: {err}");
-                    }
-                }));
+                cx.fx.run(Effect::Driver {
+                    name: name.clone(),
+                    gen: e.run,
+                    op: DriverOp::Cleanup {
+                        at: e.placement(name),
+                    },
+                });
+                cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
             }
             WorkloadCommand::ScheduleRetry(delay) => {
-                e.retry_token += 1;
-                let token = e.retry_token;
-                super::sources::after(
-                    tx,
+                let gen = e.retry.bump();
+                cx.after(
                     delay,
                     Event::RetryDue {
-                        name: name.to_string(),
-                        token,
+                        name: name.clone(),
+                        gen,
                     },
                 );
             }
@@ -589,226 +540,522 @@ impl Controller {
                 warn,
                 reason,
                 message,
-            } => self.report(warn, reason, format!("workload {name}: {message}")),
+            } => cx.report(warn, &reason, format!("workload {name}: {message}")),
         }
     }
 
-    /// The limits a run gets: the spec's, with an active profile condition's cpu quota.
-    pub(crate) fn effective_limits(
-        spec: &WorkloadSpec,
-        quota: Option<u64>,
-    ) -> crate::cgroup::Limits {
-        let mut l = spec.limits;
-        if let Some(q) = quota {
-            l.cpu_millicores = Some(l.cpu_millicores.map_or(q, |c| c.min(q)));
+    /// A driver result or a watch's news about one run.
+    pub fn on_run(
+        &mut self,
+        name: &WorkloadName,
+        gen: Generation,
+        outcome: RunOutcome,
+        cx: &mut Ctx,
+    ) {
+        if let RunOutcome::Adopted(started) = outcome {
+            return self.adopted(name, started.map(|s| *s), cx);
         }
-        l
-    }
-
-    /// Applies a new profile cpu quota to a running workload's cgroup, in place.
-    pub(crate) fn set_profile_quota(&mut self, name: &str, quota: Option<u64>) {
-        let Some(e) = self.workloads.get_mut(name) else {
+        let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        e.profile_cpu_quota = quota;
-        let Some(spec) = e.spec.as_ref() else {
+        if !e.run.is(gen) {
+            debug!(workload = %name, run = %gen, "a result of an earlier run: dropped");
             return;
-        };
-        let limits = Self::effective_limits(spec, quota);
-        let (cg, n) = (e.cgroup.clone(), name.to_string());
-        let _ = e.lane.try_send(Box::new(move || {
-            if let Err(err) = cg.apply(&limits) {
-                error!(workload = %n, "applying the profile's cpu quota: {err}");
+        }
+        match outcome {
+            RunOutcome::Started(s) => self.started(name, gen, s, cx),
+            RunOutcome::StartFailed(error) => {
+                self.feed(name, WorkloadEvent::StartFailed { error }, cx)
             }
-        }));
+            RunOutcome::Progress { ready, reason } => {
+                self.feed(name, WorkloadEvent::Progress { ready, reason }, cx)
+            }
+            RunOutcome::Ended(end) => {
+                let ran_for = e.started_at.map_or(Duration::ZERO, |t| t.elapsed());
+                // A small read of the cgroup's own counter (kernfs, no I/O).
+                let oom = e.cgroup.oom_kills() > e.oom_baseline || end.oom_killed;
+                self.feed(
+                    name,
+                    WorkloadEvent::Exited(ExitInfo {
+                        code: end.code,
+                        signal: end.signal,
+                        oom_killed: oom,
+                        ran_for,
+                    }),
+                    cx,
+                )
+            }
+            RunOutcome::Stopped => self.feed(name, WorkloadEvent::StopCompleted, cx),
+            RunOutcome::CleanedUp(_) | RunOutcome::Adopted(_) => {}
+        }
     }
 
-    /// An adopted process (no waiter) was found gone by the sampler.
-    pub(crate) fn adopted_exited(&mut self, name: &str) {
-        let Some(e) = self.workloads.get_mut(name) else {
+    fn started(&mut self, name: &WorkloadName, gen: Generation, s: Started, cx: &mut Ctx) {
+        let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        if e.adopted.take().is_none() {
-            return;
+        e.process = s.pid.map(|p| (p, s.start_ticks));
+        e.oom_baseline = s.oom_kills_at_start;
+        e.started_unix = unix_now();
+        if s.notice != e.notice {
+            if let Some(n) = &s.notice {
+                cx.report(true, "Notice", format!("workload {name}: {n}"));
+            }
+            e.notice = s.notice.clone();
         }
-        let oom = e.cgroup.oom_kills() > e.oom_baseline;
-        let ran_for = e.started_at.map_or(Duration::ZERO, |t| t.elapsed());
-        self.workload_event(
-            name,
-            WorkloadEvent::Exited(ExitInfo {
-                code: None,
-                signal: None,
-                oom_killed: oom,
-                ran_for,
-            }),
-        );
+        let pid = s.pid;
+        if pid.is_some() {
+            cx.fx.run(Effect::WatchOom {
+                name: name.clone(),
+                cgroup: e.cgroup.clone(),
+            });
+        }
+        cx.fx.run(Effect::Watch {
+            name: name.clone(),
+            gen,
+            watch: s.watch,
+        });
+        if let Some(r) = self.record_of(name) {
+            cx.push(Internal::Persist(Write::Record(r)));
+        }
+        let event = match pid {
+            Some(_) => WorkloadEvent::Started { pid },
+            None => WorkloadEvent::Progress {
+                ready: false,
+                reason: "applied; waiting for the cluster to run it".into(),
+            },
+        };
+        self.feed(name, event, cx);
     }
 
-    /// Every workload with a cgroup (counters stay readable between runs, e.g. the pids.events
-    /// of a fork bomb that died before the next tick).
-    pub(crate) fn sample_targets(&self) -> Vec<Target> {
-        self.workloads
+    /// The record of a workload's current run (adoption after an agent restart needs it).
+    pub fn record_of(&self, name: &WorkloadName) -> Option<WorkloadRecord> {
+        let e = self.entries.get(name)?;
+        if !e.machine.state().is_up() && !matches!(e.machine.state(), State::Starting { .. }) {
+            return None;
+        }
+        Some(WorkloadRecord {
+            name: name.clone(),
+            kind: e.kind.clone(),
+            fingerprint: e.fingerprint.clone(),
+            pid: e.process.map(|p| p.0),
+            pid_start_ticks: e.process.map_or(0, |p| p.1),
+            started_at_unix: e.started_unix,
+            restarts: e.machine.inner().restarts,
+            oom_kills_at_start: e.oom_baseline,
+            uid: e.uid,
+            cgroup: serde_json::to_value(&e.cgroup).ok(),
+        })
+    }
+
+    pub fn retry_due(&mut self, name: &WorkloadName, gen: Generation, cx: &mut Ctx) {
+        if self.entries.get(name).is_some_and(|e| e.retry.is(gen)) {
+            self.feed(name, WorkloadEvent::RetryDue, cx);
+        }
+    }
+
+    // ---- adoption after an agent restart --------------------------------------------------
+
+    /// Reads what an earlier agent left: every valid record is checked by its driver (on its
+    /// lane); cgroups of ours without a record are emptied and removed.
+    pub fn adopt_records(
+        &mut self,
+        records: Vec<Result<WorkloadRecord, StoreError>>,
+        cx: &mut Ctx,
+    ) {
+        for rec in records {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("ignoring a workload record: {e}");
+                    continue;
+                }
+            };
+            let name = rec.name.clone();
+            let at = Placement {
+                name: name.clone(),
+                kind: rec.kind.clone(),
+                cgroup: self.hierarchy.workload(&name),
+            };
+            self.adopting.insert(name.clone(), rec.clone());
+            cx.fx.run(Effect::Driver {
+                name,
+                gen: Generation::default(),
+                op: DriverOp::Adopt { at, record: rec },
+            });
+        }
+        for found in self.hierarchy.existing_workloads() {
+            match found {
+                Ok(name) if !self.adopting.contains_key(&name) => {
+                    warn!(workload = %name, "removing a workload cgroup that no record explains");
+                    let at = Placement {
+                        name: name.clone(),
+                        // No record says what it was: a pod's cleanup also removes a plain
+                        // cgroup (and the pod's children a plain removal could not).
+                        kind: WorkloadKind::Pod,
+                        cgroup: self.hierarchy.workload(&name),
+                    };
+                    cx.fx.run(Effect::Driver {
+                        name,
+                        gen: Generation::default(),
+                        op: DriverOp::Cleanup { at },
+                    });
+                }
+                Ok(_) => {}
+                Err(path) => warn!("{path}: not a workload name: left alone"),
+            }
+        }
+    }
+
+    fn adopted(&mut self, name: &WorkloadName, started: Option<Started>, cx: &mut Ctx) {
+        let Some(rec) = self.adopting.remove(name) else {
+            return;
+        };
+        let Some(s) = started else {
+            info!(workload = %name, "its recorded run is gone: cleaning up what is left");
+            let at = Placement {
+                name: name.clone(),
+                kind: rec.kind.clone(),
+                cgroup: self.hierarchy.workload(name),
+            };
+            cx.fx.run(Effect::Driver {
+                name: name.clone(),
+                gen: Generation::default(),
+                op: DriverOp::Cleanup { at },
+            });
+            cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
+            cx.push(Internal::Converge(name.clone()));
+            return;
+        };
+        let spec = self.desired.as_ref().and_then(|d| d.get(name)).cloned();
+        let (restart, backoff) = spec
+            .as_ref()
+            .map_or((Default::default(), BackoffPolicy::default()), |s| {
+                (s.restart, s.backoff)
+            });
+        let mut shared = WorkloadMachine::new(restart, backoff);
+        shared.restarts = rec.restarts;
+        let mut out = Context::default();
+        let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
+        self.seq += 1;
+        let mut run = Generation::default();
+        let gen = run.bump();
+        let entry = Entry {
+            spec: spec.filter(|sp| sp.fingerprint == rec.fingerprint),
+            kind: rec.kind.clone(),
+            fingerprint: rec.fingerprint.clone(),
+            machine,
+            cgroup: self.hierarchy.workload(name),
+            run,
+            retry: Generation::default(),
+            cron: Generation::default(),
+            process: s.pid.map(|p| (p, s.start_ticks)),
+            started_at: Some(Instant::now()),
+            started_unix: rec.started_at_unix,
+            oom_baseline: rec.oom_kills_at_start,
+            usage: None,
+            last_cpu: None,
+            seq: self.seq,
+            notice: None,
+            update_rejected: None,
+            hold: Hold::None,
+            cron_due: false,
+            cron_next: None,
+            profile_cpu_quota: None,
+            uid: rec.uid,
+            adopted: true,
+        };
+        self.entries.insert(name.clone(), entry);
+        cx.history.record(
+            &format!("workload/{name}"),
+            &crate::machines::Transition {
+                from: "-",
+                to: "running",
+                reason: match s.pid {
+                    Some(pid) => format!("adopted pid {pid}"),
+                    None => "adopted its Deployment".into(),
+                },
+            },
+        );
+        if s.pid.is_some() {
+            cx.fx.run(Effect::WatchOom {
+                name: name.clone(),
+                cgroup: self.hierarchy.workload(name),
+            });
+        }
+        cx.fx.run(Effect::Watch {
+            name: name.clone(),
+            gen,
+            watch: s.watch,
+        });
+        cx.push(Internal::Converge(name.clone()));
+    }
+
+    /// Adopted runs are watched by pidfd like any other: nothing to do per sample.
+    pub fn adopted_liveness(&mut self, _report: &Report, _cx: &mut Ctx) {}
+
+    // ---- admission, eviction, profiles, cron ------------------------------------------------
+
+    /// One admission round over every waiting workload.
+    pub fn admit(&mut self, budget: &Budget, profiles: &ProfilesState, cx: &mut Ctx) {
+        let committed = self
+            .entries
+            .values()
+            .filter(|e| e.machine.state().holds_resources())
+            .filter_map(|e| e.spec.as_ref())
+            .map(counted_requests)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let candidates: Vec<Candidate> = self
+            .entries
             .iter()
-            .filter(|(_, e)| {
-                e.spec.is_some() && !matches!(e.machine.state(), State::Pending { .. })
+            .filter_map(|(name, e)| {
+                let spec = e.spec.as_ref()?;
+                let waiting = match e.machine.state() {
+                    State::Pending { .. } => true,
+                    State::Evicted { .. } => e.hold != Hold::Budget,
+                    State::Stopped { .. } => e.cron_due,
+                    _ => false,
+                };
+                waiting.then(|| Candidate {
+                    name,
+                    spec,
+                    seq: e.seq,
+                    cron_due: e.cron_due,
+                    cron_next_unix: e.cron_next.map(unix),
+                })
             })
-            .map(|(n, e)| Target {
-                name: n.clone(),
-                cgroup: e.cgroup.clone(),
-                adopted: e.adopted,
-            })
-            .collect()
+            .collect();
+        let decisions: Vec<(WorkloadName, Decision)> = admission::decide(
+            candidates,
+            committed,
+            budget,
+            &profiles.profiles,
+            &profiles.evaluation,
+        )
+        .into_iter()
+        .map(|(n, d)| (n.clone(), d))
+        .collect();
+        for (name, decision) in decisions {
+            match decision {
+                Decision::Admit { cpu_quota } => {
+                    if let Some(e) = self.entries.get_mut(&name) {
+                        e.hold = Hold::None;
+                        e.cron_due = false;
+                        e.profile_cpu_quota = cpu_quota;
+                    }
+                    self.feed(&name, WorkloadEvent::Admit, cx);
+                }
+                Decision::Wait(reason) => {
+                    let pending = self.entries.get(&name).is_some_and(|e| {
+                        matches!(e.machine.state(), State::Pending { reason: r } if *r != reason)
+                    });
+                    if pending {
+                        self.feed(&name, WorkloadEvent::Hold { reason }, cx);
+                    }
+                }
+            }
+        }
     }
 
     /// Over budget: evict the lowest-priority running workload, newest first among equals.
     /// A starting one counts as running: its process may already be allocating before the
-    /// driver has reported it started (seen: the breach came first, and a higher priority was
-    /// evicted in its place).
-    pub(crate) fn shed_load(&mut self) {
-        let victim = self
-            .workloads
-            .iter()
-            .filter(|(_, e)| {
-                matches!(
-                    e.machine.state(),
-                    State::Running { .. } | State::Starting {}
-                )
-            })
-            .min_by_key(|(_, e)| {
-                (
-                    e.spec.as_ref().map_or(0, |s| s.priority),
-                    std::cmp::Reverse(e.admitted_seq),
-                )
-            })
-            .map(|(n, _)| n.clone());
-        match victim {
-            Some(name) => {
-                let (mem, cpu) = self.used;
-                let budget = self.budget();
-                let reason = format!(
-                    "device over budget (memory {} of {}, cpu {cpu}m of {}m): lowest priority",
-                    crate::units::Bytes(mem),
-                    crate::units::Bytes(budget.memory_bytes),
-                    budget.cpu_millicores
-                );
-                if let Some(e) = self.workloads.get_mut(&name) {
-                    e.hold = super::admission::Hold::Budget;
-                }
-                self.workload_event(&name, WorkloadEvent::Evict { reason });
-            }
-            None => warn!("over budget, but no running workload is left to evict"),
+    /// driver has reported it started (seen: the breach was acted on first, and a higher
+    /// priority evicted in its place).
+    pub fn shed_load(&mut self, used: Used, budget: &Budget, cx: &mut Ctx) {
+        let victim = admission::victim(
+            self.entries
+                .iter()
+                .filter(|(_, e)| {
+                    e.spec.is_some()
+                        && (e.machine.state().is_up()
+                            || matches!(e.machine.state(), State::Starting { .. }))
+                })
+                .map(|(name, e)| Running {
+                    name,
+                    priority: e.priority(),
+                    seq: e.seq,
+                }),
+        )
+        .cloned();
+        let Some(name) = victim else {
+            warn!("over budget, but no running workload is left to evict");
+            return;
+        };
+        let reason = format!(
+            "device over budget (memory {} of {}, cpu {}m of {}m): lowest priority",
+            Bytes(used.memory_bytes),
+            Bytes(budget.memory_bytes),
+            used.cpu_millicores,
+            budget.cpu_millicores
+        );
+        if let Some(e) = self.entries.get_mut(&name) {
+            e.hold = Hold::Budget;
         }
+        self.feed(&name, WorkloadEvent::Evict { reason }, cx);
+    }
+
+    /// Whether a workload evicted for the budget is still stopping (its memory is released
+    /// only once it has stopped).
+    pub fn evicting(&self) -> bool {
+        self.entries.values().any(|e| {
+            matches!(
+                e.machine.state(),
+                State::Stopping {
+                    after: AfterStop::Evict(_)
+                }
+            )
+        })
     }
 
     /// The budget recovered: evicted workloads may be admitted again (admission decides).
-    pub(crate) fn readmit(&mut self) {
-        for e in self.workloads.values_mut() {
-            if e.hold == super::admission::Hold::Budget {
-                e.hold = super::admission::Hold::None;
+    pub fn readmit(&mut self, cx: &mut Ctx) {
+        for e in self.entries.values_mut() {
+            if e.hold == Hold::Budget {
+                e.hold = Hold::None;
             }
         }
-        self.admit_pending();
+        *cx.admission_due = true;
+    }
+
+    /// The profile evaluation changed: stop the workloads whose profiles became inactive,
+    /// apply a changed cpu quota in place, and let admission start the others.
+    pub fn profiles_changed(&mut self, profiles: &ProfilesState, cx: &mut Ctx) {
+        let mut stop = Vec::new();
+        for (name, e) in self.entries.iter_mut() {
+            let up =
+                e.machine.state().is_up() || matches!(e.machine.state(), State::Starting { .. });
+            let Some(spec) = e
+                .spec
+                .as_ref()
+                .filter(|s| up && !s.scheduling.profiles.is_empty())
+            else {
+                continue;
+            };
+            let p = profiles
+                .profiles
+                .workload_permission(&spec.scheduling.profiles, &profiles.evaluation);
+            if !p.allowed {
+                stop.push((name.clone(), p.reason));
+            } else if p.cpu_quota_millicores != e.profile_cpu_quota {
+                info!(workload = %name, quota = ?p.cpu_quota_millicores, "profile cpu quota changed");
+                e.profile_cpu_quota = p.cpu_quota_millicores;
+                // The quota of the active condition is the cpu limit while it is active
+                // (PROTOCOL §7).
+                cx.fx.run(Effect::Driver {
+                    name: name.clone(),
+                    gen: e.run,
+                    op: DriverOp::SetLimits {
+                        cgroup: e.cgroup.clone(),
+                        limits: admission::effective_limits(spec, e.profile_cpu_quota),
+                    },
+                });
+            }
+        }
+        for (name, reason) in stop {
+            info!(workload = %name, "profile inactive: stopping it ({reason})");
+            if let Some(e) = self.entries.get_mut(&name) {
+                e.hold = Hold::Profile;
+            }
+            self.feed(
+                &name,
+                WorkloadEvent::Evict {
+                    reason: format!("profile inactive: {reason}"),
+                },
+                cx,
+            );
+        }
+        *cx.admission_due = true;
+    }
+
+    /// Plans the next run of a cron workload.
+    fn schedule_cron(&mut self, name: &WorkloadName, cx: &mut Ctx) {
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        let Some(schedule) = e.spec.as_ref().and_then(|s| s.scheduling.cron.clone()) else {
+            e.cron_next = None;
+            return;
+        };
+        let gen = e.cron.bump();
+        let now = SystemTime::now();
+        e.cron_next = schedule.next_after(now);
+        if let Some(next) = e.cron_next {
+            let delay = next.duration_since(now).unwrap_or(Duration::ZERO);
+            cx.after(
+                delay,
+                Event::CronDue {
+                    name: name.clone(),
+                    gen,
+                },
+            );
+        }
+    }
+
+    pub fn cron_due(&mut self, name: &WorkloadName, gen: Generation, cx: &mut Ctx) {
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        if !e.cron.is(gen) {
+            return;
+        }
+        if e.machine.state().holds_resources() {
+            warn!(workload = %name, "scheduled run skipped: the previous run is still going");
+        } else {
+            e.cron_due = true;
+        }
+        self.schedule_cron(name, cx);
+        *cx.admission_due = true;
+    }
+
+    // ---- sampling ----------------------------------------------------------------------
+
+    /// Every workload with a cgroup of the agent (counters stay readable between runs, e.g.
+    /// the pids.events of a fork bomb that died before the next tick).
+    pub fn sample_targets(&self) -> Vec<Target> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| {
+                e.kind != WorkloadKind::K8s && !matches!(e.machine.state(), State::Pending { .. })
+            })
+            .map(|(n, e)| Target {
+                name: n.clone(),
+                cgroup: e.cgroup.clone(),
+            })
+            .collect()
+    }
+
+    /// Takes in a sample's per-workload counters; returns the workloads' total.
+    pub fn record_usage(&mut self, report: &Report, last: Option<Instant>) -> Used {
+        let elapsed = last.map(|t| report.at.saturating_duration_since(t));
+        let mut used = Used::default();
+        for s in &report.workloads {
+            let Some(e) = self.entries.get_mut(&s.name) else {
+                continue;
+            };
+            let Some(c) = s.counters else { continue };
+            let millis = match (e.last_cpu, elapsed) {
+                (Some(prev), Some(_)) => {
+                    sampler::millicores(prev.0, c.cpu_ns, report.at.duration_since(prev.1))
+                }
+                _ => 0,
+            };
+            e.last_cpu = Some((c.cpu_ns, report.at));
+            used.memory_bytes += c.memory_bytes;
+            used.cpu_millicores += millis;
+            e.usage = Some(Usage {
+                memory_bytes: c.memory_bytes,
+                cpu_millicores: millis,
+                pids: c.pids,
+                oom_kills: c.oom_kills,
+                cpu_throttled_periods: c.cpu_throttled_periods,
+                pids_max_events: c.pids_max_events,
+            });
+        }
+        used
     }
 }
 
-/// A thread that waits for the end of one run and reports it as `Exited`.
-fn spawn_waiter(
-    tx: Sender<Event>,
-    name: String,
-    run: u64,
-    waiter: impl FnOnce() -> drivers::RunEnd + Send + 'static,
-    cgroup: WorkloadCgroup,
-    oom_baseline: u64,
-) -> std::io::Result<()> {
-    let t0 = Instant::now();
-    std::thread::Builder::new()
-        .name(format!("wait-{name}"))
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let end = waiter();
-            let oom = cgroup.oom_kills() > oom_baseline || end.oom_killed;
-            let _ = tx.send_blocking(Event::Workload {
-                name,
-                run,
-                event: WorkloadEvent::Exited(ExitInfo {
-                    code: end.code,
-                    signal: end.signal,
-                    oom_killed: oom,
-                    ran_for: t0.elapsed(),
-                }),
-            });
-        })
-        .map(|_| ())
-}
-
-/// The blocking start of one run: cgroup, process, record, then a waiter for its exit.
-fn start_op(
-    spec: WorkloadSpec,
-    cgroup: WorkloadCgroup,
-    store: Store,
-    tx: Sender<Event>,
-    run: u64,
-    restarts: u32,
-    secrets: Arc<Vec<DesiredSecret>>,
-) -> LaneOp {
-    Box::new(move || {
-        let name = spec.name.clone();
-        let send = |event| {
-            let _ = tx.send_blocking(Event::Workload {
-                name: name.clone(),
-                run,
-                event,
-            });
-        };
-        let started = match drivers::start(&spec, &cgroup, &store.log_path(&name), &secrets) {
-            Ok(s) => s,
-            Err(e) => {
-                return send(WorkloadEvent::StartFailed {
-                    error: e.to_string(),
-                })
-            }
-        };
-        let record = WorkloadRecord {
-            name: name.clone(),
-            kind: spec.kind.name().into(),
-            fingerprint: spec.fingerprint.clone(),
-            cgroup: cgroup.clone(),
-            pid: started.pid,
-            pid_start_ticks: started.start_ticks,
-            started_at_unix: unix_now(),
-            restarts,
-            oom_kills_at_start: started.oom_kills_at_start,
-        };
-        if let Err(e) = store.save_record(&record) {
-            // Not fatal for the run; only adoption after an agent restart needs it.
-            error!(workload = %name, "cannot persist its record: {e}");
-        }
-        send(WorkloadEvent::Started { pid: started.pid });
-        if let Some(notice) = started.notice.clone() {
-            let _ = tx.send_blocking(Event::Notice {
-                name: name.clone(),
-                run,
-                message: notice,
-            });
-        }
-        let (pid, ticks) = (started.pid, started.start_ticks);
-        let baseline = started.oom_kills_at_start;
-        let spawned = spawn_waiter(
-            tx.clone(),
-            name.clone(),
-            run,
-            move || started.waiter.wait(),
-            cgroup,
-            baseline,
-        );
-        if let Err(e) = spawned {
-            warn!(workload = %name, "no waiter thread ({e}): watching pid {pid} by sampling");
-            let _ = tx.send_blocking(Event::Unwatched {
-                name,
-                run,
-                pid,
-                ticks,
-            });
-        }
-    })
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

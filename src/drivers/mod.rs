@@ -1,18 +1,24 @@
-//! Drivers run workloads. Each call is blocking and runs on a workload's lane (a blocking
-//! thread, one command at a time per workload), never on the controller task. The controller
-//! only calls [`start`], [`stop`] and [`cleanup`], which dispatch on the workload's kind.
+//! Drivers run workloads. One seam, [`Driver`], dispatched by an enum ([`AnyDriver`], the way
+//! youki's `AnyCgroupManager` dispatches cgroup managers): the controller asks [`Drivers`] —
+//! built once from the settings in `daemon.rs` — for the driver of a workload's kind and calls
+//! it on the workload's lane (a blocking task, one operation at a time per workload, never on
+//! the controller task). How a run's end is awaited is the driver's answer too ([`Watch`]),
+//! awaited on the reactor by [`watch::until_end`].
 
 pub mod k8s;
 pub mod podman;
 pub mod process;
 pub mod shell;
+pub mod watch;
 
-use std::path::Path;
-use std::process::Child;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cgroup::{CgroupError, WorkloadCgroup};
-use crate::workload::{DesiredSecret, WorkloadKind, WorkloadSpec};
+use crate::cgroup::{CgroupError, Layout, WorkloadCgroup};
+use crate::store::WorkloadRecord;
+use crate::workload::{DesiredSecret, WorkloadKind, WorkloadName, WorkloadSpec};
+
+pub use watch::{Poll, Watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -24,16 +30,6 @@ pub enum DriverError {
     K8s(#[from] k8s::K8sError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
-    #[error("kind '{0}' has no driver on this agent")]
-    Unsupported(&'static str),
-}
-
-/// How one run's end is awaited (on a waiter thread).
-pub enum Waiter {
-    /// Our own child process: wait(2) gives its exit status.
-    Child(Child),
-    /// A driver-specific blocking wait (e.g. a container runtime's own wait call).
-    Blocking(Box<dyn FnOnce() -> RunEnd + Send>),
 }
 
 /// How a run ended, as far as the driver can tell.
@@ -46,139 +42,147 @@ pub struct RunEnd {
     pub oom_killed: bool,
 }
 
-impl Waiter {
-    pub fn wait(self) -> RunEnd {
-        match self {
-            Waiter::Child(mut c) => {
-                use std::os::unix::process::ExitStatusExt;
-                match c.wait() {
-                    Ok(s) => RunEnd {
-                        code: s.code(),
-                        signal: s.signal(),
-                        oom_killed: false,
-                    },
-                    Err(_) => RunEnd::default(),
-                }
-            }
-            Waiter::Blocking(f) => f(),
-        }
-    }
-}
-
-/// A started run.
+/// A started (or adopted) run.
+#[derive(Debug)]
 pub struct Started {
-    /// The process the agent watches (adoption after an agent restart goes by pid + ticks).
-    pub pid: i32,
+    /// The main process; `None` for a run without a local process (k8s).
+    pub pid: Option<i32>,
     pub start_ticks: u64,
     pub oom_kills_at_start: u64,
-    pub waiter: Waiter,
+    pub watch: Watch,
     /// Something the operator must know about this run (e.g. limits podman cannot enforce).
     pub notice: Option<String>,
 }
 
-/// Starts one run of the workload inside `cgroup` with its limits applied.
-/// `secrets` is the desired state's `secrets` list (PROTOCOL §4.4): drivers that consume them
-/// make sure they exist, as listed, before the workload starts.
-pub fn start(
-    spec: &WorkloadSpec,
-    cgroup: &WorkloadCgroup,
-    log_path: &Path,
-    secrets: &[DesiredSecret],
-) -> Result<Started, DriverError> {
-    match spec.kind {
-        WorkloadKind::Shell => {
-            let s = shell::start(spec, cgroup, log_path)?;
-            Ok(Started {
-                pid: s.pid,
-                start_ticks: s.start_ticks,
-                oom_kills_at_start: s.oom_kills_at_start,
-                waiter: Waiter::Child(s.child),
-                notice: None,
-            })
+/// Everything one start needs.
+pub struct Run<'a> {
+    pub spec: &'a WorkloadSpec,
+    pub cgroup: &'a WorkloadCgroup,
+    pub log: &'a Path,
+    /// The desired state's `secrets` (PROTOCOL §4.4): drivers that consume them make sure
+    /// they exist, as listed, before the workload starts.
+    pub secrets: &'a [DesiredSecret],
+    /// The uid a shell workload without an explicit `user:` runs as.
+    pub uid: Option<u32>,
+}
+
+/// Where a workload lives: enough to stop, clean up or adopt it.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub name: WorkloadName,
+    pub kind: WorkloadKind,
+    pub cgroup: WorkloadCgroup,
+}
+
+/// What every kind of workload can be asked. Each call blocks (it runs on a lane).
+pub trait Driver {
+    /// Starts one run inside the workload's cgroup with its limits applied.
+    fn start(&self, run: &Run) -> Result<Started, DriverError>;
+    /// Stops every process of the workload (SIGTERM, `grace`, SIGKILL).
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError>;
+    /// Removes everything the workload left: driver resources, then its cgroup.
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError>;
+    /// After an agent restart: the recorded run if it still is the workload's (same process,
+    /// in the workload's cgroup; for k8s: its Deployment exists), with how to watch it.
+    fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started>;
+}
+
+/// The drivers, dispatched by enum.
+pub enum AnyDriver {
+    Shell(shell::ShellDriver),
+    Pod(podman::PodDriver),
+    K8s(k8s::K8sDriver),
+}
+
+impl Driver for AnyDriver {
+    fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        match self {
+            AnyDriver::Shell(d) => d.start(run),
+            AnyDriver::Pod(d) => d.start(run),
+            AnyDriver::K8s(d) => d.start(run),
         }
-        WorkloadKind::Pod => {
-            // A pod reads its secrets when it is created.
-            let report = podman::secrets::sync(secrets)?;
-            if let Some((name, why)) = report.failed.first() {
-                return Err(DriverError::Podman(podman::PodmanError::Unexpected(
-                    format!("secret {name}: {why}"),
-                )));
-            }
-            let s = podman::start(spec, cgroup, log_path)?;
-            Ok(Started {
-                pid: s.pid,
-                start_ticks: s.start_ticks,
-                oom_kills_at_start: s.oom_kills_at_start,
-                waiter: Waiter::Blocking(s.waiter),
-                notice: s.notice,
-            })
+    }
+
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        match self {
+            AnyDriver::Shell(d) => d.stop(at, grace),
+            AnyDriver::Pod(d) => d.stop(at, grace),
+            AnyDriver::K8s(d) => d.stop(at, grace),
         }
-        // A Deployment has no local process: pid 0 and no cgroup of the agent; the run is
-        // its pod, watched through the API (drivers/k8s).
-        WorkloadKind::K8s => {
-            let s = k8s::driver().start(spec, secrets)?;
-            Ok(Started {
-                pid: 0,
-                start_ticks: 0,
-                oom_kills_at_start: 0,
-                waiter: Waiter::Blocking(s.waiter),
-                notice: s.notice,
-            })
+    }
+
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        match self {
+            AnyDriver::Shell(d) => d.cleanup(at),
+            AnyDriver::Pod(d) => d.cleanup(at),
+            AnyDriver::K8s(d) => d.cleanup(at),
+        }
+    }
+
+    fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started> {
+        match self {
+            AnyDriver::Shell(d) => d.adopt(at, record),
+            AnyDriver::Pod(d) => d.adopt(at, record),
+            AnyDriver::K8s(d) => d.adopt(at, record),
         }
     }
 }
 
-/// Stops every process of the workload (SIGTERM, `grace`, SIGKILL).
-pub fn stop(
-    kind: &WorkloadKind,
-    cgroup: &WorkloadCgroup,
-    grace: Duration,
-) -> Result<(), DriverError> {
-    match kind {
-        WorkloadKind::Pod => Ok(podman::stop(cgroup, grace)?),
-        WorkloadKind::K8s => Ok(k8s::driver().stop(&podman::workload_name(cgroup), grace)?),
-        WorkloadKind::Shell => Ok(cgroup.stop_all(grace)?),
-    }
+/// What the drivers need from the agent's settings.
+#[derive(Debug, Clone)]
+pub struct DriverSettings {
+    pub state_dir: PathBuf,
+    pub layout: Layout,
+    pub rootless_user: Option<String>,
+    pub xdg_runtime_dir: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
-/// Removes everything the workload left: its cgroup (emptied first) and driver resources.
-pub fn cleanup(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Result<(), DriverError> {
-    match kind {
-        WorkloadKind::Pod => Ok(podman::cleanup(cgroup)?),
-        WorkloadKind::K8s => {
-            k8s::driver().cleanup(&podman::workload_name(cgroup))?;
-            Ok(cgroup.remove()?)
+/// One driver per kind, built once at start-up and shared by every lane.
+pub struct Drivers {
+    shell: AnyDriver,
+    pod: AnyDriver,
+    k8s: AnyDriver,
+}
+
+impl Drivers {
+    pub fn new(s: &DriverSettings) -> Drivers {
+        Drivers {
+            shell: AnyDriver::Shell(shell::ShellDriver::new()),
+            pod: AnyDriver::Pod(podman::PodDriver::new(podman::PodmanSettings {
+                state_dir: s.state_dir.clone(),
+                layout: s.layout.clone(),
+                rootless_user: s.rootless_user.clone(),
+                xdg_runtime_dir: s.xdg_runtime_dir.clone(),
+            })),
+            k8s: AnyDriver::K8s(k8s::K8sDriver::new(k8s::K8sSettings {
+                kubeconfig: s.kubeconfig.clone(),
+                ..k8s::K8sSettings::default()
+            })),
         }
-        WorkloadKind::Shell => Ok(cgroup.remove()?),
     }
-}
 
-/// Whether a recorded run (after an agent restart) is still the workload's: the same process,
-/// inside the workload's cgroup (a pod's processes are in podman's cgroups below it).
-/// A k8s workload has no process: the API answers (its Deployment exists and its pod runs or
-/// is being deployed).
-pub fn still_running(kind: &WorkloadKind, cgroup: &WorkloadCgroup, pid: i32, ticks: u64) -> bool {
-    if *kind == WorkloadKind::K8s {
-        return k8s::driver().still_running(&podman::workload_name(cgroup));
+    pub fn of(&self, kind: &WorkloadKind) -> &AnyDriver {
+        match kind {
+            WorkloadKind::Shell => &self.shell,
+            WorkloadKind::Pod => &self.pod,
+            WorkloadKind::K8s => &self.k8s,
+        }
     }
-    if !process::is_same_process(pid, ticks) {
-        return false;
-    }
-    match kind {
-        WorkloadKind::Pod => podman::in_subtree(cgroup, pid),
-        WorkloadKind::Shell | WorkloadKind::K8s => cgroup.pids().is_ok_and(|p| p.contains(&pid)),
-    }
-}
 
-/// A waiter for an adopted run that has no process to watch (a k8s workload's pod); `None`
-/// for kinds whose adopted process the sampler watches by pid.
-pub fn adopted_waiter(kind: &WorkloadKind, cgroup: &WorkloadCgroup) -> Option<Waiter> {
-    match kind {
-        WorkloadKind::K8s => match k8s::driver().watcher(&podman::workload_name(cgroup)) {
-            Ok(w) => Some(Waiter::Blocking(w)),
-            // Nothing to watch: the run has ended.
-            Err(_) => Some(Waiter::Blocking(Box::new(RunEnd::default))),
-        },
-        WorkloadKind::Shell | WorkloadKind::Pod => None,
+    /// The pod driver (podman secrets are synced for all pods together).
+    pub fn pods(&self) -> Option<&podman::PodDriver> {
+        match &self.pod {
+            AnyDriver::Pod(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The k8s driver (pruning what the agent no longer wants works across workloads).
+    pub fn k8s(&self) -> Option<&k8s::K8sDriver> {
+        match &self.k8s {
+            AnyDriver::K8s(k) => Some(k),
+            _ => None,
+        }
     }
 }

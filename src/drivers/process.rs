@@ -1,6 +1,4 @@
-//! Facts about host processes read from /proc, and their exits as the kernel reports them.
-
-use std::os::fd::{FromRawFd, OwnedFd};
+//! Facts about host processes read from /proc.
 
 /// Start time of a process in clock ticks since boot (/proc/PID/stat field 22), or `None` if
 /// the process does not exist. Together with the pid it identifies one process for good.
@@ -43,42 +41,6 @@ fn page_size() -> u64 {
         .map_or(4096, |v| v as u64)
 }
 
-/// The exit of one process, as a pidfd (Linux 5.3+): readable once the process has ended.
-/// Works for processes that are not the agent's children (adopted ones, containers).
-pub struct ProcessExit {
-    fd: smol::Async<OwnedFd>,
-}
-
-impl ProcessExit {
-    /// A pidfd for `pid` if it is still the process that started at `start_ticks`; `None`
-    /// when it has gone already or the kernel has no pidfds.
-    pub fn watch(pid: i32, start_ticks: u64) -> Option<ProcessExit> {
-        if pid <= 0 {
-            return None;
-        }
-        // SAFETY: pidfd_open(2) takes a pid and flags by value and returns a new descriptor
-        // (or -1); no memory is shared with the kernel.
-        let raw = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            return None;
-        }
-        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-        // The pid may have been reused since it was recorded: the pidfd refers to whoever
-        // holds it now, so check the identity after opening.
-        if !is_same_process(pid, start_ticks) {
-            return None;
-        }
-        Some(ProcessExit {
-            fd: smol::Async::new(fd).ok()?,
-        })
-    }
-
-    pub async fn exited(&self) {
-        let _ = self.fd.readable().await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,28 +50,6 @@ mod tests {
         let stat = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
         assert_eq!(parse_start_ticks(stat), Some(987654));
         assert_eq!(parse_start_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn the_kernel_reports_the_exit_of_a_watched_process() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("0.2")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let ticks = start_ticks(pid).unwrap();
-        assert!(
-            ProcessExit::watch(pid, ticks + 1).is_none(),
-            "another process"
-        );
-        let exit = ProcessExit::watch(pid, ticks).expect("a pidfd (Linux 5.3+)");
-        let t0 = std::time::Instant::now();
-        smol::block_on(exit.exited());
-        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
-        assert!(
-            child.try_wait().unwrap().is_some(),
-            "exited, not a spurious wake-up"
-        );
     }
 
     #[test]

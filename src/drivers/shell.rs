@@ -6,12 +6,14 @@
 use std::ffi::CString;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use nix::unistd::{Gid, Uid, User};
 
-use crate::cgroup::{CgroupError, WorkloadCgroup};
-use crate::workload::WorkloadSpec;
+use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
+use crate::cgroup::CgroupError;
+use crate::store::WorkloadRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
@@ -29,13 +31,9 @@ pub enum ShellError {
     NotShell,
 }
 
-/// A started workload process.
-pub struct Started {
-    pub child: Child,
-    pub pid: i32,
-    pub start_ticks: u64,
-    pub oom_kills_at_start: u64,
-}
+/// The shell driver (no settings of its own yet).
+#[derive(Debug, Default)]
+pub struct ShellDriver {}
 
 struct Identity {
     uid: Uid,
@@ -63,70 +61,122 @@ fn resolve_user(name: &str) -> Result<Identity, ShellError> {
     })
 }
 
-/// Prepares the cgroup (limits applied, leftovers killed) and starts the process in it.
-pub fn start(
-    spec: &WorkloadSpec,
-    cgroup: &WorkloadCgroup,
-    log_path: &Path,
-) -> Result<Started, ShellError> {
-    let shell = spec.shell.as_ref().ok_or(ShellError::NotShell)?;
-    cgroup.create()?;
-    cgroup.apply(&spec.limits)?;
-    // A previous run may have left children behind (e.g. a daemonised grandchild).
-    cgroup.kill_all()?;
-    let oom_kills_at_start = cgroup.oom_kills();
+/// A uid of its own (no passwd entry): its own group, no supplementary groups, `/` as home.
+fn dynamic(uid: u32) -> Identity {
+    Identity {
+        uid: Uid::from_raw(uid),
+        gid: Gid::from_raw(uid),
+        groups: vec![Gid::from_raw(uid)],
+        home: "/".into(),
+        name: format!("dwng-{uid}"),
+    }
+}
 
-    let identity = match shell.user.as_deref() {
-        None | Some("root") => None,
-        Some(name) => Some(resolve_user(name)?),
-    };
+impl ShellDriver {
+    pub fn new() -> ShellDriver {
+        ShellDriver {}
+    }
+}
 
-    let log_err = |e: std::io::Error| ShellError::Log {
-        path: log_path.display().to_string(),
-        why: e.to_string(),
-    };
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(log_path)
-        .map_err(log_err)?;
-    let log2 = log.try_clone().map_err(log_err)?;
+impl Driver for ShellDriver {
+    /// Prepares the cgroup (limits applied, leftovers killed) and starts the process in it.
+    fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        let (spec, cgroup, log_path) = (run.spec, run.cgroup, run.log);
+        let shell = spec.shell.as_ref().ok_or(ShellError::NotShell)?;
+        cgroup.create()?;
+        cgroup.apply(&spec.limits)?;
+        // A previous run may have left children behind (e.g. a daemonised grandchild).
+        cgroup.kill_all()?;
+        let oom_kills_at_start = cgroup.oom_kills();
 
-    let program = &shell.command[0];
-    let mut cmd = Command::new(program);
-    cmd.args(&shell.command[1..])
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("WORKLOAD_NAME", &spec.name)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .current_dir(shell.working_dir.as_deref().unwrap_or(Path::new("/")));
-    match &identity {
-        Some(id) => cmd.env("HOME", &id.home).env("USER", &id.name),
-        None => cmd.env("HOME", "/root").env("USER", "root"),
-    };
-    cmd.envs(shell.env.iter().map(|(k, v)| (k, v)));
-    let creds = identity
-        .as_ref()
-        .map(|id| (id.uid, id.gid, id.groups.clone()));
-    let procs =
-        super::process::join_cgroup_before_exec(&mut cmd, &cgroup.procs_files(), creds, true)?;
-    let child = cmd.spawn().map_err(|e| ShellError::Exec {
-        program: program.clone(),
-        why: e.to_string(),
-    })?;
-    drop(procs);
-    let pid = child.id() as i32;
-    let start_ticks = super::process::start_ticks(pid).unwrap_or(0);
-    Ok(Started {
-        child,
-        pid,
-        start_ticks,
-        oom_kills_at_start,
-    })
+        let identity = match (shell.user.as_deref(), run.uid) {
+            (Some("root"), _) => None,
+            (Some(name), _) => Some(resolve_user(name)?),
+            (None, Some(uid)) => Some(dynamic(uid)),
+            (None, None) => None,
+        };
+
+        let log_err = |e: std::io::Error| ShellError::Log {
+            path: log_path.display().to_string(),
+            why: e.to_string(),
+        };
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(log_path)
+            .map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+
+        let program = &shell.command[0];
+        let mut cmd = Command::new(program);
+        cmd.args(&shell.command[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("WORKLOAD_NAME", spec.name.as_str())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .current_dir(shell.working_dir.as_deref().unwrap_or(Path::new("/")));
+        match &identity {
+            Some(id) => cmd.env("HOME", &id.home).env("USER", &id.name),
+            None => cmd.env("HOME", "/root").env("USER", "root"),
+        };
+        cmd.envs(shell.env.iter().map(|(k, v)| (k, v)));
+        let creds = identity
+            .as_ref()
+            .map(|id| (id.uid, id.gid, id.groups.clone()));
+        let procs =
+            super::process::join_cgroup_before_exec(&mut cmd, &cgroup.procs_files(), creds, true)?;
+        let child = cmd.spawn().map_err(|e| ShellError::Exec {
+            program: program.clone(),
+            why: e.to_string(),
+        })?;
+        drop(procs);
+        let pid = child.id() as i32;
+        // The watch reaps it (waitpid on its pidfd's readiness), not `Child::wait`.
+        drop(child);
+        let start_ticks = super::process::start_ticks(pid).unwrap_or(0);
+        Ok(Started {
+            pid: Some(pid),
+            start_ticks,
+            oom_kills_at_start,
+            watch: Watch::Child { pid },
+            notice: None,
+        })
+    }
+
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        Ok(at.cgroup.stop_all(grace)?)
+    }
+
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        Ok(at.cgroup.remove()?)
+    }
+
+    /// The recorded process, if it is still the same one and inside the workload's cgroup.
+    /// It is no child of this agent: its exit status cannot be known, only that it ended
+    /// (and, from the cgroup's counter, whether the kernel OOM-killed it).
+    fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started> {
+        let pid = record.pid?;
+        let ticks = record.pid_start_ticks;
+        if !super::process::is_same_process(pid, ticks)
+            || !at.cgroup.pids().is_ok_and(|p| p.contains(&pid))
+        {
+            return None;
+        }
+        Some(Started {
+            pid: Some(pid),
+            start_ticks: ticks,
+            oom_kills_at_start: record.oom_kills_at_start,
+            watch: Watch::Processes {
+                pids: vec![(pid, ticks)],
+                finish: Box::new(|_| RunEnd::default()),
+            },
+            notice: None,
+        })
+    }
 }

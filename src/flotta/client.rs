@@ -443,12 +443,15 @@ impl FlottaClient {
     }
 
     fn get(&self, ep: &Endpoint) -> Result<(u16, Vec<u8>), ClientError> {
-        let resp = self
+        let t0 = std::time::Instant::now();
+        let answer = self
             .agent
             .get(&self.url(ep))
             .call()
-            .map_err(|e| transport_error(ep, e))?;
-        self.read(ep, resp)
+            .map_err(|e| transport_error(ep, e))
+            .and_then(|resp| self.read(ep, resp));
+        log_request(ep, &answer, t0);
+        answer
     }
 
     fn post<C: Serialize>(
@@ -462,14 +465,17 @@ impl FlottaClient {
             what: "request body",
             reason: e.to_string(),
         })?;
-        let resp = self
+        let t0 = std::time::Instant::now();
+        let answer = self
             .agent
             .post(&self.url(ep))
             // Mandatory, else 415 (§1.3).
             .header("Content-Type", "application/json")
             .send(&body[..])
-            .map_err(|e| transport_error(ep, e))?;
-        self.read(ep, resp)
+            .map_err(|e| transport_error(ep, e))
+            .and_then(|resp| self.read(ep, resp));
+        log_request(ep, &answer, t0);
+        answer
     }
 
     fn read(
@@ -507,6 +513,28 @@ impl FlottaClient {
             b = nanos.to_le_bytes();
         }
         uuid_v4(b)
+    }
+}
+
+/// One line per request at debug level: method, path (directive), status, time taken.
+fn log_request(
+    ep: &Endpoint,
+    answer: &Result<(u16, Vec<u8>), ClientError>,
+    t0: std::time::Instant,
+) {
+    match answer {
+        Ok((status, body)) => tracing::debug!(
+            request = %ep,
+            status,
+            bytes = body.len(),
+            took_ms = t0.elapsed().as_millis() as u64,
+            "server request"
+        ),
+        Err(e) => tracing::debug!(
+            request = %ep,
+            took_ms = t0.elapsed().as_millis() as u64,
+            "server request failed: {e}"
+        ),
     }
 }
 

@@ -342,34 +342,13 @@ fn mounts(proc_root: &Path) -> Vec<Mount> {
             let (device, directory, mount_type, options) =
                 (f.next()?, f.next()?, f.next()?, f.next()?);
             device.starts_with('/').then(|| Mount {
-                device: unescape_mount(device),
-                directory: unescape_mount(directory),
+                device: crate::mountinfo::unescape(device),
+                directory: crate::mountinfo::unescape(directory),
                 mount_type: mount_type.to_owned(),
                 options: options.to_owned(),
             })
         })
         .collect()
-}
-
-/// /proc/self/mounts escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -496,7 +475,7 @@ mod tests {
 
     #[test]
     fn mount_unescape() {
-        assert_eq!(unescape_mount("/a\\040b\\134c"), "/a b\\c");
-        assert_eq!(unescape_mount("/trailing\\04"), "/trailing\\04");
+        assert_eq!(crate::mountinfo::unescape("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(crate::mountinfo::unescape("/trailing\\04"), "/trailing\\04");
     }
 }

@@ -6,14 +6,50 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use statig::prelude::*;
 
-use super::Row;
+use super::{Output, Row, Transition};
+
+/// The context of the device machine's handlers.
+pub type Context = Output<DeviceCommand>;
+
+/// What an open problem is about: one entry per key, replaced when raised again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "about", content = "name")]
+pub enum ProblemKey {
+    /// The server: unreachable, refusing the device, answering with errors.
+    Server,
+    /// The device certificate (renewal failing).
+    Certificate,
+    /// The desired state could not be read or was refused as a whole.
+    DesiredState,
+    /// STATE_DIR cannot be written (disk full, read-only file system).
+    Storage,
+    /// Too many workloads, or workloads of the desired state refused.
+    Workloads,
+    /// One workload (failed, broken, its update refused).
+    Workload(String),
+}
+
+impl std::fmt::Display for ProblemKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProblemKey::Server => f.write_str("server"),
+            ProblemKey::Certificate => f.write_str("certificate"),
+            ProblemKey::DesiredState => f.write_str("desired-state"),
+            ProblemKey::Storage => f.write_str("storage"),
+            ProblemKey::Workloads => f.write_str("workloads"),
+            ProblemKey::Workload(n) => write!(f, "workload/{n}"),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEvent {
-    /// The agent started: serverless, or with a valid device certificate, it skips enrolment.
+    /// The agent started: serverless, or with a valid device certificate, it skips enrolment;
+    /// disconnected by the server earlier (persisted), it stays disconnected.
     Boot {
         serverless: bool,
         has_certificate: bool,
+        disconnected: bool,
     },
     /// A device certificate was obtained (registration done).
     Registered,
@@ -24,11 +60,11 @@ pub enum DeviceEvent {
     DesiredStateApplied,
     /// Something the operator must know about (a broken workload, an unreachable server...).
     ProblemRaised {
-        key: String,
+        key: ProblemKey,
         reason: String,
     },
     ProblemCleared {
-        key: String,
+        key: ProblemKey,
     },
     /// Measured usage of the workloads is over the budget (sustained).
     BudgetExceeded {
@@ -38,14 +74,16 @@ pub enum DeviceEvent {
     BudgetRecovered,
     /// The server told the device to disconnect (PROTOCOL §2.6).
     Disconnect,
+    /// An operator rejoins a disconnected device (`device-worker-ng reset`): enrol afresh.
+    Reset,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceCommand {
-    /// Enrol and register with the bootstrap certificate.
-    Enrol,
     /// Stop and remove every workload and wipe the desired state.
     WipeWorkloads,
+    /// Remember the disconnect across restarts (until `device-worker-ng reset`).
+    PersistDisconnect,
     /// Evict workloads by priority until usage is under the low watermark.
     ShedLoad,
     /// Re-admit evicted workloads.
@@ -60,7 +98,7 @@ pub enum DeviceCommand {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceMachine {
     /// Open problems by key; the degraded reason lists them.
-    pub problems: BTreeMap<String, String>,
+    pub problems: BTreeMap<ProblemKey, String>,
     /// A desired state has been applied since the last (re-)registration.
     pub configured: bool,
 }
@@ -103,26 +141,25 @@ impl DeviceMachine {
     initial = "State::registering(String::from(\"starting\"))",
     state(derive(Debug, Clone, PartialEq, Eq, Serialize)),
     superstate(derive(Debug)),
+    after_transition = "Self::after_transition",
     visibility = "pub"
 )]
 impl DeviceMachine {
     #[state]
-    fn registering(
-        &mut self,
-        reason: &mut String,
-        event: &DeviceEvent,
-        context: &mut Vec<DeviceCommand>,
-    ) -> Outcome<State> {
+    fn registering(&mut self, reason: &mut String, event: &DeviceEvent) -> Outcome<State> {
         match event {
+            DeviceEvent::Boot {
+                disconnected: true, ..
+            } => Transition(State::disconnected()),
             DeviceEvent::Boot {
                 serverless,
                 has_certificate,
+                ..
             } => {
                 if *serverless || *has_certificate {
                     Transition(State::enrolled())
                 } else {
                     *reason = "enrolling with the bootstrap certificate".into();
-                    context.push(DeviceCommand::Enrol);
                     Handled
                 }
             }
@@ -186,7 +223,7 @@ impl DeviceMachine {
         &mut self,
         reason: &mut String,
         event: &DeviceEvent,
-        context: &mut Vec<DeviceCommand>,
+        context: &mut Context,
     ) -> Outcome<State> {
         match event {
             DeviceEvent::BudgetRecovered => {
@@ -208,17 +245,28 @@ impl DeviceMachine {
     }
 
     #[action]
-    fn enter_over_budget(context: &mut Vec<DeviceCommand>) {
+    fn enter_over_budget(context: &mut Context) {
         context.push(DeviceCommand::ShedLoad);
+    }
+
+    /// Told by the server to disconnect: runs nothing and sends nothing, across restarts,
+    /// until an operator rejoins it (`device-worker-ng reset`).
+    #[state]
+    fn disconnected(&mut self, event: &DeviceEvent) -> Outcome<State> {
+        match event {
+            DeviceEvent::Reset => {
+                self.problems.clear();
+                Transition(State::registering(
+                    "reset by an operator: enrolling afresh".into(),
+                ))
+            }
+            _ => Handled,
+        }
     }
 
     /// Handles what every state after registration handles the same way.
     #[superstate]
-    fn operational(
-        &mut self,
-        event: &DeviceEvent,
-        context: &mut Vec<DeviceCommand>,
-    ) -> Outcome<State> {
+    fn operational(&mut self, event: &DeviceEvent, context: &mut Context) -> Outcome<State> {
         match event {
             DeviceEvent::BudgetExceeded { reason } => {
                 context.push(DeviceCommand::Report {
@@ -230,23 +278,35 @@ impl DeviceMachine {
             }
             DeviceEvent::Disconnect => {
                 self.configured = false;
+                context.push(DeviceCommand::PersistDisconnect);
                 context.push(DeviceCommand::WipeWorkloads);
-                Transition(State::registering(
-                    "disconnected by the server: waiting for a restart or re-enrolment".into(),
-                ))
+                Transition(State::disconnected())
             }
-            DeviceEvent::IdentityLost { reason } => {
-                context.push(DeviceCommand::Enrol);
-                Transition(State::registering(reason.clone()))
-            }
+            DeviceEvent::IdentityLost { reason } => Transition(State::registering(reason.clone())),
             _ => Handled,
         }
+    }
+}
+
+impl DeviceMachine {
+    fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
+        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
+        // open) changed nothing worth recording.
+        if source == target {
+            return;
+        }
+        context.transitions.push(Transition {
+            from: source.name(),
+            to: target.name(),
+            reason: target.reason(),
+        });
     }
 }
 
 impl State {
     pub fn name(&self) -> &'static str {
         match self {
+            State::Disconnected {} => "disconnected",
             State::Registering { .. } => "registering",
             State::Enrolled {} => "enrolled",
             State::Reconciling {} => "reconciling",
@@ -261,15 +321,19 @@ impl State {
             State::OverBudget { reason } => reason.clone(),
             State::Enrolled {} => "waiting for the first desired state".into(),
             State::Reconciling {} => "desired state applied".into(),
+            State::Disconnected {} => {
+                "disconnected by the server: runs nothing until `device-worker-ng reset`".into()
+            }
         }
     }
 
     /// The heartbeat's `status` (PROTOCOL §5.1); `None` before registration.
-    pub fn heartbeat_status(&self) -> Option<&'static str> {
+    pub fn heartbeat_status(&self) -> Option<crate::flotta::messages::DeviceStatus> {
+        use crate::flotta::messages::DeviceStatus;
         match self {
-            State::Registering { .. } => None,
-            State::Enrolled {} | State::Reconciling {} => Some("up"),
-            State::Degraded { .. } | State::OverBudget { .. } => Some("degraded"),
+            State::Registering { .. } | State::Disconnected {} => None,
+            State::Enrolled {} | State::Reconciling {} => Some(DeviceStatus::Up),
+            State::Degraded { .. } | State::OverBudget { .. } => Some(DeviceStatus::Degraded),
         }
     }
 }
@@ -279,132 +343,117 @@ pub type Machine = statig::blocking::InitializedStateMachine<DeviceMachine>;
 pub fn new_machine() -> Machine {
     DeviceMachine::default()
         .uninitialized_state_machine()
-        .init_with_context(&mut Vec::new())
+        .init_with_context(&mut Context::default())
 }
 
-pub fn sample_states() -> Vec<(String, DeviceMachine, State)> {
+pub fn sample_states() -> Vec<(String, (DeviceMachine, State))> {
     let none = DeviceMachine::default();
     let configured = DeviceMachine {
         configured: true,
         ..DeviceMachine::default()
     };
     let one = DeviceMachine {
-        problems: [("server".to_string(), "server unreachable".to_string())].into(),
+        problems: [(ProblemKey::Server, "server unreachable".to_string())].into(),
         configured: true,
     };
-    vec![
+    let rows = vec![
         (
-            "registering".into(),
+            "registering",
             none.clone(),
             State::registering("starting".into()),
         ),
-        ("enrolled".into(), none.clone(), State::enrolled()),
+        ("enrolled", none.clone(), State::enrolled()),
+        ("reconciling", configured.clone(), State::reconciling()),
         (
-            "reconciling".into(),
-            configured.clone(),
-            State::reconciling(),
-        ),
-        (
-            "degraded[problem]".into(),
+            "degraded[problem]",
             one.clone(),
             State::degraded("server unreachable".into()),
         ),
         (
-            "over-budget".into(),
+            "over-budget",
             configured,
             State::over_budget("memory".into()),
         ),
         (
-            "over-budget[problems]".into(),
+            "over-budget[problems]",
             one,
             State::over_budget("memory".into()),
         ),
-    ]
+        ("disconnected", none, State::disconnected()),
+    ];
+    rows.into_iter()
+        .map(|(n, m, s)| (n.to_string(), (m, s)))
+        .collect()
 }
 
 pub fn sample_events() -> Vec<(String, DeviceEvent)> {
-    vec![
+    let boot = |serverless, has_certificate, disconnected| DeviceEvent::Boot {
+        serverless,
+        has_certificate,
+        disconnected,
+    };
+    let rows = vec![
+        ("Boot[serverless]", boot(true, false, false)),
+        ("Boot[certificate]", boot(false, true, false)),
+        ("Boot[no-certificate]", boot(false, false, false)),
+        ("Boot[disconnected]", boot(false, true, true)),
+        ("Registered", DeviceEvent::Registered),
         (
-            "Boot[serverless]".into(),
-            DeviceEvent::Boot {
-                serverless: true,
-                has_certificate: false,
-            },
-        ),
-        (
-            "Boot[certificate]".into(),
-            DeviceEvent::Boot {
-                serverless: false,
-                has_certificate: true,
-            },
-        ),
-        (
-            "Boot[no-certificate]".into(),
-            DeviceEvent::Boot {
-                serverless: false,
-                has_certificate: false,
-            },
-        ),
-        ("Registered".into(), DeviceEvent::Registered),
-        (
-            "IdentityLost".into(),
+            "IdentityLost",
             DeviceEvent::IdentityLost {
                 reason: "404".into(),
             },
         ),
+        ("DesiredStateApplied", DeviceEvent::DesiredStateApplied),
         (
-            "DesiredStateApplied".into(),
-            DeviceEvent::DesiredStateApplied,
-        ),
-        (
-            "ProblemRaised".into(),
+            "ProblemRaised",
             DeviceEvent::ProblemRaised {
-                key: "w".into(),
+                key: ProblemKey::Workload("w".into()),
                 reason: "broken".into(),
             },
         ),
         (
-            "ProblemCleared[last]".into(),
+            "ProblemCleared[last]",
             DeviceEvent::ProblemCleared {
-                key: "server".into(),
+                key: ProblemKey::Server,
             },
         ),
         (
-            "BudgetExceeded".into(),
+            "BudgetExceeded",
             DeviceEvent::BudgetExceeded {
                 reason: "memory".into(),
             },
         ),
-        ("BudgetRecovered".into(), DeviceEvent::BudgetRecovered),
-        ("Disconnect".into(), DeviceEvent::Disconnect),
-    ]
+        ("BudgetRecovered", DeviceEvent::BudgetRecovered),
+        ("Disconnect", DeviceEvent::Disconnect),
+        ("Reset", DeviceEvent::Reset),
+    ];
+    rows.into_iter().map(|(n, e)| (n.to_string(), e)).collect()
 }
 
 pub fn transition_table() -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (state_name, shared, state) in sample_states() {
-        for (event_name, event) in sample_events() {
+    super::compute_table(
+        &sample_states(),
+        &sample_events(),
+        |(shared, state), event| {
             let mut u = shared.clone().uninitialized_state_machine();
             *u.state_mut() = state.clone();
-            let mut cmds = Vec::new();
-            let mut m = u.init_with_context(&mut cmds);
-            cmds.clear();
-            m.handle_with_context(&event, &mut cmds);
-            rows.push(Row {
-                from: state_name.clone(),
-                event: event_name.clone(),
-                to: m.state().name().to_string(),
-                commands: cmds.iter().map(command_name).collect(),
-            });
-        }
-    }
-    rows
+            let mut out = Context::default();
+            let mut m = u.init_with_context(&mut out);
+            out.clear();
+            m.handle_with_context(event, &mut out);
+            (
+                m.state().name().to_string(),
+                out.commands.iter().map(command_name).collect(),
+            )
+        },
+    )
 }
 
 pub fn command_name(c: &DeviceCommand) -> String {
     match c {
-        DeviceCommand::Enrol => "Enrol".into(),
         DeviceCommand::WipeWorkloads => "WipeWorkloads".into(),
+        DeviceCommand::PersistDisconnect => "PersistDisconnect".into(),
         DeviceCommand::ShedLoad => "ShedLoad".into(),
         DeviceCommand::Readmit => "Readmit".into(),
         DeviceCommand::Report { reason, .. } => format!("Report({reason})"),

@@ -3,9 +3,47 @@
 //! transition-table tests and the Mermaid diagrams in `state-diagrams/`.
 
 pub mod device;
+pub mod session;
 pub mod workload;
 
 use std::collections::BTreeSet;
+
+/// A change of state, recorded by each machine's `after_transition` hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: &'static str,
+    pub to: &'static str,
+    /// Why the machine is in `to` (the target state's reason).
+    pub reason: String,
+}
+
+/// What a machine's handlers leave for the controller: the commands to execute and the
+/// transitions taken (the statig context of every machine).
+#[derive(Debug)]
+pub struct Output<C> {
+    pub commands: Vec<C>,
+    pub transitions: Vec<Transition>,
+}
+
+impl<C> Default for Output<C> {
+    fn default() -> Self {
+        Output {
+            commands: Vec::new(),
+            transitions: Vec::new(),
+        }
+    }
+}
+
+impl<C> Output<C> {
+    pub fn push(&mut self, c: C) {
+        self.commands.push(c);
+    }
+
+    pub fn clear(&mut self) {
+        self.commands.clear();
+        self.transitions.clear();
+    }
+}
 
 /// One row of a computed transition table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +55,28 @@ pub struct Row {
     pub to: String,
     /// Commands emitted, by name.
     pub commands: Vec<String>,
+}
+
+/// Runs `step` over every (sample state, sample event) pair: the rows of a transition table.
+/// `step` returns the state reached and the names of the commands emitted.
+pub fn compute_table<S, E>(
+    states: &[(String, S)],
+    events: &[(String, E)],
+    step: impl Fn(&S, &E) -> (String, Vec<String>),
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (state_name, state) in states {
+        for (event_name, event) in events {
+            let (to, commands) = step(state, event);
+            rows.push(Row {
+                from: state_name.clone(),
+                event: event_name.clone(),
+                to,
+                commands,
+            });
+        }
+    }
+    rows
 }
 
 fn bare(s: &str) -> &str {

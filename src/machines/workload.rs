@@ -7,7 +7,11 @@ use std::time::Duration;
 use serde::Serialize;
 use statig::prelude::*;
 
+use super::{Output, Transition};
 use crate::workload::{BackoffPolicy, RestartPolicy};
+
+/// The context of the workload machine's handlers.
+pub type Context = Output<WorkloadCommand>;
 
 /// What happened to a workload (from the controller, its driver, or a timer).
 #[derive(Debug, Clone, PartialEq)]
@@ -18,20 +22,24 @@ pub enum WorkloadEvent {
     Hold {
         reason: String,
     },
+    /// The run started; `pid` is its main process (`None`: no local process, e.g. k8s).
     Started {
-        pid: i32,
+        pid: Option<i32>,
+    },
+    /// How a run without a local process stands (a Deployment's availability): not ready
+    /// keeps a start `starting` and makes a running workload `unavailable`, with the reason.
+    Progress {
+        ready: bool,
+        reason: String,
     },
     StartFailed {
         error: String,
     },
     Exited(ExitInfo),
     RetryDue,
-    /// The desired spec changed: apply it (restart if running).
+    /// The desired spec changed, or the workload is desired again while a removal stops it:
+    /// apply it (restart if running).
     Update,
-    /// The desired spec became invalid.
-    Invalidate {
-        reason: String,
-    },
     Evict {
         reason: String,
     },
@@ -63,7 +71,9 @@ impl ExitInfo {
             (Some(0), _) => "completed (exit code 0)".into(),
             (Some(c), _) => format!("exited with code {c}"),
             (None, Some(s)) => format!("killed by signal {s}"),
-            (None, None) => "exited (status unknown: adopted process)".into(),
+            (None, None) => {
+                "exited (exit status unknown: it was started by an earlier agent)".into()
+            }
         }
     }
 }
@@ -121,7 +131,7 @@ impl WorkloadMachine {
     }
 
     /// Decides what follows a failed start or run: back off, or give up as broken.
-    fn after_failure(&mut self, reason: String, cmds: &mut Vec<WorkloadCommand>) -> Outcome<State> {
+    fn after_failure(&mut self, reason: String, cmds: &mut Context) -> Outcome<State> {
         self.failures += 1;
         if self.failures > self.backoff.max_failures {
             let reason = format!(
@@ -154,13 +164,14 @@ impl WorkloadMachine {
     initial = "State::pending(String::from(\"waiting for admission\"))",
     state(derive(Debug, Clone, PartialEq, Eq, Serialize)),
     superstate(derive(Debug)),
+    after_transition = "Self::after_transition",
     visibility = "pub"
 )]
 impl WorkloadMachine {
     #[state(superstate = "present")]
     fn pending(reason: &mut String, event: &WorkloadEvent) -> Outcome<State> {
         match event {
-            WorkloadEvent::Admit => Transition(State::starting()),
+            WorkloadEvent::Admit => Transition(starting()),
             WorkloadEvent::Hold { reason: r } => {
                 *reason = r.clone();
                 Handled
@@ -173,11 +184,17 @@ impl WorkloadMachine {
     #[state(superstate = "present", entry_action = "enter_starting")]
     fn starting(
         &mut self,
+        reason: &mut String,
         event: &WorkloadEvent,
-        context: &mut Vec<WorkloadCommand>,
+        context: &mut Context,
     ) -> Outcome<State> {
         match event {
             WorkloadEvent::Started { pid } => Transition(State::running(*pid)),
+            WorkloadEvent::Progress { ready: true, .. } => Transition(State::running(None)),
+            WorkloadEvent::Progress { reason: r, .. } => {
+                *reason = r.clone();
+                Handled
+            }
             WorkloadEvent::StartFailed { error } => {
                 self.after_failure(format!("start failed: {error}"), context)
             }
@@ -198,17 +215,42 @@ impl WorkloadMachine {
     }
 
     #[action]
-    fn enter_starting(context: &mut Vec<WorkloadCommand>) {
+    fn enter_starting(context: &mut Context) {
         context.push(WorkloadCommand::Start);
     }
 
-    #[state(superstate = "present")]
-    fn running(
-        &mut self,
-        pid: &mut i32,
-        event: &WorkloadEvent,
-        context: &mut Vec<WorkloadCommand>,
-    ) -> Outcome<State> {
+    #[state(superstate = "up")]
+    fn running(pid: &mut Option<i32>, event: &WorkloadEvent) -> Outcome<State> {
+        match event {
+            WorkloadEvent::Started { pid: p } => {
+                *pid = *p;
+                Handled
+            }
+            WorkloadEvent::Progress {
+                ready: false,
+                reason,
+            } => Transition(State::unavailable(reason.clone())),
+            _ => Super,
+        }
+    }
+
+    /// Started, but not available (a Deployment whose pod is not ready).
+    #[state(superstate = "up")]
+    fn unavailable(reason: &mut String, event: &WorkloadEvent) -> Outcome<State> {
+        match event {
+            WorkloadEvent::Progress { ready: true, .. } => Transition(State::running(None)),
+            WorkloadEvent::Progress { reason: r, .. } => {
+                *reason = r.clone();
+                Handled
+            }
+            _ => Super,
+        }
+    }
+
+    /// A run that has started: it ends, is replaced, removed or evicted the same way whether
+    /// it is available or not.
+    #[superstate(superstate = "present")]
+    fn up(&mut self, event: &WorkloadEvent, context: &mut Context) -> Outcome<State> {
         match event {
             WorkloadEvent::Exited(exit) => {
                 if exit.ran_for >= self.backoff.reset_after {
@@ -248,10 +290,6 @@ impl WorkloadMachine {
                 }
                 self.after_failure(what, context)
             }
-            WorkloadEvent::Started { pid: p } => {
-                *pid = *p;
-                Handled
-            }
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
             WorkloadEvent::Evict { reason } => {
@@ -270,11 +308,11 @@ impl WorkloadMachine {
     fn stopping(
         after: &mut AfterStop,
         event: &WorkloadEvent,
-        context: &mut Vec<WorkloadCommand>,
+        context: &mut Context,
     ) -> Outcome<State> {
         match event {
             WorkloadEvent::StopCompleted => match after {
-                AfterStop::Restart => Transition(State::starting()),
+                AfterStop::Restart => Transition(starting()),
                 AfterStop::Remove => {
                     context.push(WorkloadCommand::Cleanup);
                     Transition(State::removed())
@@ -282,15 +320,16 @@ impl WorkloadMachine {
                 AfterStop::Evict(reason) => Transition(State::evicted(reason.clone())),
             },
             // The process ending is what a stop waits for; the driver reports StopCompleted.
-            WorkloadEvent::Exited(_) | WorkloadEvent::Started { .. } => Handled,
+            WorkloadEvent::Exited(_)
+            | WorkloadEvent::Started { .. }
+            | WorkloadEvent::Progress { .. } => Handled,
             WorkloadEvent::Remove => {
                 *after = AfterStop::Remove;
                 Handled
             }
+            // Desired (again, or anew): start it once stopped, whatever the stop was for.
             WorkloadEvent::Update => {
-                if *after != AfterStop::Remove {
-                    *after = AfterStop::Restart;
-                }
+                *after = AfterStop::Restart;
                 Handled
             }
             WorkloadEvent::Evict { .. } | WorkloadEvent::Admit | WorkloadEvent::Hold { .. } => {
@@ -301,7 +340,7 @@ impl WorkloadMachine {
     }
 
     #[action]
-    fn enter_stopping(context: &mut Vec<WorkloadCommand>) {
+    fn enter_stopping(context: &mut Context) {
         context.push(WorkloadCommand::Stop);
     }
 
@@ -309,8 +348,8 @@ impl WorkloadMachine {
     fn backoff(reason: &String, event: &WorkloadEvent) -> Outcome<State> {
         let _ = reason;
         match event {
-            WorkloadEvent::RetryDue => Transition(State::starting()),
-            WorkloadEvent::Update => Transition(State::starting()),
+            WorkloadEvent::RetryDue => Transition(starting()),
+            WorkloadEvent::Update => Transition(starting()),
             WorkloadEvent::Hold { reason } => Transition(State::pending(reason.clone())),
             _ => Super,
         }
@@ -321,7 +360,7 @@ impl WorkloadMachine {
         let _ = reason;
         match event {
             // A new spec, or a cron workload's next scheduled run.
-            WorkloadEvent::Update | WorkloadEvent::Admit => Transition(State::starting()),
+            WorkloadEvent::Update | WorkloadEvent::Admit => Transition(starting()),
             _ => Super,
         }
     }
@@ -343,23 +382,19 @@ impl WorkloadMachine {
     fn evicted(reason: &String, event: &WorkloadEvent) -> Outcome<State> {
         let _ = reason;
         match event {
-            WorkloadEvent::Admit => Transition(State::starting()),
+            WorkloadEvent::Admit => Transition(starting()),
             WorkloadEvent::Update => Handled,
             _ => Super,
         }
     }
 
-    /// Everything not removed: removal and invalidation work the same from every state.
+    /// Everything not removed: removal works the same from every state without a run.
     #[superstate]
-    fn present(event: &WorkloadEvent, context: &mut Vec<WorkloadCommand>) -> Outcome<State> {
+    fn present(event: &WorkloadEvent, context: &mut Context) -> Outcome<State> {
         match event {
             WorkloadEvent::Remove => {
                 context.push(WorkloadCommand::Cleanup);
                 Transition(State::removed())
-            }
-            WorkloadEvent::Invalidate { reason } => {
-                context.push(WorkloadCommand::Cleanup);
-                Transition(State::failed(format!("invalid spec: {reason}")))
             }
             _ => Handled,
         }
@@ -373,11 +408,44 @@ impl WorkloadMachine {
 }
 
 impl State {
+    /// A workload waiting for admission.
+    pub fn waiting(reason: String) -> State {
+        State::pending(reason)
+    }
+
+    /// A run that is up (an adopted one).
+    pub fn up(pid: Option<i32>) -> State {
+        State::running(pid)
+    }
+}
+
+/// A run about to start.
+fn starting() -> State {
+    State::starting("starting".into())
+}
+
+impl WorkloadMachine {
+    fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
+        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
+        // open) changed nothing worth recording.
+        if source == target {
+            return;
+        }
+        context.transitions.push(Transition {
+            from: source.name(),
+            to: target.name(),
+            reason: target.reason(),
+        });
+    }
+}
+
+impl State {
     pub fn name(&self) -> &'static str {
         match self {
             State::Pending { .. } => "pending",
-            State::Starting {} => "starting",
+            State::Starting { .. } => "starting",
             State::Running { .. } => "running",
+            State::Unavailable { .. } => "unavailable",
             State::Stopping { .. } => "stopping",
             State::Backoff { .. } => "backoff",
             State::Stopped { .. } => "stopped",
@@ -390,14 +458,16 @@ impl State {
     pub fn reason(&self) -> String {
         match self {
             State::Pending { reason }
+            | State::Starting { reason }
+            | State::Unavailable { reason }
             | State::Stopped { reason }
             | State::Failed { reason }
             | State::Evicted { reason }
             | State::Backoff { reason } => reason.clone(),
-            State::Starting {} => "starting the process".into(),
-            State::Running { pid } => format!("pid {pid}"),
+            State::Running { pid: Some(pid) } => format!("pid {pid}"),
+            State::Running { pid: None } => "running and available".into(),
             State::Stopping { after } => match after {
-                AfterStop::Restart => "stopping to restart with a new spec".into(),
+                AfterStop::Restart => "stopping to start again with the desired spec".into(),
                 AfterStop::Remove => "stopping: removed from the desired state".into(),
                 AfterStop::Evict(r) => format!("stopping to evict: {r}"),
             },
@@ -407,19 +477,40 @@ impl State {
 
     pub fn pid(&self) -> Option<i32> {
         match self {
-            State::Running { pid } => Some(*pid),
+            State::Running { pid } => *pid,
             _ => None,
         }
     }
 
+    /// Does the workload hold resources in this state (started, running, about to restart,
+    /// stopping)? Admission counts these against the budget.
+    pub fn holds_resources(&self) -> bool {
+        matches!(
+            self,
+            State::Starting { .. }
+                | State::Running { .. }
+                | State::Unavailable { .. }
+                | State::Backoff { .. }
+                | State::Stopping { .. }
+        )
+    }
+
+    /// Is a run of the workload going (started and not yet ended)?
+    pub fn is_up(&self) -> bool {
+        matches!(self, State::Running { .. } | State::Unavailable { .. })
+    }
+
     /// The heartbeat's workload status (swagger enum `deploying|running|crashed|stopped`).
-    pub fn heartbeat_status(&self) -> &'static str {
+    pub fn heartbeat_status(&self) -> crate::flotta::messages::WorkloadState {
+        use crate::flotta::messages::WorkloadState as W;
         match self {
-            State::Pending { .. } | State::Starting {} => "deploying",
-            State::Running { .. } => "running",
-            State::Backoff { .. } | State::Failed { .. } => "crashed",
-            State::Stopping { .. } | State::Stopped { .. } | State::Evicted { .. } => "stopped",
-            State::Removed {} => "stopped",
+            State::Pending { .. } | State::Starting { .. } | State::Unavailable { .. } => {
+                W::Deploying
+            }
+            State::Running { .. } => W::Running,
+            State::Backoff { .. } | State::Failed { .. } => W::Crashed,
+            State::Stopping { .. } | State::Stopped { .. } | State::Evicted { .. } => W::Stopped,
+            State::Removed {} => W::Stopped,
         }
     }
 }
@@ -431,8 +522,12 @@ mod tests;
 pub fn sample_states() -> Vec<(String, State)> {
     vec![
         ("pending".into(), State::pending("waiting".into())),
-        ("starting".into(), State::starting()),
-        ("running".into(), State::running(42)),
+        ("starting".into(), starting()),
+        ("running".into(), State::running(Some(42))),
+        (
+            "unavailable".into(),
+            State::unavailable("pod not ready".into()),
+        ),
         (
             "stopping[restart]".into(),
             State::stopping(AfterStop::Restart),
@@ -457,7 +552,7 @@ pub fn sample_states() -> Vec<(String, State)> {
 }
 
 /// Sample events, with the machine settings that select a guard.
-pub fn sample_events() -> Vec<(String, WorkloadMachine, WorkloadEvent)> {
+pub fn sample_events() -> Vec<(String, (WorkloadMachine, WorkloadEvent))> {
     let policy = BackoffPolicy::default();
     let fresh = |restart| WorkloadMachine::new(restart, policy);
     let at_limit = |restart| {
@@ -473,118 +568,106 @@ pub fn sample_events() -> Vec<(String, WorkloadMachine, WorkloadEvent)> {
             ran_for: Duration::from_secs(1),
         })
     };
+    let progress = |ready| WorkloadEvent::Progress {
+        ready,
+        reason: "0/1 nodes are available".into(),
+    };
     use RestartPolicy::*;
-    vec![
-        ("Admit".into(), fresh(Always), WorkloadEvent::Admit),
+    let rows: Vec<(&str, WorkloadMachine, WorkloadEvent)> = vec![
+        ("Admit", fresh(Always), WorkloadEvent::Admit),
         (
-            "Hold".into(),
+            "Hold",
             fresh(Always),
             WorkloadEvent::Hold {
                 reason: "no budget".into(),
             },
         ),
         (
-            "Started".into(),
+            "Started",
             fresh(Always),
-            WorkloadEvent::Started { pid: 7 },
+            WorkloadEvent::Started { pid: Some(7) },
         ),
+        ("Progress[ready]", fresh(Always), progress(true)),
+        ("Progress[not-ready]", fresh(Always), progress(false)),
         (
-            "StartFailed[retries-left]".into(),
+            "StartFailed[retries-left]",
             fresh(Always),
             WorkloadEvent::StartFailed {
                 error: "ENOENT".into(),
             },
         ),
         (
-            "StartFailed[limit-reached]".into(),
+            "StartFailed[limit-reached]",
             at_limit(Always),
             WorkloadEvent::StartFailed {
                 error: "ENOENT".into(),
             },
         ),
+        ("Exited[success,Always]", fresh(Always), exit(0, false)),
         (
-            "Exited[success,Always]".into(),
-            fresh(Always),
-            exit(0, false),
-        ),
-        (
-            "Exited[success,OnFailure|Never]".into(),
+            "Exited[success,OnFailure|Never]",
             fresh(OnFailure),
             exit(0, false),
         ),
         (
-            "Exited[failure,retries-left]".into(),
+            "Exited[failure,retries-left]",
             fresh(Always),
             exit(1, false),
         ),
         (
-            "Exited[oom,retries-left]".into(),
+            "Exited[oom,retries-left]",
             fresh(OnFailure),
             exit(137, true),
         ),
         (
-            "Exited[failure,limit-reached]".into(),
+            "Exited[failure,limit-reached]",
             at_limit(Always),
             exit(1, false),
         ),
-        ("Exited[failure,Never]".into(), fresh(Never), exit(1, false)),
-        ("RetryDue".into(), fresh(Always), WorkloadEvent::RetryDue),
-        ("Update".into(), fresh(Always), WorkloadEvent::Update),
+        ("Exited[failure,Never]", fresh(Never), exit(1, false)),
+        ("RetryDue", fresh(Always), WorkloadEvent::RetryDue),
+        ("Update", fresh(Always), WorkloadEvent::Update),
         (
-            "Invalidate".into(),
-            fresh(Always),
-            WorkloadEvent::Invalidate {
-                reason: "bad".into(),
-            },
-        ),
-        (
-            "Evict".into(),
+            "Evict",
             fresh(Always),
             WorkloadEvent::Evict {
                 reason: "over budget".into(),
             },
         ),
-        ("Remove".into(), fresh(Always), WorkloadEvent::Remove),
-        (
-            "StopCompleted".into(),
-            fresh(Always),
-            WorkloadEvent::StopCompleted,
-        ),
-    ]
+        ("Remove", fresh(Always), WorkloadEvent::Remove),
+        ("StopCompleted", fresh(Always), WorkloadEvent::StopCompleted),
+    ];
+    rows.into_iter()
+        .map(|(n, m, e)| (n.to_string(), (m, e)))
+        .collect()
 }
 
 pub type Machine = statig::blocking::InitializedStateMachine<WorkloadMachine>;
 
 /// A machine that starts in `state` (a new workload starts pending; an adopted one running).
-/// Entry actions of `state` push their commands into `cmds`.
-pub fn machine_in(
-    shared: WorkloadMachine,
-    state: State,
-    cmds: &mut Vec<WorkloadCommand>,
-) -> Machine {
+/// Entry actions of `state` push their commands into `out`.
+pub fn machine_in(shared: WorkloadMachine, state: State, out: &mut Context) -> Machine {
     let mut u = shared.uninitialized_state_machine();
     *u.state_mut() = state;
-    u.init_with_context(cmds)
+    u.init_with_context(out)
 }
 
 /// The computed transition table over every sample (state, event) pair.
 pub fn transition_table() -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (state_name, state) in sample_states() {
-        for (event_name, shared, event) in sample_events() {
-            let mut cmds = Vec::new();
-            let mut m = machine_in(shared, state.clone(), &mut cmds);
-            cmds.clear();
-            m.handle_with_context(&event, &mut cmds);
-            rows.push(Row {
-                from: state_name.clone(),
-                event: event_name.clone(),
-                to: m.state().name().to_string(),
-                commands: cmds.iter().map(command_name).collect(),
-            });
-        }
-    }
-    rows
+    super::compute_table(
+        &sample_states(),
+        &sample_events(),
+        |state, (shared, event)| {
+            let mut out = Context::default();
+            let mut m = machine_in(shared.clone(), state.clone(), &mut out);
+            out.clear();
+            m.handle_with_context(event, &mut out);
+            (
+                m.state().name().to_string(),
+                out.commands.iter().map(command_name).collect(),
+            )
+        },
+    )
 }
 
 pub fn command_name(c: &WorkloadCommand) -> String {

@@ -37,6 +37,11 @@ pub struct AgentInfo {
     pub desired_state: Option<String>,
     pub server: Option<String>,
     pub rss_bytes: Option<u64>,
+    /// The longest time the controller spent on one event since start, and on which kind.
+    #[serde(default)]
+    pub longest_handler_ms: f64,
+    #[serde(default)]
+    pub longest_handler_event: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,8 +64,21 @@ pub struct ProfilesInfo {
 pub struct ServerInfo {
     pub url: String,
     pub device_id: String,
+    /// Where the session stands, in words.
     pub registration: String,
+    /// The session machine's state (enrolling, registering, registered, ...).
+    #[serde(default)]
+    pub session_state: String,
+    /// When the server last answered (with anything), and what.
     pub last_contact_unix: Option<u64>,
+    #[serde(default)]
+    pub last_answer: Option<String>,
+    /// Requests failed in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// The next request the session waits for (timer, unix time).
+    #[serde(default)]
+    pub next_attempt: Option<(String, u64)>,
     pub certificate_expires_unix: Option<i64>,
     pub certificate_unproven: bool,
     pub applied_version: String,
@@ -108,6 +126,9 @@ pub struct WorkloadInfo {
     /// What the driver said the operator must know (e.g. limits not enforced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The uid its processes run as (a uid of its own unless its spec names a user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -26,6 +26,26 @@ const MAX_ANSWER: u64 = 16 << 20;
 
 /// Asks a running agent for its snapshot; the raw JSON text is returned with the parsed form.
 pub fn request_status(path: &Path) -> Result<(Snapshot, String), SocketError> {
+    let text = request(path, b"status\n")?;
+    let snap = serde_json::from_str(&text).map_err(|e| SocketError::Malformed {
+        path: path.into(),
+        why: e.to_string(),
+    })?;
+    Ok((snap, text))
+}
+
+/// Asks a running agent to reset a disconnected device; returns what it did.
+pub fn request_reset(path: &Path) -> Result<String, SocketError> {
+    let text = request(path, b"reset\n")?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| SocketError::Malformed {
+        path: path.into(),
+        why: e.to_string(),
+    })?;
+    Ok(v["reset"].as_str().unwrap_or_default().to_string())
+}
+
+/// One request, its whole answer.
+fn request(path: &Path, what: &[u8]) -> Result<String, SocketError> {
     let mut s = UnixStream::connect(path).map_err(|e| SocketError::NotRunning {
         path: path.into(),
         why: crate::config::io_why(&e),
@@ -38,14 +58,10 @@ pub fn request_status(path: &Path) -> Result<(Snapshot, String), SocketError> {
         .map_err(io)?;
     s.set_write_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
-    s.write_all(b"status\n").map_err(io)?;
+    s.write_all(what).map_err(io)?;
     let mut text = String::new();
     s.take(MAX_ANSWER).read_to_string(&mut text).map_err(io)?;
-    let snap = serde_json::from_str(&text).map_err(|e| SocketError::Malformed {
-        path: path.into(),
-        why: e.to_string(),
-    })?;
-    Ok((snap, text))
+    Ok(text)
 }
 
 /// Binds the control socket: a stale socket file is replaced, a live agent is not.

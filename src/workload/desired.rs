@@ -2,11 +2,11 @@
 //! from the server or from the local desired-state file (serverless mode, same shape).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::name::{shown, WorkloadName};
 use super::pod::{parse_pod, PodInput};
 use super::shell::{parse_resources, RawShell};
 use super::{
@@ -108,45 +108,61 @@ pub enum DesiredError {
 /// Largest desired-state file accepted (a runaway file must not eat the agent's memory).
 pub const MAX_DESIRED_BYTES: u64 = 4 << 20;
 
-pub fn load_desired_file(path: &Path) -> Result<DesiredState, DesiredError> {
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| DesiredError::Unreadable {
-        path: shown.clone(),
-        why: crate::config::io_why(&e),
-    })?;
-    if meta.len() > MAX_DESIRED_BYTES {
-        return Err(DesiredError::Malformed {
-            path: shown,
-            why: format!(
-                "{} bytes is over the {} byte cap",
-                meta.len(),
-                MAX_DESIRED_BYTES
-            ),
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| DesiredError::Unreadable {
-        path: shown.clone(),
-        why: crate::config::io_why(&e),
-    })?;
-    parse_desired(&text).map_err(|why| DesiredError::Malformed { path: shown, why })
-}
-
-/// Parses YAML or JSON (JSON is YAML); an empty document is an empty desired state.
+/// Parses YAML or JSON (JSON is YAML). A document without `workloads` is refused: a file
+/// caught half-written must not read as "nothing desired" (`workloads: []` says that).
 pub fn parse_desired(text: &str) -> Result<DesiredState, String> {
-    if text.trim().is_empty() {
-        return Ok(DesiredState::default());
+    let doc: Option<serde_json::Value> = crate::yaml::from_str(text).map_err(|e| e.to_string())?;
+    match doc {
+        Some(v @ serde_json::Value::Object(_)) if v.get("workloads").is_some() => {
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let path = e.path().to_string();
+                format!("at `{path}`: {}", e.into_inner())
+            })
+        }
+        Some(serde_json::Value::Object(_)) => {
+            Err("no `workloads` key (an empty desired state is `workloads: []`)".into())
+        }
+        _ => Err("expected a mapping with `workloads`".into()),
     }
-    crate::yaml::from_str::<Option<DesiredState>>(text)
-        .map(Option::unwrap_or_default)
-        .map_err(|e| e.to_string())
 }
 
 /// Agent-wide defaults a spec falls back to.
 #[derive(Debug, Clone)]
 pub struct SpecDefaults {
-    pub workload_user: String,
+    /// WORKLOAD_USER: the user of shell workloads without `user:` (`None`: a uid of their own).
+    pub workload_user: Option<String>,
     pub backoff: BackoffPolicy,
 }
+
+/// A workload of the desired state that the agent refuses: shown (status, heartbeat event),
+/// but it owns nothing (no cgroup, record, log or cleanup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Position in the desired state's `workloads`.
+    pub index: usize,
+    /// The name as given, made safe to show ([`super::name::shown`]).
+    pub shown_name: String,
+    /// The name, when it is a valid one (an invalid spec under a good name).
+    pub name: Option<WorkloadName>,
+    pub error: SpecError,
+}
+
+/// A desired state checked workload by workload: what runs, and what is refused and why.
+#[derive(Debug, Clone, Default)]
+pub struct ValidatedDesired {
+    /// Valid workloads with distinct names, in the desired state's order.
+    pub specs: Vec<WorkloadSpec>,
+    pub rejected: Vec<Rejection>,
+    /// Workloads past MAX_WORKLOADS: refused unread (how many, and the first names).
+    pub excess: usize,
+    pub excess_names: Vec<String>,
+    pub secrets: Vec<DesiredSecret>,
+    /// The configuration's device profiles (PROTOCOL §7), when the source has them.
+    pub profiles: Vec<crate::flotta::messages::DeviceProfile>,
+}
+
+/// How many excess names a rejection message lists.
+const EXCESS_NAMES_SHOWN: usize = 5;
 
 impl DesiredState {
     /// Validates every workload on its own: one bad workload does not spoil the others.
@@ -156,27 +172,113 @@ impl DesiredState {
         self.workloads
             .iter()
             .map(|w| {
-                if !seen.insert(w.name.clone()) {
+                if !seen.insert(w.name.as_str()) {
                     return Err(SpecError {
-                        workload: w.name.clone(),
+                        workload: shown(&w.name),
                         field: "name".into(),
-                        why: "duplicate name in the desired state".into(),
+                        why: "duplicate name in the desired state: the first one is kept".into(),
                     });
                 }
                 w.to_spec(defaults)
             })
             .collect()
     }
+
+    /// Validates at most `max_workloads` workloads (the rest are refused unread: a message
+    /// of 10 000 workloads costs no more than one of `max_workloads`).
+    pub fn validated(&self, defaults: &SpecDefaults, max_workloads: usize) -> ValidatedDesired {
+        let (kept, excess) = self
+            .workloads
+            .split_at(self.workloads.len().min(max_workloads));
+        let head = DesiredState {
+            workloads: kept.to_vec(),
+            ..Default::default()
+        };
+        let mut out = ValidatedDesired {
+            excess: excess.len(),
+            excess_names: excess
+                .iter()
+                .take(EXCESS_NAMES_SHOWN)
+                .map(|w| shown(&w.name))
+                .collect(),
+            secrets: self.secrets.clone(),
+            profiles: self
+                .extra
+                .get("configuration")
+                .and_then(|c| c.get("profiles"))
+                .and_then(|p| serde_json::from_value(p.clone()).ok())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        for (index, r) in head.validate(defaults).into_iter().enumerate() {
+            match r {
+                Ok(spec) => out.specs.push(spec),
+                Err(error) => {
+                    let raw = &kept[index].name;
+                    // A duplicate's name is valid but belongs to the first workload.
+                    let name = WorkloadName::parse(raw)
+                        .ok()
+                        .filter(|_| error.field != "name");
+                    out.rejected.push(Rejection {
+                        index,
+                        shown_name: shown(raw),
+                        name,
+                        error,
+                    })
+                }
+            }
+        }
+        out
+    }
 }
 
 impl DesiredWorkload {
     pub fn to_spec(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
-        let mut spec = self.to_spec_of_kind(defaults)?;
         let err = |field: &str, why: String| SpecError {
-            workload: self.name.clone(),
+            workload: shown(&self.name),
             field: field.to_string(),
             why,
         };
+        let name = WorkloadName::parse(&self.name).map_err(|e| err("name", e.to_string()))?;
+        let kind = match self.kind.as_deref().unwrap_or("pod") {
+            "shell" => WorkloadKind::Shell,
+            "pod" => WorkloadKind::Pod,
+            "k8s" | "microshift" => WorkloadKind::K8s,
+            other => {
+                return Err(err(
+                    "kind",
+                    format!("unknown kind '{}' (pod, shell, k8s)", shown(other)),
+                ))
+            }
+        };
+        let priority = match self
+            .labels
+            .get(PRIORITY_KEY)
+            .or_else(|| self.annotations.get(PRIORITY_KEY))
+        {
+            None => 0,
+            Some(p) => p.trim().parse::<i32>().map_err(|_| {
+                err(
+                    PRIORITY_KEY,
+                    format!("'{}' is not a whole number", shown(p)),
+                )
+            })?,
+        };
+        let mut backoff = defaults.backoff;
+        if let Some(r) = &self.retry {
+            apply_retry(&mut backoff, r).map_err(|why| err("retry", why))?;
+        }
+        let common = Common {
+            name,
+            priority,
+            backoff,
+        };
+        let mut spec = match kind {
+            WorkloadKind::Shell => self.shell_spec(common, defaults),
+            WorkloadKind::Pod => self.pod_spec(common),
+            WorkloadKind::K8s => self.k8s_spec(common),
+        }
+        .map_err(|(field, why)| err(&field, why))?;
         if let Some(c) = self.cron.as_deref().filter(|c| !c.trim().is_empty()) {
             if spec.kind == WorkloadKind::K8s {
                 return Err(err("cron", "not supported for k8s workloads".into()));
@@ -198,197 +300,191 @@ impl DesiredWorkload {
         Ok(spec)
     }
 
-    fn to_spec_of_kind(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
-        let err = |field: &str, why: String| SpecError {
-            workload: self.name.clone(),
-            field: field.to_string(),
-            why,
-        };
-        if !is_rfc1123_name(&self.name) || self.name.len() > 63 {
-            return Err(err(
-                "name",
-                "must be a lowercase RFC 1123 name of at most 63 characters".into(),
+    fn auth_file(&self) -> Option<&str> {
+        self.image_registries
+            .as_ref()
+            .and_then(|r| r.auth_file.as_deref())
+            .filter(|a| !a.trim().is_empty())
+    }
+
+    fn shell_spec(
+        &self,
+        c: Common,
+        defaults: &SpecDefaults,
+    ) -> Result<WorkloadSpec, (String, String)> {
+        let spec_err = |field: &str, why: String| (format!("specification{field}"), why);
+        let raw: RawShell =
+            crate::yaml::from_str(&self.specification).map_err(|e| spec_err("", e.to_string()))?;
+        if raw.command.is_empty() || raw.command[0].is_empty() {
+            return Err(spec_err(".command", "must name a program".into()));
+        }
+        if !raw.command[0].starts_with('/') {
+            return Err(spec_err(
+                ".command",
+                format!("'{}' must be an absolute path", shown(&raw.command[0])),
             ));
         }
-        let kind = match self.kind.as_deref().unwrap_or("pod") {
-            "shell" => WorkloadKind::Shell,
-            "pod" => WorkloadKind::Pod,
-            "k8s" | "microshift" => WorkloadKind::K8s,
-            other => {
-                return Err(err(
-                    "kind",
-                    format!("unknown kind '{other}' (pod, shell, k8s)"),
-                ))
+        let limits = parse_resources("limits", &raw.resources.limits)
+            .map_err(|(f, why)| spec_err(&format!(".{f}"), why))?;
+        let requests = parse_resources("requests", &raw.resources.requests)
+            .map_err(|(f, why)| spec_err(&format!(".{f}"), why))?;
+        if let Some(d) = &raw.working_dir {
+            if !d.is_absolute() {
+                return Err(spec_err(".workingDir", "must be absolute".into()));
             }
-        };
-        let priority = match self
-            .labels
-            .get(PRIORITY_KEY)
-            .or_else(|| self.annotations.get(PRIORITY_KEY))
-        {
-            None => 0,
-            Some(p) => p
-                .trim()
-                .parse::<i32>()
-                .map_err(|_| err(PRIORITY_KEY, format!("'{p}' is not a whole number")))?,
-        };
-        let mut backoff = defaults.backoff;
-        if let Some(r) = &self.retry {
-            apply_retry(&mut backoff, r).map_err(|why| err("retry", why))?;
         }
+        let mut command = raw.command;
+        command.extend(raw.args);
         let fp_input = serde_json::to_vec(self).unwrap_or_default();
-        match kind {
-            WorkloadKind::Shell => {
-                let raw: RawShell = crate::yaml::from_str(&self.specification)
-                    .map_err(|e| err("specification", e.to_string()))?;
-                if raw.command.is_empty() || raw.command[0].is_empty() {
-                    return Err(err("specification.command", "must name a program".into()));
-                }
-                if !raw.command[0].starts_with('/') {
-                    return Err(err(
-                        "specification.command",
-                        format!("'{}' must be an absolute path", raw.command[0]),
-                    ));
-                }
-                let limits = parse_resources("limits", &raw.resources.limits)
-                    .map_err(|(f, why)| err(&format!("specification.{f}"), why))?;
-                let requests = parse_resources("requests", &raw.resources.requests)
-                    .map_err(|(f, why)| err(&format!("specification.{f}"), why))?;
-                if let Some(d) = &raw.working_dir {
-                    if !d.is_absolute() {
-                        return Err(err("specification.workingDir", "must be absolute".into()));
-                    }
-                }
-                let mut command = raw.command;
-                command.extend(raw.args);
-                Ok(WorkloadSpec {
-                    name: self.name.clone(),
-                    kind,
-                    shell: Some(ShellSpec {
-                        command,
-                        env: raw.env.into_iter().map(|e| (e.name, e.value)).collect(),
-                        working_dir: raw.working_dir,
-                        user: raw.user.or_else(|| Some(defaults.workload_user.clone())),
-                    }),
-                    limits,
-                    requests,
-                    restart: raw.restart_policy.unwrap_or_default(),
-                    backoff,
-                    priority,
-                    scheduling: Default::default(),
-                    labels: self.labels.clone(),
-                    fingerprint: fingerprint(&fp_input),
-                    pod: None,
-                })
-            }
-            WorkloadKind::Pod => {
-                let parsed = parse_pod(&PodInput {
-                    name: &self.name,
-                    specification: &self.specification,
-                    labels: &self.labels,
-                    annotations: &self.annotations,
-                    configmaps: &self.configmaps,
-                    auth_file: self
-                        .image_registries
-                        .as_ref()
-                        .and_then(|r| r.auth_file.as_deref())
-                        .filter(|a| !a.trim().is_empty()),
-                    rootless: self.rootless.unwrap_or(false),
-                })
-                .map_err(|(f, why)| err(&f, why))?;
-                // Redeploy only when what podman sees changes (PROTOCOL §4.5): the rendered
-                // manifest, the auth file, rootless; plus the agent's own restart settings.
-                let mut fp = parsed.data.manifest.clone().into_bytes();
-                fp.extend(parsed.data.auth_file.as_deref().unwrap_or("").as_bytes());
-                fp.extend(format!("\0{}\0{:?}", parsed.data.rootless, backoff).as_bytes());
-                Ok(WorkloadSpec {
-                    name: self.name.clone(),
-                    kind,
-                    shell: None,
-                    limits: parsed.limits,
-                    requests: parsed.requests,
-                    restart: parsed.restart,
-                    backoff,
-                    priority,
-                    scheduling: Default::default(),
-                    labels: self.labels.clone(),
-                    fingerprint: fingerprint(&fp),
-                    pod: Some(parsed.data),
-                })
-            }
-            // A Deployment on the local Kubernetes API (drivers/k8s): the same PodSpec checks
-            // as a pod; Kubernetes enforces the limits, the requests count for the budget.
-            WorkloadKind::K8s => {
-                let auth_file = self
-                    .image_registries
-                    .as_ref()
-                    .and_then(|r| r.auth_file.as_deref())
-                    .filter(|a| !a.trim().is_empty());
-                let parsed = parse_pod(&PodInput {
-                    name: &self.name,
-                    specification: &self.specification,
-                    labels: &self.labels,
-                    annotations: &self.annotations,
-                    configmaps: &self.configmaps,
-                    auth_file,
+        Ok(c.spec(
+            self,
+            Body {
+                kind: WorkloadKind::Shell,
+                limits,
+                requests,
+                restart: raw.restart_policy.unwrap_or_default(),
+                fingerprint: fingerprint(&fp_input),
+                shell: Some(ShellSpec {
+                    command,
+                    env: raw.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                    working_dir: raw.working_dir,
+                    user: raw.user.or_else(|| defaults.workload_user.clone()),
+                }),
+                pod: None,
+            },
+        ))
+    }
+
+    fn pod_spec(&self, c: Common) -> Result<WorkloadSpec, (String, String)> {
+        let parsed = parse_pod(&PodInput {
+            name: c.name.as_str(),
+            specification: &self.specification,
+            labels: &self.labels,
+            annotations: &self.annotations,
+            configmaps: &self.configmaps,
+            auth_file: self.auth_file(),
+            rootless: self.rootless.unwrap_or(false),
+        })?;
+        // Redeploy only when what podman sees changes (PROTOCOL §4.5): the rendered
+        // manifest, the auth file, rootless; plus the agent's own restart settings.
+        let mut fp = parsed.data.manifest.clone().into_bytes();
+        fp.extend(parsed.data.auth_file.as_deref().unwrap_or("").as_bytes());
+        fp.extend(format!("\0{}\0{:?}", parsed.data.rootless, c.backoff).as_bytes());
+        Ok(c.spec(
+            self,
+            Body {
+                kind: WorkloadKind::Pod,
+                limits: parsed.limits,
+                requests: parsed.requests,
+                restart: parsed.restart,
+                fingerprint: fingerprint(&fp),
+                shell: None,
+                pod: Some(parsed.data),
+            },
+        ))
+    }
+
+    /// A Deployment on the local Kubernetes API (drivers/k8s): the same PodSpec checks as a
+    /// pod; Kubernetes enforces the limits, the requests count for the budget.
+    fn k8s_spec(&self, c: Common) -> Result<WorkloadSpec, (String, String)> {
+        let auth_file = self.auth_file();
+        let parsed = parse_pod(&PodInput {
+            name: c.name.as_str(),
+            specification: &self.specification,
+            labels: &self.labels,
+            annotations: &self.annotations,
+            configmaps: &self.configmaps,
+            auth_file,
+            rootless: false,
+        })?;
+        if parsed.restart != super::RestartPolicy::Always {
+            return Err((
+                "specification.restartPolicy".into(),
+                "a k8s workload runs as a Deployment, whose pods restart Always".into(),
+            ));
+        }
+        let namespace = self
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        if !is_rfc1123_name(namespace) || namespace.len() > 63 || namespace.contains('.') {
+            return Err((
+                "namespace".into(),
+                format!("'{}' is not a Kubernetes namespace name", shown(namespace)),
+            ));
+        }
+        let manifest = crate::drivers::k8s::objects::render(
+            &parsed.data.manifest,
+            namespace,
+            &self.configmaps,
+            auth_file,
+        )?;
+        let mut fp = manifest.clone().into_bytes();
+        fp.extend(format!("\0{:?}", c.backoff).as_bytes());
+        // The agent's pod overhead and default pids limit are podman's, not these.
+        let limits = crate::cgroup::Limits {
+            memory_bytes: parsed
+                .limits
+                .memory_bytes
+                .map(|m| m.saturating_sub(super::POD_MEMORY_OVERHEAD)),
+            cpu_millicores: parsed.limits.cpu_millicores,
+            pids: None,
+        };
+        let restart = parsed.restart;
+        Ok(c.spec(
+            self,
+            Body {
+                kind: WorkloadKind::K8s,
+                limits,
+                requests: parsed.requests,
+                restart,
+                fingerprint: fingerprint(&fp),
+                shell: None,
+                pod: Some(super::PodSpecData {
+                    manifest,
+                    auth_file: parsed.data.auth_file,
                     rootless: false,
-                })
-                .map_err(|(f, why)| err(&f, why))?;
-                if parsed.restart != super::RestartPolicy::Always {
-                    return Err(err(
-                        "specification.restartPolicy",
-                        "a k8s workload runs as a Deployment, whose pods restart Always".into(),
-                    ));
-                }
-                let namespace = self
-                    .namespace
-                    .as_deref()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("default");
-                if !is_rfc1123_name(namespace) || namespace.len() > 63 || namespace.contains('.') {
-                    return Err(err(
-                        "namespace",
-                        format!("'{namespace}' is not a Kubernetes namespace name"),
-                    ));
-                }
-                let manifest = crate::drivers::k8s::objects::render(
-                    &parsed.data.manifest,
-                    namespace,
-                    &self.configmaps,
-                    auth_file,
-                )
-                .map_err(|(f, why)| err(&f, why))?;
-                let mut fp = manifest.clone().into_bytes();
-                fp.extend(format!("\0{backoff:?}").as_bytes());
-                // The agent's pod overhead and default pids limit are podman's, not these.
-                let limits = crate::cgroup::Limits {
-                    memory_bytes: parsed
-                        .limits
-                        .memory_bytes
-                        .map(|m| m.saturating_sub(super::POD_MEMORY_OVERHEAD)),
-                    cpu_millicores: parsed.limits.cpu_millicores,
-                    pids: None,
-                };
-                Ok(WorkloadSpec {
-                    name: self.name.clone(),
-                    kind,
-                    shell: None,
-                    limits,
-                    requests: parsed.requests,
-                    restart: parsed.restart,
-                    backoff,
-                    priority,
-                    scheduling: Default::default(),
-                    labels: self.labels.clone(),
-                    fingerprint: fingerprint(&fp),
-                    pod: Some(super::PodSpecData {
-                        manifest,
-                        auth_file: parsed.data.auth_file,
-                        rootless: false,
-                        containers: parsed.data.containers,
-                    }),
-                })
-            }
+                    containers: parsed.data.containers,
+                }),
+            },
+        ))
+    }
+}
+
+/// What every kind's spec shares.
+struct Common {
+    name: WorkloadName,
+    priority: i32,
+    backoff: BackoffPolicy,
+}
+
+/// What differs between the kinds' specs.
+struct Body {
+    kind: WorkloadKind,
+    limits: crate::cgroup::Limits,
+    requests: crate::cgroup::Limits,
+    restart: RestartPolicy,
+    fingerprint: String,
+    shell: Option<ShellSpec>,
+    pod: Option<super::PodSpecData>,
+}
+
+impl Common {
+    fn spec(self, w: &DesiredWorkload, b: Body) -> WorkloadSpec {
+        WorkloadSpec {
+            name: self.name,
+            kind: b.kind,
+            shell: b.shell,
+            pod: b.pod,
+            limits: b.limits,
+            requests: b.requests,
+            restart: b.restart,
+            backoff: self.backoff,
+            priority: self.priority,
+            scheduling: Default::default(),
+            labels: w.labels.clone(),
+            fingerprint: b.fingerprint,
         }
     }
 }

@@ -2,13 +2,15 @@
 //! validated into [`WorkloadSpec`]s the drivers can run.
 
 mod desired;
+pub mod name;
 mod pod;
 mod shell;
 
 pub use desired::{
-    load_desired_file, parse_desired, DesiredError, DesiredSecret, DesiredState, DesiredWorkload,
-    ImageRegistries, Retry, SpecDefaults,
+    parse_desired, DesiredError, DesiredSecret, DesiredState, DesiredWorkload, ImageRegistries,
+    Rejection, Retry, SpecDefaults, ValidatedDesired, MAX_DESIRED_BYTES,
 };
+pub use name::WorkloadName;
 pub use pod::{PodSpecData, DEFAULT_POD_PIDS, POD_MEMORY_OVERHEAD, WORKLOAD_LABEL};
 pub use shell::ShellSpec;
 
@@ -59,7 +61,7 @@ impl BackoffPolicy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     Shell,
@@ -90,7 +92,7 @@ impl WorkloadKind {
 /// A validated workload, ready for a driver.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkloadSpec {
-    pub name: String,
+    pub name: WorkloadName,
     pub kind: WorkloadKind,
     pub shell: Option<ShellSpec>,
     pub pod: Option<PodSpecData>,

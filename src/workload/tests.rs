@@ -3,7 +3,7 @@ use crate::workload::desired::SpecDefaults;
 
 fn defaults() -> SpecDefaults {
     SpecDefaults {
-        workload_user: "nobody".into(),
+        workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
     }
 }
@@ -133,9 +133,11 @@ fn duplicates_are_rejected_but_the_first_is_kept() {
 fn malformed_and_empty_documents() {
     assert!(parse_desired("workloads: {not: a list}").is_err());
     assert!(parse_desired("workloads: [").is_err());
-    assert_eq!(parse_desired("").unwrap().workloads.len(), 0);
-    assert_eq!(parse_desired("{}").unwrap().workloads.len(), 0);
-    assert_eq!(parse_desired("# nothing\n").unwrap().workloads.len(), 0);
+    // A file caught empty or half-written is no "nothing desired": only an explicit list is.
+    for unsaid in ["", "{}", "# nothing\n", "secrets: []"] {
+        assert!(parse_desired(unsaid).is_err(), "{unsaid:?}");
+    }
+    assert_eq!(parse_desired("workloads: []").unwrap().workloads.len(), 0);
     let json =
         r#"{"workloads":[{"name":"a","kind":"shell","specification":"command: [/bin/true]"}]}"#;
     assert_eq!(parse_desired(json).unwrap().workloads.len(), 1);

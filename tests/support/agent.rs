@@ -1,39 +1,21 @@
 //! Runs the real `device-worker-ng` binary for integration tests: its own state dir, control
-//! socket, desired-state file and cgroup subtree, all removed again on drop.
-
-#![allow(dead_code)]
+//! socket, desired-state file and cgroup subtree, all removed again on drop. Root only (the
+//! tests register with [`ROOT_CGROUPS`](crate::harness::ROOT_CGROUPS)).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use device_worker_ng::cgroup::{self, Hierarchy};
 use device_worker_ng::status::{socket, Snapshot, WorkloadInfo};
+use device_worker_ng::workload::WorkloadName;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
-
-/// Why a root-only test cannot run here, if it cannot.
-pub fn root_cgroups_missing() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root".into());
-    }
-    if let Err(e) = cgroup::detect() {
-        return Some(format!("no usable cgroup hierarchy: {e}"));
-    }
-    None
-}
-
-#[macro_export]
-macro_rules! require_root_cgroups {
-    ($test:expr) => {
-        if let Some(why) = $crate::agent::root_cgroups_missing() {
-            eprintln!("SKIPPED: {}: {why} (CI runs as root: see .ci/run)", $test);
-            return;
-        }
-    };
-}
+use crate::wait::poll_until;
 
 pub struct Agent {
+    /// The binary cargo built for the test (`env!("CARGO_BIN_EXE_device-worker-ng")`: only
+    /// the test crate knows it).
+    bin: PathBuf,
     pub dir: tempfile::TempDir,
     pub cgroup_root: String,
     pub child: Option<Child>,
@@ -41,8 +23,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Prepares (does not start) an agent with `desired` as its desired-state file.
-    pub fn new(desired: &str) -> Agent {
+    /// Prepares (does not start) the agent `bin` with `desired` as its desired-state file.
+    pub fn new(bin: impl AsRef<Path>, desired: &str) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("dwng-test-")
             .tempdir()
@@ -58,6 +40,7 @@ impl Agent {
         )
         .to_lowercase();
         Agent {
+            bin: bin.as_ref().to_path_buf(),
             dir,
             cgroup_root,
             child: None,
@@ -89,7 +72,7 @@ impl Agent {
     }
 
     pub fn command(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(&self.bin);
         c.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("EDGE_DEVICE_STATE_DIR", self.state_dir())
@@ -144,16 +127,17 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&Snapshot) -> bool,
     ) -> Snapshot {
-        let start = Instant::now();
         let mut last = None;
-        while start.elapsed() < timeout {
-            if let Some(s) = self.try_status() {
-                if pred(&s) {
-                    return s;
-                }
-                last = Some(s);
+        let found = poll_until(timeout, Duration::from_millis(100), || {
+            let s = self.try_status()?;
+            if pred(&s) {
+                return Some(s);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            last = Some(s);
+            None
+        });
+        if let Some(s) = found {
+            return s;
         }
         panic!(
             "timed out after {timeout:?} waiting for: {what}\nlast status: {}\nagent log:\n{}",
@@ -181,12 +165,11 @@ impl Agent {
             nix::unistd::Pid::from_raw(c.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let exited = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            c.try_wait().ok().flatten()
+        });
+        if exited.is_some() {
+            return exited;
         }
         let _ = c.kill();
         c.wait().ok()
@@ -196,27 +179,19 @@ impl Agent {
         Hierarchy::new(cgroup::detect().unwrap(), &self.cgroup_root, None)
     }
 
+    /// The cgroup of a workload of this agent.
+    pub fn cgroup(&self, workload: &str) -> cgroup::WorkloadCgroup {
+        self.hierarchy().workload(&name(workload))
+    }
+
     pub fn cgroup_procs(&self, workload: &str) -> Vec<i32> {
-        self.hierarchy()
-            .workload(workload)
-            .pids()
-            .unwrap_or_default()
+        self.cgroup(workload).pids().unwrap_or_default()
     }
 
     pub fn cgroup_file(&self, workload: &str, file: &str) -> String {
-        let cg = self.hierarchy().workload(workload);
-        let dirs: Vec<PathBuf> = match &cg {
-            cgroup::WorkloadCgroup::V1 {
-                memory,
-                cpu,
-                cpuacct,
-                pids,
-            } => {
-                vec![memory.clone(), cpu.clone(), cpuacct.clone(), pids.clone()]
-            }
-            cgroup::WorkloadCgroup::V2 { dir } => vec![dir.clone()],
-        };
-        dirs.iter()
+        let cg = self.cgroup(workload);
+        cg.dirs()
+            .iter()
             .map(|d| d.join(file))
             .find(|p| p.exists())
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -226,13 +201,14 @@ impl Agent {
     }
 }
 
+/// A workload name the test knows to be valid.
+pub fn name(s: &str) -> WorkloadName {
+    WorkloadName::parse(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         let _ = self.hierarchy().remove_all();
     }
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }

@@ -2,7 +2,8 @@
 //! machines (TESTBED.md), so the driver is tested against this, not a live MicroShift.
 //!
 //! What it follows of the API conventions, for the calls the driver makes:
-//! - HTTPS (rustls, a test CA, server cert for 127.0.0.1); authentication by a client
+//! - HTTPS (rustls on the [`https`](crate::https) skeleton, a test CA, server cert for
+//!   127.0.0.1); authentication by a client
 //!   certificate signed by that CA or by a bearer token, else `401` with a `Status` body.
 //! - Paths `/api/v1/[namespaces/{ns}/]{configmaps,secrets,pods}[/{name}]` and
 //!   `/apis/apps/v1/[namespaces/{ns}/]deployments[/{name}]`; lists in one namespace or all,
@@ -26,24 +27,22 @@
 //! and ReplicaSet controllers are the test's calls ([`FakeKube::observe`], [`FakeKube::rollout`],
 //! [`FakeKube::crash`], [`FakeKube::restart_container`]), except that scaling to 0 and deleting
 //! a Deployment remove its pods at once.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use base64::Engine as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use serde_json::{json, Map, Value};
+
+use crate::https::{
+    self, distinguished_name as dn, percent_decode, Client, HttpsServer, Limits, Request, Response,
+};
 
 pub const TOKEN: &str = "fake-token-123";
 
@@ -73,25 +72,12 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    stop: AtomicBool,
 }
-
-type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
 pub struct FakeKube {
-    addr: SocketAddr,
+    http: HttpsServer,
     shared: Arc<Shared>,
     dir: tempfile::TempDir,
-    accept: Option<JoinHandle<()>>,
-    conns: Connections,
-}
-
-fn dn(pairs: &[(DnType, &str)]) -> DistinguishedName {
-    let mut d = DistinguishedName::new();
-    for (t, v) in pairs {
-        d.push(t.clone(), *v);
-    }
-    d
 }
 
 fn leaf(cn: &str, org: &str) -> CertificateParams {
@@ -103,7 +89,6 @@ fn leaf(cn: &str, org: &str) -> CertificateParams {
 
 impl FakeKube {
     pub fn start() -> FakeKube {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca = CertificateParams::default();
@@ -135,7 +120,7 @@ impl FakeKube {
         std::fs::write(dir.path().join("client.crt"), client_cert.pem()).unwrap();
         std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = https::tls_provider();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca_der).unwrap();
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -154,48 +139,25 @@ impl FakeKube {
                 PrivateKeyDer::try_from(server_key.serialize_der()).unwrap(),
             )
             .unwrap();
-        let tls = Arc::new(tls);
-
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 resource_version: 1000,
                 ..State::default()
             }),
-            stop: AtomicBool::new(false),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().unwrap();
-        let conns: Connections = Arc::default();
-        let accept = {
-            let (shared, conns) = (shared.clone(), conns.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let Ok(clone) = stream.try_clone() else {
-                        continue;
-                    };
-                    let (shared, tls) = (shared.clone(), tls.clone());
-                    let h = std::thread::spawn(move || serve(shared, tls, stream));
-                    let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
-                    c.retain(|(_, h)| !h.is_finished());
-                    c.push((clone, h));
-                }
-            })
+        let http = {
+            let shared = shared.clone();
+            HttpsServer::start(
+                Arc::new(tls),
+                Limits::default(),
+                move |client: &Client<'_>, req: &Request| Some(handle(&shared, client, req)),
+            )
         };
-        FakeKube {
-            addr,
-            shared,
-            dir,
-            accept: Some(accept),
-            conns,
-        }
+        FakeKube { http, shared, dir }
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
+        format!("https://127.0.0.1:{}", self.http.addr().port())
     }
 
     pub fn dir(&self) -> &Path {
@@ -408,30 +370,7 @@ impl FakeKube {
     }
 
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if self.shared.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
-        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
-        for (s, _) in &conns {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        for (_, h) in conns {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for FakeKube {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.http.shutdown();
     }
 }
 
@@ -445,168 +384,31 @@ fn fnv(bytes: &[u8]) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP/1.1 over TLS
+// Requests
 // ---------------------------------------------------------------------------
 
-struct Request {
-    method: String,
+/// A request as the API server routes it: path decoded, query parsed.
+struct ApiRequest<'a> {
+    http: &'a Request,
+    method: &'a str,
     path: String,
     query: BTreeMap<String, String>,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    body: &'a [u8],
 }
 
-impl Request {
+impl<'a> ApiRequest<'a> {
+    fn new(http: &'a Request) -> Self {
+        ApiRequest {
+            http,
+            method: &http.method,
+            path: percent_decode(http.path()),
+            query: http.query(),
+            body: &http.body,
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
-
-fn serve(shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>, tcp: TcpStream) {
-    if shared.stop.load(Ordering::SeqCst) {
-        return;
-    }
-    let Ok(conn) = rustls::ServerConnection::new(tls) else {
-        return;
-    };
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
-    while stream.conn.is_handshaking() {
-        if stream.conn.complete_io(&mut stream.sock).is_err() {
-            return;
-        }
-    }
-    let has_cert = stream
-        .conn
-        .peer_certificates()
-        .is_some_and(|c: &[CertificateDer<'_>]| !c.is_empty());
-    let mut reader = BufReader::new(stream);
-    while let Ok(Some(req)) = read_request(&mut reader) {
-        let (status, body) = handle(&shared, has_cert, &req);
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let head = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            reason_phrase(status),
-            bytes.len()
-        );
-        let w = reader.get_mut();
-        if w.write_all(head.as_bytes()).is_err()
-            || w.write_all(&bytes).is_err()
-            || w.flush().is_err()
-        {
-            break;
-        }
-    }
-    let stream = reader.get_mut();
-    stream.conn.send_close_notify();
-    let _ = stream.conn.complete_io(&mut stream.sock);
-    let _ = stream.sock.shutdown(Shutdown::Both);
-}
-
-fn read_request(r: &mut BufReader<TlsStream>) -> io::Result<Option<Request>> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad request line",
-        ));
-    };
-    let (path, q) = target.split_once('?').unwrap_or((target, ""));
-    let query = q
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect();
-    let mut req = Request {
-        method: method.to_string(),
-        path: decode(path),
-        query,
-        headers: Vec::new(),
-        body: Vec::new(),
-    };
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            return Ok(None);
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            req.headers
-                .push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    if req
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size)?;
-            let n = usize::from_str_radix(size.trim(), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "chunk"))?;
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            req.body.extend_from_slice(&chunk[..n]);
-        }
-    } else if let Some(len) = req.header("content-length") {
-        let n: usize = len
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "length"))?;
-        req.body = vec![0; n];
-        r.read_exact(&mut req.body)?;
-    }
-    Ok(Some(req))
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        415 => "Unsupported Media Type",
-        422 => "Unprocessable Entity",
-        500 => "Internal Server Error",
-        _ => "Unknown",
+        self.http.header(name)
     }
 }
 
@@ -691,26 +493,29 @@ fn resource_name(r: &Route) -> String {
     }
 }
 
-fn handle(shared: &Shared, has_cert: bool, req: &Request) -> (u16, Value) {
+/// Every answer is JSON (a `Status` for errors), as the API server's.
+fn handle(shared: &Shared, client: &Client<'_>, req: &Request) -> Response {
+    let req = &ApiRequest::new(req);
+    let has_cert = !client.certificates.is_empty();
     let (code, body) = respond(shared, has_cert, req);
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let parsed_body = if req.body.is_empty() {
         None
     } else {
-        serde_yaml_ng::from_slice::<Value>(&req.body).ok()
+        serde_yaml_ng::from_slice::<Value>(req.body).ok()
     };
     st.requests.push(Recorded {
-        method: req.method.clone(),
+        method: req.method.to_string(),
         path: req.path.clone(),
         query: req.query.clone(),
         content_type: req.header("content-type").map(str::to_string),
         body: parsed_body,
         status: code,
     });
-    (code, body)
+    Response::json(code, &body)
 }
 
-fn respond(shared: &Shared, has_cert: bool, req: &Request) -> (u16, Value) {
+fn respond(shared: &Shared, has_cert: bool, req: &ApiRequest) -> (u16, Value) {
     let token_ok = req
         .header("authorization")
         .is_some_and(|a| a == format!("Bearer {TOKEN}"));
@@ -730,7 +535,7 @@ fn respond(shared: &Shared, has_cert: bool, req: &Request) -> (u16, Value) {
             Value::Null,
         );
     };
-    let verb = verb(&req.method, &r);
+    let verb = verb(req.method, &r);
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let denied =
         |v: &str| v == verb || (v == "list@cluster" && verb == "list" && r.namespace.is_none());
@@ -916,7 +721,7 @@ fn parse_selector(s: &str) -> Option<Vec<Req>> {
     Some(out)
 }
 
-fn patch(st: &mut State, r: &Route, req: &Request) -> (u16, Value) {
+fn patch(st: &mut State, r: &Route, req: &ApiRequest) -> (u16, Value) {
     if r.name.is_none() {
         return status(
             405,
@@ -934,13 +739,13 @@ fn patch(st: &mut State, r: &Route, req: &Request) -> (u16, Value) {
     }
 }
 
-fn apply(st: &mut State, r: &Route, req: &Request, manager: &str) -> (u16, Value) {
+fn apply(st: &mut State, r: &Route, req: &ApiRequest, manager: &str) -> (u16, Value) {
     let name = r.name.clone().unwrap_or_default();
     let ns = r.namespace.clone().unwrap_or_default();
     if manager.is_empty() {
         return status(400, "BadRequest", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch", Value::Null);
     }
-    let body: Value = match serde_yaml_ng::from_slice(&req.body) {
+    let body: Value = match serde_yaml_ng::from_slice(req.body) {
         Ok(v) => v,
         Err(e) => {
             return status(
@@ -1202,8 +1007,8 @@ fn merge_into(target: &mut Value, patch: &Value) {
     }
 }
 
-fn merge(st: &mut State, r: &Route, req: &Request, manager: &str) -> (u16, Value) {
-    let patch: Value = match serde_json::from_slice(&req.body) {
+fn merge(st: &mut State, r: &Route, req: &ApiRequest, manager: &str) -> (u16, Value) {
+    let patch: Value = match serde_json::from_slice(req.body) {
         Ok(v) => v,
         Err(e) => {
             return status(

@@ -1,22 +1,17 @@
 //! A real mTLS Flotta edge-API server for integration tests (PROTOCOL.md).
 //!
-//! rustls (TLS 1.3 only, client certificate required but not verified at the
-//! handshake, like Go's `RequireAnyClientCert`, §1.1) plus a small HTTP/1.1
-//! parser on std threads. Authentication, routing, validation and every status
-//! code follow PROTOCOL.md §1.3, §1.4 and §3.3; the PKI follows §3.1 and §3.4.
+//! On the [`https`](crate::https) skeleton: TLS 1.3 only, client certificate
+//! required but not verified at the handshake, like Go's `RequireAnyClientCert`
+//! (§1.1). Authentication, routing, validation and every status code follow
+//! PROTOCOL.md §1.3, §1.4 and §3.3; the PKI follows §3.1 and §3.4.
 //!
 //! Known deviations from the real server: HTTP/1.1 only (no h2), and the CSR
 //! self-signature *is* checked (rcgen's parser insists), which only matters
 //! for a forged CSR.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use device_worker_ng::flotta::messages::{
@@ -24,13 +19,17 @@ use device_worker_ng::flotta::messages::{
     MessageType, RegistrationInfo, RegistrationResponse, API_BASE_PATH,
 };
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, SignatureScheme};
 use serde_json::{json, Value};
+
+use crate::https::{
+    self, distinguished_name as dn, Client, HttpsServer, Limits, Request, Response,
+};
 
 /// Behaviour switches.
 #[derive(Debug, Clone)]
@@ -120,9 +119,6 @@ struct State {
     requests: Vec<RequestRecord>,
     faults: VecDeque<(Fault, usize)>,
     resource_version: u64,
-    tls_failures: usize,
-    /// TLS connections completed (each one a full handshake with client certificate).
-    connections: usize,
 }
 
 struct Pki {
@@ -134,7 +130,6 @@ struct Shared {
     opts: ServerOptions,
     pki: Pki,
     state: Mutex<State>,
-    stop: AtomicBool,
 }
 
 impl Shared {
@@ -146,27 +141,14 @@ impl Shared {
 
 /// Handle of a running server; stops on drop.
 pub struct FlottaTestServer {
-    addr: SocketAddr,
+    http: HttpsServer,
     shared: Arc<Shared>,
     dir: tempfile::TempDir,
     ca_pem: String,
-    accept: Option<JoinHandle<()>>,
-    conns: Connections,
 }
-
-/// Open connections: a socket clone to shut down on stop, and the thread.
-type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
 fn now_offset() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
-}
-
-fn dn(pairs: &[(DnType, &str)]) -> DistinguishedName {
-    let mut d = DistinguishedName::new();
-    for (t, v) in pairs {
-        d.push(t.clone(), *v);
-    }
-    d
 }
 
 fn client_params(cn: &str, ou: Option<&str>) -> CertificateParams {
@@ -197,7 +179,6 @@ fn client_params(cn: &str, ou: Option<&str>) -> CertificateParams {
 
 impl FlottaTestServer {
     pub fn start(opts: ServerOptions) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("temp dir");
 
         // CA: P-256, O=flotta-operator, no CN (§3.1).
@@ -233,16 +214,9 @@ impl FlottaTestServer {
         sp.not_after = now_offset() + time::Duration::days(365);
         let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
 
-        let shared = Arc::new(Shared {
-            opts,
-            pki: Pki { ca_der, issuer },
-            state: Mutex::new(State::default()),
-            stop: AtomicBool::new(false),
-        });
-
         std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = https::tls_provider();
         let verifier = Arc::new(RequireAnyClientCert {
             algs: provider.signature_verification_algorithms,
         });
@@ -255,43 +229,29 @@ impl FlottaTestServer {
                 PrivateKeyDer::try_from(server_key.serialize_der()).unwrap(),
             )
             .unwrap();
-        let tls = Arc::new(tls);
 
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        let conns: Connections = Arc::default();
-        let accept = {
-            let shared = shared.clone();
-            let conns = conns.clone();
-            std::thread::Builder::new()
-                .name("flotta-test-accept".into())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if shared.stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let Ok(stream) = stream else { continue };
-                        let Ok(clone) = stream.try_clone() else {
-                            continue;
-                        };
-                        let shared = shared.clone();
-                        let tls = tls.clone();
-                        let h = std::thread::spawn(move || serve_connection(shared, tls, stream));
-                        let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
-                        c.retain(|(_, h)| !h.is_finished());
-                        c.push((clone, h));
-                    }
-                })
-                .unwrap()
+        let limits = Limits {
+            max_body_bytes: opts.max_request_body,
+            ..Limits::default()
         };
-
+        let shared = Arc::new(Shared {
+            opts,
+            pki: Pki { ca_der, issuer },
+            state: Mutex::new(State::default()),
+        });
+        let http = {
+            let shared = shared.clone();
+            HttpsServer::start(
+                Arc::new(tls),
+                limits,
+                move |client: &Client<'_>, req: &Request| handle(&shared, client, req),
+            )
+        };
         let server = FlottaTestServer {
-            addr,
+            http,
             shared,
             dir,
             ca_pem,
-            accept: Some(accept),
-            conns,
         };
         // Bootstrap cert: CN=register, O=flotta-operator, 1 year (§3.1).
         let reg = server.sign_client("register", None, -1, 365);
@@ -317,7 +277,7 @@ impl FlottaTestServer {
 
     /// `https://127.0.0.1:PORT` (no trailing slash).
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        format!("https://{}", self.http.addr())
     }
 
     pub fn ca_pem(&self) -> &str {
@@ -458,12 +418,12 @@ impl FlottaTestServer {
 
     /// Handshakes that failed (e.g. a client without a certificate).
     pub fn tls_failures(&self) -> usize {
-        self.shared.state().tls_failures
+        self.http.handshake_failures()
     }
 
     /// TLS connections accepted with a completed handshake.
     pub fn connections(&self) -> usize {
-        self.shared.state().connections
+        self.http.connections()
     }
 
     /// Apply `fault` to the next `times` requests (queued after earlier faults).
@@ -479,31 +439,7 @@ impl FlottaTestServer {
 
     /// Stop accepting, close every connection, join all threads.
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if self.shared.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        // Wake the blocking accept().
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
-        let conns = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|e| e.into_inner()));
-        for (s, _) in &conns {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        for (_, h) in conns {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for FlottaTestServer {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.http.shutdown();
     }
 }
 
@@ -557,218 +493,17 @@ impl ClientCertVerifier for RequireAnyClientCert {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP/1.1
+// Responses
 // ---------------------------------------------------------------------------
 
-struct Request {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// Bytes of the request line and headers.
-    head_len: usize,
+/// Handler statuses have empty bodies and no Content-Type (§1.3).
+fn empty(status: u16) -> Response {
+    Response::new(status)
 }
 
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-struct Response {
-    status: u16,
-    body: Vec<u8>,
-    json: bool,
-    extra: Vec<(String, String)>,
-}
-
-impl Response {
-    /// Handler statuses have empty bodies and no Content-Type (§1.3).
-    fn empty(status: u16) -> Self {
-        Response {
-            status,
-            body: Vec::new(),
-            json: false,
-            extra: Vec::new(),
-        }
-    }
-    fn json(status: u16, v: &impl serde::Serialize) -> Self {
-        Response {
-            status,
-            body: serde_json::to_vec(v).unwrap_or_default(),
-            json: true,
-            extra: Vec::new(),
-        }
-    }
-    /// go-openapi error body `{"code","message"}` (§1.3).
-    fn api_error(status: u16, code: u16, message: &str) -> Self {
-        Self::json(status, &json!({"code": code, "message": message}))
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        208 => "Already Reported",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        406 => "Not Acceptable",
-        413 => "Request Entity Too Large",
-        415 => "Unsupported Media Type",
-        422 => "Unprocessable Entity",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Status",
-    }
-}
-
-type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
-
-fn serve_connection(shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>, tcp: TcpStream) {
-    if shared.stop.load(Ordering::SeqCst) {
-        return;
-    }
-    let Ok(conn) = rustls::ServerConnection::new(tls) else {
-        return;
-    };
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
-    // Finish the handshake first so the peer certificate is known.
-    while stream.conn.is_handshaking() {
-        if stream.conn.complete_io(&mut stream.sock).is_err() {
-            shared.state().tls_failures += 1;
-            return;
-        }
-    }
-    shared.state().connections += 1;
-    let certs: Vec<CertificateDer<'static>> = stream
-        .conn
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
-    let mut reader = BufReader::new(stream);
-    while let Ok(Some(req)) = read_request(&mut reader, shared.opts.max_request_body) {
-        let close = req
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let Some(resp) = handle(&shared, &certs, &req) else {
-            // DropConnection fault: no close_notify, just a dead socket.
-            let _ = reader.get_mut().sock.shutdown(Shutdown::Both);
-            return;
-        };
-        if write_response(reader.get_mut(), &resp).is_err() || close {
-            break;
-        }
-    }
-    // The accept loop keeps a clone of the socket for stop(): close it
-    // explicitly, dropping our half would not end the TCP connection.
-    let stream = reader.get_mut();
-    stream.conn.send_close_notify();
-    let _ = stream.conn.complete_io(&mut stream.sock);
-    let _ = stream.sock.shutdown(Shutdown::Both);
-}
-
-fn read_request(r: &mut BufReader<TlsStream>, max_body: usize) -> io::Result<Option<Request>> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Ok(None);
-    }
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad request line",
-        ));
-    };
-    let (method, target) = (method.to_owned(), target.to_owned());
-    let mut headers = Vec::new();
-    let mut header_bytes = 0;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            return Ok(None);
-        }
-        header_bytes += h.len();
-        if header_bytes > 64 * 1024 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "headers too large",
-            ));
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_owned(), v.trim().to_owned()));
-        }
-    }
-    let mut req = Request {
-        method,
-        target,
-        headers,
-        body: Vec::new(),
-        head_len: line.len() + header_bytes,
-    };
-    if req
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size)?;
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
-            if req.body.len() + n > max_body {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "body too large"));
-            }
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            req.body.extend_from_slice(&chunk[..n]);
-        }
-    } else if let Some(len) = req.header("content-length") {
-        let n: usize = len
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
-        if n > max_body {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "body too large"));
-        }
-        req.body = vec![0; n];
-        r.read_exact(&mut req.body)?;
-    }
-    Ok(Some(req))
-}
-
-fn response_head(resp: &Response) -> String {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Length: {}\r\n",
-        resp.status,
-        reason(resp.status),
-        resp.body.len()
-    );
-    if resp.json {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    for (k, v) in &resp.extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    head
-}
-
-fn write_response(w: &mut TlsStream, resp: &Response) -> io::Result<()> {
-    w.write_all(response_head(resp).as_bytes())?;
-    w.write_all(&resp.body)?;
-    w.flush()
+/// go-openapi error body `{"code","message"}` (§1.3).
+fn api_error(status: u16, code: u16, message: &str) -> Response {
+    Response::json(status, &json!({"code": code, "message": message}))
 }
 
 // ---------------------------------------------------------------------------
@@ -880,8 +615,9 @@ fn full_auth(pki: &Pki, certs: &[CertificateDer<'_>]) -> bool {
         })
 }
 
-fn handle(shared: &Shared, certs: &[CertificateDer<'_>], req: &Request) -> Option<Response> {
-    let path = clean_path(&req.target);
+fn handle(shared: &Shared, client: &Client<'_>, req: &Request) -> Option<Response> {
+    let certs = client.certificates;
+    let path = clean_path(req.path());
     let peer = peer_names(certs);
     let mut record = RequestRecord {
         method: req.method.clone(),
@@ -911,22 +647,16 @@ fn handle(shared: &Shared, certs: &[CertificateDer<'_>], req: &Request) -> Optio
             shared.state().requests.push(record);
             return None;
         }
-        Some(Fault::Status(s)) => Some(Response::empty(s)),
-        Some(Fault::GarbageBody) => Some(Response {
-            status: 200,
-            body: b"\x00\x01<html>garbage{{".to_vec(),
-            json: true,
-            extra: Vec::new(),
-        }),
-        Some(Fault::HugeBody(n)) => Some(Response {
-            status: 200,
-            body: vec![b' '; n],
-            json: true,
-            extra: Vec::new(),
-        }),
+        Some(Fault::Status(s)) => Some(empty(s)),
+        Some(Fault::GarbageBody) => Some(
+            Response::new(200).with_body("application/json", b"\x00\x01<html>garbage{{".to_vec()),
+        ),
+        Some(Fault::HugeBody(n)) => {
+            Some(Response::new(200).with_body("application/json", vec![b' '; n]))
+        }
         Some(Fault::Delay(d)) => {
             let until = Instant::now() + d;
-            while Instant::now() < until && !shared.stop.load(Ordering::SeqCst) {
+            while Instant::now() < until && !client.server_stopping() {
                 std::thread::sleep(Duration::from_millis(10));
             }
             None
@@ -935,7 +665,7 @@ fn handle(shared: &Shared, certs: &[CertificateDer<'_>], req: &Request) -> Optio
     };
     let resp = resp.unwrap_or_else(|| dispatch(shared, certs, &peer, req, &path, &mut record));
     record.status = Some(resp.status);
-    record.response_bytes = response_head(&resp).len() + resp.body.len();
+    record.response_bytes = resp.wire_len();
     shared.state().requests.push(record);
     Some(resp)
 }
@@ -950,20 +680,19 @@ fn dispatch(
 ) -> Response {
     // (2) routing: 404 / 405 with go-openapi bodies (§1.3).
     let Some((route, id)) = route(path) else {
-        return Response::api_error(404, 404, &format!("path {path} was not found"));
+        return api_error(404, 404, &format!("path {path} was not found"));
     };
     let allowed = match route {
         Route::DataIn | Route::ControlIn => "GET",
         Route::DataOut | Route::ControlOut => "POST",
     };
     if req.method != allowed {
-        let mut r = Response::api_error(
+        return api_error(
             405,
             405,
             &format!("method {} is not allowed, but [{allowed}] are", req.method),
-        );
-        r.extra.push(("Allow".into(), allowed.into()));
-        return r;
+        )
+        .with_header("Allow", allowed);
     }
     // (3) mTLS middleware: 401 with no body.
     let authed = match route {
@@ -971,11 +700,11 @@ fn dispatch(
         _ => full_auth(&shared.pki, certs),
     };
     if !authed {
-        return Response::empty(401);
+        return empty(401);
     }
     if let Some(accept) = req.header("accept") {
         if !accept.contains("application/json") && !accept.contains("*/*") {
-            return Response::api_error(406, 406, "unsupported media type requested");
+            return api_error(406, 406, "unsupported media type requested");
         }
     }
     let cn_matches = peer
@@ -986,13 +715,13 @@ fn dispatch(
     match route {
         Route::DataIn => {
             if !cn_matches {
-                return Response::empty(403);
+                return empty(403);
             }
             get_data_in(shared, &id)
         }
         Route::ControlIn => {
             if !cn_matches {
-                return Response::empty(403);
+                return empty(403);
             }
             let st = shared.state();
             let exists = st.devices.get(&id).is_some_and(|d| d.approved);
@@ -1006,18 +735,13 @@ fn dispatch(
                 )
             } else {
                 // Empty body, Content-Type still set (§1.4).
-                Response {
-                    status: 200,
-                    body: Vec::new(),
-                    json: true,
-                    extra: Vec::new(),
-                }
+                Response::new(200).with_body("application/json", Vec::new())
             }
         }
         Route::ControlOut => match bind_message(req) {
             Err(r) => r,
-            Ok(_) if !cn_matches => Response::empty(403),
-            Ok(_) => Response::empty(200),
+            Ok(_) if !cn_matches => empty(403),
+            Ok(_) => empty(200),
         },
         Route::DataOut => {
             let msg = match bind_message(req) {
@@ -1037,24 +761,24 @@ fn bind_message(req: &Request) -> Result<Message, Response> {
         .unwrap_or("application/octet-stream");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(Response::api_error(
+        return Err(api_error(
             415,
             415,
             &format!("unsupported media type {ct:?}, only [application/json] are allowed"),
         ));
     }
     if req.body.iter().all(u8::is_ascii_whitespace) {
-        return Err(Response::api_error(422, 602, "message in body is required"));
+        return Err(api_error(422, 602, "message in body is required"));
     }
     let v: Value = serde_json::from_slice(&req.body).map_err(|e| {
-        Response::api_error(
+        api_error(
             400,
             400,
             &format!("parsing message body from \"\" failed: {e}"),
         )
     })?;
     if !v.is_object() {
-        return Err(Response::api_error(
+        return Err(api_error(
             400,
             400,
             "parsing message body failed: not an object",
@@ -1062,7 +786,7 @@ fn bind_message(req: &Request) -> Result<Message, Response> {
     }
     for k in ["message_id", "response_to", "directive", "type", "sent"] {
         if v.get(k).is_some_and(|x| !x.is_string() && !x.is_null()) {
-            return Err(Response::api_error(
+            return Err(api_error(
                 400,
                 400,
                 &format!("parsing message body failed: {k}"),
@@ -1072,37 +796,29 @@ fn bind_message(req: &Request) -> Result<Message, Response> {
     if v.get("version")
         .is_some_and(|x| !x.is_i64() && !x.is_null())
     {
-        return Err(Response::api_error(
-            400,
-            400,
-            "parsing message body failed: version",
-        ));
+        return Err(api_error(400, 400, "parsing message body failed: version"));
     }
     if let Some(s) = v.get("sent").and_then(Value::as_str) {
         if DateTime::parse(s).is_none() {
-            return Err(Response::api_error(
-                400,
-                400,
-                "parsing message body failed: sent",
-            ));
+            return Err(api_error(400, 400, "parsing message body failed: sent"));
         }
     }
     if let Some(t) = v.get("type").and_then(Value::as_str) {
         if !["connection-status", "command", "event", "data"].contains(&t) {
-            return Err(Response::api_error(
+            return Err(api_error(
                 422,
                 606,
                 "type in body should be one of [connection-status command event data]",
             ));
         }
     }
-    serde_json::from_value(v).map_err(|e| Response::api_error(400, 400, &e.to_string()))
+    serde_json::from_value(v).map_err(|e| api_error(400, 400, &e.to_string()))
 }
 
 fn get_data_in(shared: &Shared, id: &str) -> Response {
     let st = shared.state();
     if !st.devices.get(id).is_some_and(|d| d.approved) {
-        return Response::empty(404);
+        return empty(404);
     }
     let mut cfg = st
         .configs
@@ -1143,12 +859,12 @@ fn post_data_out(
     match msg.directive.as_str() {
         "enrolment" => {
             let Ok(info) = serde_json::from_value::<EnrolmentInfo>(msg.content) else {
-                return Response::empty(400);
+                return empty(400);
             };
             let mut st = shared.state();
             let d = st.devices.entry(id.to_owned()).or_default();
             if d.approved {
-                return Response::empty(208);
+                return empty(208);
             }
             d.enrolled = true;
             d.enrol_calls += 1;
@@ -1161,43 +877,43 @@ fn post_data_out(
                 d.approved = true;
                 st.resource_version += 1;
             }
-            Response::empty(200)
+            empty(200)
         }
         "registration" => register(shared, peer, cn_matches, id, &msg),
         "heartbeat" => {
             if !cn_matches {
-                return Response::empty(403);
+                return empty(403);
             }
             let Ok(hb) = serde_json::from_value::<Heartbeat>(msg.content) else {
-                return Response::empty(400);
+                return empty(400);
             };
             let mut st = shared.state();
             if !st.devices.get(id).is_some_and(|d| d.approved) {
-                return Response::empty(404);
+                return empty(404);
             }
             st.heartbeats.push((id.to_owned(), hb));
             if shared.opts.heartbeat_bumps_version {
                 st.resource_version += 1;
             }
-            Response::empty(200)
+            empty(200)
         }
         "ansible" => {
             if !cn_matches {
-                return Response::empty(403);
+                return empty(403);
             }
             if !shared.state().devices.get(id).is_some_and(|d| d.approved) {
-                return Response::empty(404);
+                return empty(404);
             }
             // No playbook executions: 500, the normal case (§2.7, §8 item 4).
-            Response::empty(500)
+            empty(500)
         }
-        _ => Response::empty(400),
+        _ => empty(400),
     }
 }
 
 fn register(shared: &Shared, peer: &Peer, cn_matches: bool, id: &str, msg: &Message) -> Response {
     let Ok(info) = serde_json::from_value::<RegistrationInfo>(msg.content.clone()) else {
-        return Response::empty(400);
+        return empty(400);
     };
     let ns = {
         let mut st = shared.state();
@@ -1205,22 +921,22 @@ fn register(shared: &Shared, peer: &Peer, cn_matches: bool, id: &str, msg: &Mess
         // up the EDSR's target namespace (§2.4.2 steps 1-2).
         let mut ns = peer.ou.clone().unwrap_or_else(|| "default".into());
         let Some(d) = st.devices.get_mut(id) else {
-            return Response::empty(404);
+            return empty(404);
         };
         if ns == "default" && !cn_matches && !d.namespace.is_empty() {
             ns = d.namespace.clone();
         }
         if !d.approved {
-            return Response::empty(404);
+            return empty(404);
         }
         if d.registered && !cn_matches {
             // Plain "forbidden" error → 500, not 403 (§8 item 8).
-            return Response::empty(500);
+            return empty(500);
         }
         ns
     };
     let Ok(csr) = CertificateSigningRequestParams::from_pem(&info.certificate_request) else {
-        return Response::empty(400);
+        return empty(400);
     };
     // CN overwritten with the path id as given, O and OU set (§3.4).
     let mut params = client_params(id, Some(&ns));
@@ -1228,7 +944,7 @@ fn register(shared: &Shared, peer: &Peer, cn_matches: bool, id: &str, msg: &Mess
     params.not_after = now_offset()
         + time::Duration::try_from(shared.opts.cert_validity).unwrap_or(time::Duration::days(30));
     let Ok(cert) = params.signed_by(&csr.public_key, &shared.pki.issuer) else {
-        return Response::empty(500);
+        return empty(500);
     };
     if let Some(d) = shared.state().devices.get_mut(id) {
         d.registered = true;

@@ -14,13 +14,14 @@
 //! after each apply and each removal, every one of ours that no Deployment of ours in its
 //! namespace refers to is deleted.
 //!
-//! **Runs.** There is no local process: `Started.pid` is 0 (with a notice), and the run is the
-//! Deployment's pod. `start` applies and polls (every `poll_interval`) until the pod runs,
-//! crashes, or `ready_timeout` passes (then it returns with a notice and keeps watching);
-//! while it polls the workload is `deploying`. The waiter polls the same way until the pod
-//! crashes (or the kubelet restarts a container), or the Deployment is scaled to 0 or gone.
-//! `stop` scales the Deployment to 0 (the pods get their own termination grace period, then
-//! are deleted with grace 0 after `grace`); `cleanup` deletes it.
+//! **Runs.** There is no local process (`Started.pid` is `None`): the run is the Deployment's
+//! pod. `start` applies and returns at once; the run is then watched by polling (every
+//! `poll_interval`, on the reactor, its blocking look on the blocking pool): while the pod is
+//! not available the workload stays `starting` (or becomes `unavailable`) with the
+//! scheduler's, the kubelet's or the API's reason; the run ends when the pod crashes (or the
+//! kubelet restarts a container) or the Deployment is scaled to 0 or gone. `stop` scales the
+//! Deployment to 0 (the pods get their own termination grace period, then are deleted with
+//! grace 0 after `grace`); `cleanup` deletes it.
 //!
 //! Tested against a fake API server (tests/support/fake_kube.rs), not a live MicroShift.
 
@@ -31,7 +32,7 @@ pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
@@ -39,7 +40,8 @@ use serde_json::{json, Value};
 pub use api::{ApiTimeouts, KubeClient, Resource, FIELD_MANAGER};
 pub use status::{assess, Health};
 
-use super::RunEnd;
+use super::{Driver, DriverError, Placement, Poll, Run, RunEnd, Started, Watch};
+use crate::store::WorkloadRecord;
 use crate::workload::{DesiredSecret, WorkloadSpec, WORKLOAD_LABEL};
 use objects::{
     owned_selector, workload_selector, Object, WorkloadObjects, MANAGED_BY, MANAGED_BY_LABEL,
@@ -113,8 +115,6 @@ pub struct K8sSettings {
     pub kubeconfig: Option<PathBuf>,
     /// Between two looks at a Deployment and its pods.
     pub poll_interval: Duration,
-    /// How long a start waits for the pod to run before it returns with a notice.
-    pub ready_timeout: Duration,
     /// How long a waiter tolerates an unanswering API before it ends the run (the restart
     /// then reports the API's error as the reason).
     pub api_patience: Duration,
@@ -126,44 +126,10 @@ impl Default for K8sSettings {
         K8sSettings {
             kubeconfig: None,
             poll_interval: Duration::from_secs(2),
-            ready_timeout: Duration::from_secs(60),
             api_patience: Duration::from_secs(300),
             timeouts: ApiTimeouts::default(),
         }
     }
-}
-
-static GLOBAL: RwLock<Option<Arc<K8sDriver>>> = RwLock::new(None);
-
-/// Sets KUBECONFIG for the k8s driver (the daemon calls it once at start-up, next to
-/// `podman::configure`); `None` makes every k8s start fail with [`K8sError::NotConfigured`].
-pub fn configure(kubeconfig: Option<PathBuf>) {
-    configure_with(K8sSettings {
-        kubeconfig,
-        ..K8sSettings::default()
-    });
-}
-
-/// Like [`configure`] with every setting; the latest call wins.
-pub fn configure_with(settings: K8sSettings) {
-    let mut g = GLOBAL.write().unwrap_or_else(|e| e.into_inner());
-    *g = Some(Arc::new(K8sDriver::new(settings)));
-}
-
-/// The configured driver (unconfigured: KUBECONFIG unset).
-pub fn driver() -> Arc<K8sDriver> {
-    if let Some(d) = GLOBAL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return d.clone();
-    }
-    let mut g = GLOBAL.write().unwrap_or_else(|e| e.into_inner());
-    g.get_or_insert_with(|| Arc::new(K8sDriver::new(K8sSettings::default())))
-        .clone()
-}
-
-/// A started run (see the module comment for what the fields mean without a process).
-pub struct Started {
-    pub waiter: Box<dyn FnOnce() -> RunEnd + Send>,
-    pub notice: Option<String>,
 }
 
 /// The driver for one cluster. Blocking; each call runs on the workload's lane.
@@ -257,8 +223,8 @@ impl K8sDriver {
         }
     }
 
-    /// Applies the workload's objects and waits (bounded) for its pod to run.
-    pub fn start(
+    /// Applies the workload's objects; the run is then watched by polling.
+    pub fn start_workload(
         &self,
         spec: &WorkloadSpec,
         secrets: &[DesiredSecret],
@@ -268,58 +234,46 @@ impl K8sDriver {
             .as_ref()
             .ok_or_else(|| K8sError::Manifest("no rendered objects".into()))?;
         let objs = WorkloadObjects::parse(&pod.manifest).map_err(K8sError::Manifest)?;
-        let (ns, name) = (objs.namespace.clone(), spec.name.clone());
+        let (ns, name) = (objs.namespace.clone(), spec.name.to_string());
         let client = self.client()?;
         self.remember(&ns);
         self.apply(&client, &objs, secrets)?;
-
-        let t0 = Instant::now();
-        let health = loop {
-            let (h, _) = self.look(&client, &ns, &name)?;
-            match h {
-                Health::Deploying(ref why) if t0.elapsed() < self.settings.ready_timeout => {
-                    tracing::debug!(workload = %name, "deploying: {why}");
-                    std::thread::sleep(self.settings.poll_interval);
-                }
-                h => break h,
-            }
-        };
-        let base = format!(
-            "runs as Deployment {ns}/{name} on {}: no local process (pid 0), Kubernetes enforces its limits",
+        // Container restarts the run starts from (a rise is a crash the kubelet restarted).
+        let (_, pods) = look(&client, &ns, &name)?;
+        let restarts = status::restarts_by_pod(&pods);
+        let notice = format!(
+            "runs as Deployment {ns}/{name} on {}: no local process, Kubernetes enforces its limits",
             client.server()
         );
-        let notice = match health {
-            Health::Running => Some(base),
-            Health::Deploying(why) => Some(format!(
-                "{base}; not running after {}s ({why}), the agent keeps watching it",
-                self.settings.ready_timeout.as_secs()
-            )),
-            Health::Crashed(c) => return Err(K8sError::Crashed(c.reason)),
-            Health::Stopped(why) => return Err(K8sError::Stopped(why)),
-        };
-        let (_, pods) = self.look(&client, &ns, &name)?;
-        let baseline = status::restart_counts(&pods);
-        let watcher = Watcher {
-            settings: self.settings.clone(),
-            client,
-            namespace: ns,
-            name,
-            restarts: baseline,
-        };
         Ok(Started {
-            waiter: Box::new(move || watcher.watch()),
-            notice,
+            pid: None,
+            start_ticks: 0,
+            oom_kills_at_start: 0,
+            watch: self.watch(client, ns, name, Some(restarts)),
+            notice: Some(notice),
         })
     }
 
-    /// The Deployment and its (non-terminating and terminating) pods, assessed.
-    fn look(
+    /// Polls the Deployment of a run until the run ends.
+    fn watch(
         &self,
-        client: &KubeClient,
-        ns: &str,
-        name: &str,
-    ) -> Result<(Health, Vec<Value>), K8sError> {
-        look(client, ns, name)
+        client: Arc<KubeClient>,
+        namespace: String,
+        name: String,
+        restarts: Option<BTreeMap<String, u64>>,
+    ) -> Watch {
+        let mut w = Watcher {
+            settings: self.settings.clone(),
+            client,
+            namespace,
+            name,
+            restarts,
+            failing_since: None,
+        };
+        Watch::Poll {
+            every: self.settings.poll_interval,
+            look: Box::new(move || w.look()),
+        }
     }
 
     fn apply(
@@ -442,7 +396,7 @@ impl K8sDriver {
 
     /// Scales the workload's Deployment to 0 and waits for its pods to go; after `grace`
     /// what is left is deleted with grace 0 (the kubelet's SIGKILL).
-    pub fn stop(&self, name: &str, grace: Duration) -> Result<(), K8sError> {
+    pub fn stop_workload(&self, name: &str, grace: Duration) -> Result<(), K8sError> {
         let client = self.client()?;
         for (ns, _) in self.deployments_of(&client, name)? {
             client.merge_patch(
@@ -472,7 +426,7 @@ impl K8sDriver {
     }
 
     /// Deletes the workload's Deployment (its pods follow) and what only it used.
-    pub fn cleanup(&self, name: &str) -> Result<(), K8sError> {
+    pub fn cleanup_workload(&self, name: &str) -> Result<(), K8sError> {
         let client = self.client()?;
         let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         for (ns, _) in self.deployments_of(&client, name)? {
@@ -524,8 +478,8 @@ impl K8sDriver {
         }
     }
 
-    /// A waiter for a run the agent did not start (adoption after an agent restart).
-    pub fn watcher(&self, name: &str) -> Result<Box<dyn FnOnce() -> RunEnd + Send>, K8sError> {
+    /// The watch of a run the agent did not start (adoption after an agent restart).
+    pub fn adopted_watch(&self, name: &str) -> Result<Watch, K8sError> {
         let client = self.client()?;
         let deps = self.deployments_of(&client, name)?;
         let ns = deps
@@ -533,15 +487,39 @@ impl K8sDriver {
             .map(|(ns, _)| ns.clone())
             .ok_or_else(|| K8sError::Stopped("its Deployment does not exist".into()))?;
         self.remember(&ns);
-        let (_, pods) = look(&client, &ns, name)?;
-        let w = Watcher {
-            settings: self.settings.clone(),
-            client,
-            namespace: ns,
-            name: name.to_string(),
-            restarts: status::restart_counts(&pods),
-        };
-        Ok(Box::new(move || w.watch()))
+        Ok(self.watch(client, ns, name.to_string(), None))
+    }
+}
+
+impl Driver for K8sDriver {
+    fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        Ok(self.start_workload(run.spec, run.secrets)?)
+    }
+
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        Ok(self.stop_workload(at.name.as_str(), grace)?)
+    }
+
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        self.cleanup_workload(at.name.as_str())?;
+        Ok(at.cgroup.remove()?)
+    }
+
+    fn adopt(&self, at: &Placement, _record: &WorkloadRecord) -> Option<Started> {
+        if !self.still_running(at.name.as_str()) {
+            return None;
+        }
+        let watch = self
+            .adopted_watch(at.name.as_str())
+            .map_err(|e| tracing::warn!(workload = %at.name, "cannot watch its Deployment: {e}"))
+            .ok()?;
+        Some(Started {
+            pid: None,
+            start_ticks: 0,
+            oom_kills_at_start: 0,
+            watch,
+            notice: None,
+        })
     }
 }
 
@@ -555,60 +533,75 @@ fn look(client: &KubeClient, ns: &str, name: &str) -> Result<(Health, Vec<Value>
     Ok((assess(d.as_ref(), &pods), pods))
 }
 
-/// Watches one run: its end is a crash, a container restart, or the Deployment leaving.
+/// Watches one run: its end is a crash, a container restart, or the Deployment leaving;
+/// until then each look says whether the pod is available, and why not.
 struct Watcher {
     settings: K8sSettings,
     client: Arc<KubeClient>,
     namespace: String,
     name: String,
-    restarts: u64,
+    /// Container restarts of each pod when last seen (a rise is a crash the kubelet
+    /// restarted by itself; a pod seen for the first time starts from its count).
+    restarts: Option<BTreeMap<String, u64>>,
+    failing_since: Option<Instant>,
 }
 
 impl Watcher {
-    fn watch(self) -> RunEnd {
+    fn look(&mut self) -> Poll {
         let (ns, name) = (self.namespace.as_str(), self.name.as_str());
-        let mut failing_since: Option<Instant> = None;
-        let mut interval = self.settings.poll_interval;
-        loop {
-            std::thread::sleep(interval);
-            let (health, pods) = match look(&self.client, ns, name) {
-                Ok(x) => x,
-                Err(e) => {
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.settings.api_patience {
-                        tracing::warn!(workload = %name, "giving up watching its Deployment: {e}");
-                        return RunEnd::default();
-                    }
-                    tracing::warn!(workload = %name, "watching its Deployment: {e}");
-                    // Back off while the API is away, up to 15 polls.
-                    interval = (interval * 2).min(self.settings.poll_interval * 15);
-                    continue;
+        let (health, pods) = match look(&self.client, ns, name) {
+            Ok(x) => x,
+            Err(e) => {
+                let since = *self.failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.settings.api_patience {
+                    tracing::warn!(workload = %name, "giving up watching its Deployment: {e}");
+                    return Poll::Ended(RunEnd::default());
                 }
-            };
-            failing_since = None;
-            interval = self.settings.poll_interval;
-            let crash = match health {
-                Health::Running | Health::Deploying(_) => {
-                    if status::restart_counts(&pods) > self.restarts {
-                        Some(status::last_crash(&pods))
-                    } else {
-                        None
-                    }
+                return Poll::Up {
+                    ready: false,
+                    reason: format!("cannot see it: {e}"),
+                };
+            }
+        };
+        self.failing_since = None;
+        let now = status::restarts_by_pod(&pods);
+        let restarted = match &self.restarts {
+            Some(before) => now
+                .iter()
+                .any(|(pod, n)| before.get(pod).is_some_and(|b| n > b)),
+            None => false,
+        };
+        self.restarts = Some(now);
+        let crash = match health {
+            Health::Running | Health::Deploying(_) if restarted => Some(status::last_crash(&pods)),
+            Health::Running => {
+                return Poll::Up {
+                    ready: true,
+                    reason: "available".into(),
                 }
-                Health::Crashed(c) => Some(c),
-                Health::Stopped(why) => {
-                    tracing::info!(workload = %name, "run ended: {why}");
-                    return RunEnd::default();
+            }
+            Health::Deploying(why) => {
+                return Poll::Up {
+                    ready: false,
+                    reason: why,
                 }
-            };
-            if let Some(c) = crash {
+            }
+            Health::Crashed(c) => Some(c),
+            Health::Stopped(why) => {
+                tracing::info!(workload = %name, "run ended: {why}");
+                return Poll::Ended(RunEnd::default());
+            }
+        };
+        match crash {
+            Some(c) => {
                 tracing::warn!(workload = %name, "crashed: {}", c.reason);
-                return RunEnd {
+                Poll::Ended(RunEnd {
                     code: Some(c.exit_code.unwrap_or(1)),
                     signal: None,
                     oom_killed: c.oom_killed,
-                };
+                })
             }
+            None => Poll::Ended(RunEnd::default()),
         }
     }
 }

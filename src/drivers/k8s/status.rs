@@ -2,6 +2,8 @@
 //! (`deploying|running|crashed|stopped`, PROTOCOL §5). Pure: the driver polls the objects and
 //! asks [`assess`].
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 /// Container waiting reasons that mean the pod will not run without a change or a retry.
@@ -240,6 +242,23 @@ fn why_not_ready(pods: &[&Value]) -> String {
 
 /// Total container restarts per pod (the kubelet restarts a crashed container in place: a
 /// rising count is a crash the agent would otherwise miss between two polls).
+/// Each live pod's container restarts (summed over its containers), by pod name.
+pub fn restarts_by_pod(pods: &[Value]) -> BTreeMap<String, u64> {
+    pods.iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|p| {
+            let name = p["metadata"]["name"].as_str()?.to_string();
+            let n = p["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| s["restartCount"].as_u64().unwrap_or(0))
+                .sum();
+            Some((name, n))
+        })
+        .collect()
+}
+
 pub fn restart_counts(pods: &[Value]) -> u64 {
     pods.iter()
         .filter(|p| p["metadata"]["deletionTimestamp"].is_null())

@@ -19,24 +19,23 @@
 //! Podman does not restart containers (the manifest says `restartPolicy: Never`): the run ends
 //! when an app container exits, and the workload machine restarts the pod per policy. An OOM
 //! kill shows as exit 137 (podman reports `OOMKilled=false` on cgroup v1) and as the workload
-//! cgroup's `oom_kill` counter rising. The waiter learns of exits and OOM kills from the kernel
-//! (pidfds, v1 OOM eventfds): an OOM-killed container ends the run without waiting for
-//! `podman wait`, which polls.
+//! cgroup's `oom_kill` counter rising; the kernel notifies it (an eventfd per memory cgroup of
+//! the pod on v1), and an OOM-killed container ends the run without asking podman.
 
 pub mod cli;
 pub mod secrets;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 pub use cli::{Podman, RootlessUser};
 
-use super::RunEnd;
-use crate::cgroup::{CgroupError, Layout, WorkloadCgroup};
-use crate::workload::WorkloadSpec;
+use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
+use crate::cgroup::{notify, CgroupError, Layout, WorkloadCgroup};
+use crate::store::WorkloadRecord;
+use crate::workload::{DesiredSecret, WorkloadName, WorkloadSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -59,47 +58,25 @@ pub enum PodmanError {
     Unexpected(String),
 }
 
-/// Agent settings the driver needs (set once at start-up with [`configure`]).
+/// Agent settings the driver needs.
 #[derive(Debug, Clone)]
 pub struct PodmanSettings {
     /// Per-workload files (registry auth file, rootless marker) go to `<state_dir>/pods/<name>`.
     pub state_dir: PathBuf,
+    /// The host's cgroup layout (detected once at start-up).
+    pub layout: Layout,
     /// The unprivileged user `rootless: true` pods run as (`ROOTLESS_USER`).
     pub rootless_user: Option<String>,
     /// XDG_RUNTIME_DIR of that user; default `/run/user/<uid>`.
     pub xdg_runtime_dir: Option<PathBuf>,
 }
 
-impl Default for PodmanSettings {
-    fn default() -> Self {
-        PodmanSettings {
-            state_dir: PathBuf::from("/var/lib/device-worker-ng"),
-            rootless_user: None,
-            xdg_runtime_dir: None,
-        }
-    }
-}
-
-static SETTINGS: OnceLock<PodmanSettings> = OnceLock::new();
-
-/// Sets the driver's settings; the first call wins (the agent calls it once before any start).
-pub fn configure(settings: PodmanSettings) {
-    let _ = SETTINGS.set(settings);
-}
-
-fn settings() -> PodmanSettings {
-    SETTINGS.get().cloned().unwrap_or_default()
-}
-
-/// A started pod.
-pub struct Started {
-    /// Host pid of the first app container's main process.
-    pub pid: i32,
-    pub start_ticks: u64,
-    pub oom_kills_at_start: u64,
-    pub waiter: Box<dyn FnOnce() -> RunEnd + Send>,
-    /// Something the operator must know about this run (e.g. limits not enforced).
-    pub notice: Option<String>,
+/// The pod driver.
+#[derive(Debug)]
+pub struct PodDriver {
+    settings: PodmanSettings,
+    /// The podman secret ledger is read and written one sync at a time.
+    secrets_lock: std::sync::Mutex<()>,
 }
 
 fn staging_name(name: &str) -> String {
@@ -132,264 +109,406 @@ fn without_container_resources(manifest: &str) -> String {
     out.join("\n---\n")
 }
 
-/// The workload name of a workload cgroup (`.../workloads/<name>`).
-pub fn workload_name(cgroup: &WorkloadCgroup) -> String {
-    cgroup
-        .display_path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn pod_dir(name: &str) -> PathBuf {
-    settings().state_dir.join("pods").join(name)
-}
-
-/// The podman that holds (or will hold) a workload's pod.
-fn podman_for(rootless: bool) -> Result<Podman, PodmanError> {
-    if !rootless {
-        return Ok(Podman::rootful());
-    }
-    let s = settings();
-    let user = s.rootless_user.ok_or_else(|| {
-        PodmanError::Rootless(
-            "the workload asks for rootless podman, but ROOTLESS_USER is not configured".into(),
-        )
-    })?;
-    Podman::rootless(RootlessUser::resolve(&user, s.xdg_runtime_dir)?)
-}
-
-/// The podman of an existing workload (its rootless marker, written at start).
-fn podman_of(name: &str) -> Podman {
-    if pod_dir(name).join("rootless").exists() {
-        if let Ok(p) = podman_for(true) {
-            return p;
+impl PodDriver {
+    pub fn new(settings: PodmanSettings) -> PodDriver {
+        PodDriver {
+            settings,
+            secrets_lock: std::sync::Mutex::new(()),
         }
     }
-    Podman::rootful()
-}
 
-/// Starts one run of a pod workload under `cgroup`.
-pub fn start(
-    spec: &WorkloadSpec,
-    cgroup: &WorkloadCgroup,
-    log_path: &Path,
-) -> Result<Started, PodmanError> {
-    let pod = spec.pod.as_ref().ok_or(PodmanError::NotPod)?;
-    let name = spec.name.as_str();
-    let podman = podman_for(pod.rootless)?;
-    let t0 = Instant::now();
-
-    // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
-    remove_pods(&podman, name);
-    cgroup.create()?;
-    prune_children(cgroup)?;
-    cgroup.apply(&spec.limits)?;
-    let oom_kills_at_start = cgroup.oom_kills();
-
-    let dir = pod_dir(name);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let marker = dir.join("rootless");
-    if pod.rootless {
-        std::fs::write(&marker, b"").map_err(io(&marker))?;
-    } else {
-        let _ = std::fs::remove_file(&marker);
-    }
-    let auth = match &pod.auth_file {
-        None => None,
-        Some(a) => {
-            let p = dir.join("auth.json");
-            write_private(&p, a.as_bytes(), podman.user.as_ref())?;
-            Some(p)
-        }
-    };
-    let mut play: Vec<String> = vec!["kube".into(), "play".into(), "--quiet".into()];
-    if let Some(p) = &auth {
-        play.push(format!("--authfile={}", p.display()));
+    pub fn state_dir(&self) -> &Path {
+        &self.settings.state_dir
     }
 
-    let layout = crate::cgroup::detect()?;
-    let mut notice = None;
-    let result = if podman.is_rootless() {
-        let mut manifest = pod.manifest.clone();
-        if !matches!(layout, Layout::Unified { .. }) {
-            notice = Some(
-                "rootless pod on cgroup v1: podman cannot enforce the containers' limits; only \
-                 the pod's total (the agent's workload cgroup) is enforced"
-                    .to_string(),
-            );
-            // runc refuses to start a rootless container with limits it cannot set on v1.
-            manifest = without_container_resources(&manifest);
+    fn pod_dir(&self, name: &WorkloadName) -> PathBuf {
+        self.settings.state_dir.join("pods").join(name.as_str())
+    }
+
+    /// The podman that holds (or will hold) a workload's pod.
+    fn podman_for(&self, rootless: bool) -> Result<Podman, PodmanError> {
+        if !rootless {
+            return Ok(Podman::rootful());
         }
-        play.push("-".into());
-        let args: Vec<&str> = play.iter().map(String::as_str).collect();
-        podman
-            .run_with(
-                &args,
-                Some(manifest.as_bytes()),
-                Some(cgroup),
-                cli::PLAY_TIMEOUT,
+        let s = &self.settings;
+        let user = s.rootless_user.as_deref().ok_or_else(|| {
+            PodmanError::Rootless(
+                "the workload asks for rootless podman, but ROOTLESS_USER is not configured".into(),
             )
-            .map(|_| ())
-    } else {
-        play_under(
-            &podman,
-            &mut play,
-            name,
-            &pod.manifest,
-            &pod.containers,
-            cgroup,
-            &layout,
-        )
-    };
-    if let Err(e) = result {
+        })?;
+        Podman::rootless(RootlessUser::resolve(user, s.xdg_runtime_dir.clone())?)
+    }
+
+    /// The podman of an existing workload (its rootless marker, written at start).
+    fn podman_of(&self, name: &WorkloadName) -> Podman {
+        if self.pod_dir(name).join("rootless").exists() {
+            if let Ok(p) = self.podman_for(true) {
+                return p;
+            }
+        }
+        Podman::rootful()
+    }
+
+    /// Makes the desired state's secrets exist as podman secrets, as listed (a pod reads
+    /// them when it is created).
+    pub fn sync_secrets(&self, secrets: &[DesiredSecret]) -> Result<(), PodmanError> {
+        let report = secrets::sync(self, secrets)?;
+        match report.failed.first() {
+            Some((name, why)) => Err(PodmanError::Unexpected(format!("secret {name}: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts one run of a pod workload under `cgroup`.
+    fn start_pod(
+        &self,
+        spec: &WorkloadSpec,
+        cgroup: &WorkloadCgroup,
+        log_path: &Path,
+    ) -> Result<Started, PodmanError> {
+        let pod = spec.pod.as_ref().ok_or(PodmanError::NotPod)?;
+        let name = &spec.name;
+        let podman = self.podman_for(pod.rootless)?;
+        let t0 = Instant::now();
+
+        // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
         remove_pods(&podman, name);
-        return Err(e);
-    }
-    let podman_took = t0.elapsed();
+        cgroup.create()?;
+        self.prune_children(cgroup)?;
+        cgroup.apply(&spec.limits)?;
+        let oom_kills_at_start = cgroup.oom_kills();
 
-    let containers: Vec<String> = pod
-        .containers
-        .iter()
-        .map(|c| format!("{name}-{c}"))
-        .collect();
-    let first = containers
-        .first()
-        .ok_or_else(|| PodmanError::Unexpected("pod without containers".into()))?;
-    // The main process of every app container: the run ends when one of them exits.
-    let mut inspect = vec!["inspect", "--format", "{{.State.Pid}}"];
-    inspect.extend(containers.iter().map(String::as_str));
-    let out = podman.run(&inspect)?;
-    let mains: Vec<(i32, u64)> = out
-        .stdout
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .filter(|p| *p > 0)
-        .map(|p| (p, super::process::start_ticks(p).unwrap_or(0)))
-        .collect();
-    if mains.is_empty() {
-        tracing::warn!(workload = %name, "podman reports no container process: {}", first);
-    }
-    let (pid, start_ticks) = mains.first().copied().unwrap_or((0, 0));
-    append_log(
-        log_path,
-        &format!(
-            "pod {name} started in {:?} (podman), containers {}{}\n",
-            podman_took,
-            containers.join(", "),
-            notice
-                .as_deref()
-                .map(|n| format!("; {n}"))
-                .unwrap_or_default()
-        ),
-    );
-    let waiter_podman = podman.clone();
-    let waiter_cgroup = cgroup.clone();
-    let subtree_baseline = subtree_oom_kills(cgroup);
-    Ok(Started {
-        pid,
-        start_ticks,
-        oom_kills_at_start,
-        waiter: Box::new(move || {
-            wait_run(
-                &waiter_podman,
-                &containers,
-                &mains,
-                &waiter_cgroup,
-                subtree_baseline,
+        let dir = self.pod_dir(name);
+        crate::store::private_dir(&dir).map_err(|e| PodmanError::Io {
+            path: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let marker = dir.join("rootless");
+        if pod.rootless {
+            std::fs::write(&marker, b"").map_err(io(&marker))?;
+        } else {
+            let _ = std::fs::remove_file(&marker);
+        }
+        let auth = match &pod.auth_file {
+            None => None,
+            Some(a) => {
+                let p = dir.join("auth.json");
+                write_private(&p, a.as_bytes(), podman.user.as_ref())?;
+                Some(p)
+            }
+        };
+        let mut play: Vec<String> = vec!["kube".into(), "play".into(), "--quiet".into()];
+        if let Some(p) = &auth {
+            play.push(format!("--authfile={}", p.display()));
+        }
+
+        let layout = &self.settings.layout;
+        let mut notice = None;
+        let result = if podman.is_rootless() {
+            let mut manifest = pod.manifest.clone();
+            if !matches!(layout, Layout::Unified { .. }) {
+                notice = Some(
+                    "rootless pod on cgroup v1: podman cannot enforce the containers' limits; \
+                     only the pod's total (the agent's workload cgroup) is enforced"
+                        .to_string(),
+                );
+                // runc refuses to start a rootless container with limits it cannot set on v1.
+                manifest = without_container_resources(&manifest);
+            }
+            play.push("-".into());
+            let args: Vec<&str> = play.iter().map(String::as_str).collect();
+            podman
+                .run_with(
+                    &args,
+                    Some(manifest.as_bytes()),
+                    Some(cgroup),
+                    cli::PLAY_TIMEOUT,
+                )
+                .map(|_| ())
+        } else {
+            play_under(
+                &podman,
+                &mut play,
+                name.as_str(),
+                &pod.manifest,
+                &pod.containers,
+                cgroup,
+                layout,
             )
-        }),
-        notice,
-    })
-}
+        };
+        if let Err(e) = result {
+            remove_pods(&podman, name);
+            return Err(e);
+        }
+        let podman_took = t0.elapsed();
 
-/// Waits for the end of a run: the first app container to exit. The exits come from the
-/// kernel (a pidfd per container's main process), OOM kills too (on v1 an eventfd on each
-/// memory cgroup of the pod: the kill is counted only in the container's own cgroup, which
-/// podman deletes right after the container exits; on v2 the workload's `memory.events`
-/// counts its whole subtree). An OOM-killed container ends the run at once; any other exit
-/// waits for `podman wait`'s exit code.
-fn wait_run(
-    podman: &Podman,
-    containers: &[String],
-    mains: &[(i32, u64)],
-    cgroup: &WorkloadCgroup,
-    oom_baseline: u64,
-) -> RunEnd {
-    use crate::cgroup::notify;
-    use smol::future::FutureExt;
-    let codes = podman_waits(podman, containers);
-    let oom_signals: Vec<notify::EventSignal> = match cgroup {
-        WorkloadCgroup::V1 { memory, .. } => memory_subtree(memory)
+        let containers: Vec<String> = pod
+            .containers
             .iter()
-            .filter_map(|d| notify::oom(d).ok())
-            .collect(),
-        WorkloadCgroup::V2 { .. } => Vec::new(),
-    };
-    let mut exits: Vec<super::process::ProcessExit> = mains
-        .iter()
-        .filter_map(|(p, t)| super::process::ProcessExit::watch(*p, *t))
-        .collect();
-    let mut oom_seen = false;
-    let oom_now = |seen: bool| {
-        seen || oom_signals.iter().any(|s| s.take() > 0) || subtree_oom_kills(cgroup) > oom_baseline
-    };
-    enum Wake {
-        Code(Option<i32>),
-        Oom,
-        Exit,
+            .map(|c| format!("{name}-{c}"))
+            .collect();
+        if containers.is_empty() {
+            return Err(PodmanError::Unexpected("pod without containers".into()));
+        }
+        let mut pids = Vec::new();
+        for c in &containers {
+            let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", c])?;
+            let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
+            let ticks = super::process::start_ticks(pid).unwrap_or(0);
+            pids.push((pid, ticks));
+        }
+        append_log(
+            log_path,
+            &format!(
+                "pod {name} started in {:?} (podman), containers {}{}\n",
+                podman_took,
+                containers.join(", "),
+                notice
+                    .as_deref()
+                    .map(|n| format!("; {n}"))
+                    .unwrap_or_default()
+            ),
+        );
+        let oom = OomWatch::start(cgroup);
+        Ok(Started {
+            pid: Some(pids[0].0),
+            start_ticks: pids[0].1,
+            oom_kills_at_start,
+            watch: Watch::Processes {
+                pids,
+                finish: Box::new(move |first| {
+                    oom.finish().unwrap_or_else(|| {
+                        exit_of(&podman, &containers[first.min(containers.len() - 1)])
+                    })
+                }),
+            },
+            notice,
+        })
     }
-    smol::block_on(async {
-        loop {
-            let wake = async { Wake::Code(codes.recv().await.ok().flatten()) }
-                .or(async {
-                    first_of(oom_signals.iter().map(|s| s.next())).await;
-                    Wake::Oom
-                })
-                .or(async {
-                    first_of(exits.iter().map(|e| e.exited())).await;
-                    Wake::Exit
-                })
-                .await;
-            match wake {
-                Wake::Code(code) => {
-                    return RunEnd {
-                        code,
-                        signal: None,
-                        oom_killed: oom_now(oom_seen),
+
+    /// The workload's running app containers, by the label the agent puts on each, with
+    /// their host pids.
+    fn running_containers(&self, podman: &Podman, name: &WorkloadName) -> Vec<(String, i32)> {
+        let Ok(out) = podman.run(&[
+            "ps",
+            "--filter",
+            &format!("label={}={name}", crate::workload::WORKLOAD_LABEL),
+            "--format",
+            "{{.Names}} {{.Pid}}",
+        ]) else {
+            return Vec::new();
+        };
+        out.stdout
+            .lines()
+            .filter_map(|l| {
+                let (n, pid) = l.trim().split_once(' ')?;
+                let pid: i32 = pid.trim().parse().ok().filter(|p| *p > 0)?;
+                Some((n.to_string(), pid))
+            })
+            .collect()
+    }
+
+    /// Whether `pid` runs inside the workload cgroup or one of its descendants (podman's pod
+    /// and container cgroups are children of the workload cgroup).
+    pub fn in_subtree(&self, cgroup: &WorkloadCgroup, pid: i32) -> bool {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return false;
+        };
+        let layout = &self.settings.layout;
+        let Ok(rel) = cgroup_parent(cgroup, layout) else {
+            return false;
+        };
+        let want = rel.display().to_string();
+        text.lines().any(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+            let relevant = match layout {
+                Layout::Unified { .. } => ctrls.is_empty(),
+                _ => ctrls.split(',').any(|c| c == "memory"),
+            };
+            relevant && (path == want || path.starts_with(&format!("{want}/")))
+        })
+    }
+
+    /// The workload cgroup's path in every hierarchy.
+    fn everywhere(&self, cgroup: &WorkloadCgroup) -> Vec<PathBuf> {
+        let Ok(rel) = cgroup_parent(cgroup, &self.settings.layout) else {
+            return Vec::new();
+        };
+        let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
+        all_hierarchies()
+            .into_iter()
+            .map(|m| m.join(&rel))
+            .collect()
+    }
+
+    /// Removes every cgroup below the workload cgroup, in every hierarchy (podman leaves its
+    /// pod cgroups behind, and a cgroup with children cannot be removed).
+    fn prune_children(&self, cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
+        for dir in self.everywhere(cgroup) {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.filter_map(Result::ok) {
+                    if e.path().is_dir() {
+                        remove_tree(&e.path())?;
                     }
-                }
-                // v1 announces the OOM before the kill: the exit follows.
-                Wake::Oom => oom_seen = true,
-                Wake::Exit => {
-                    if oom_now(oom_seen) {
-                        tracing::debug!(pod = %containers.join(","), "a container was OOM-killed: the run has ended");
-                        return RunEnd {
-                            code: Some(137),
-                            signal: None,
-                            oom_killed: true,
-                        };
-                    }
-                    // An exit stays readable: from here on only podman's answer counts.
-                    exits.clear();
                 }
             }
         }
-    })
+        Ok(())
+    }
+
+    fn remove_in_other_hierarchies(&self, cgroup: &WorkloadCgroup) {
+        for dir in self.everywhere(cgroup) {
+            if dir.is_dir() {
+                if let Err(e) = remove_tree(&dir) {
+                    tracing::warn!("removing {}: {e}", dir.display());
+                }
+            }
+        }
+    }
 }
 
-/// Completes when any of `futures` does; never when there are none.
-async fn first_of<F: std::future::Future>(futures: impl Iterator<Item = F>) {
-    let mut futures: Vec<_> = futures.map(Box::pin).collect();
-    smol::future::poll_fn(|cx| {
-        for f in futures.iter_mut() {
-            if f.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
+impl Driver for PodDriver {
+    fn start(&self, run: &Run) -> Result<Started, DriverError> {
+        self.sync_secrets(run.secrets)?;
+        Ok(self.start_pod(run.spec, run.cgroup, run.log)?)
+    }
+
+    /// Stops the pod (podman's SIGTERM, `grace`, SIGKILL), then whatever is left in the cgroup.
+    fn stop(&self, at: &Placement, grace: Duration) -> Result<(), DriverError> {
+        let podman = self.podman_of(&at.name);
+        let secs = grace.as_secs().max(1).to_string();
+        if let Err(e) = podman.run(&["pod", "stop", "--ignore", "-t", &secs, at.name.as_str()]) {
+            tracing::warn!(workload = %at.name, "podman pod stop: {e}");
         }
-        std::task::Poll::Pending
-    })
-    .await
+        if at.cgroup.exists() {
+            at.cgroup.stop_all(grace)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pod, its containers, the files the agent wrote for it and its cgroup
+    /// subtree.
+    fn cleanup(&self, at: &Placement) -> Result<(), DriverError> {
+        let podman = self.podman_of(&at.name);
+        remove_pods(&podman, &at.name);
+        self.prune_children(&at.cgroup)?;
+        at.cgroup.remove()?;
+        self.remove_in_other_hierarchies(&at.cgroup);
+        let dir = self.pod_dir(&at.name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// The pod's app containers, if they all still run under the workload's cgroup; when
+    /// one ends, its exit code and OOM kill come from podman and the cgroup counters.
+    fn adopt(&self, at: &Placement, record: &WorkloadRecord) -> Option<Started> {
+        let podman = self.podman_of(&at.name);
+        let containers = self.running_containers(&podman, &at.name);
+        let pids: Vec<(i32, u64)> = containers
+            .iter()
+            .filter_map(|(_, pid)| {
+                let ticks = super::process::start_ticks(*pid)?;
+                self.in_subtree(&at.cgroup, *pid).then_some((*pid, ticks))
+            })
+            .collect();
+        if pids.is_empty() || pids.len() != containers.len() {
+            return None;
+        }
+        let names: Vec<String> = containers.into_iter().map(|(n, _)| n).collect();
+        let oom = OomWatch::start(&at.cgroup);
+        Some(Started {
+            pid: Some(pids[0].0),
+            start_ticks: pids[0].1,
+            oom_kills_at_start: record.oom_kills_at_start,
+            watch: Watch::Processes {
+                pids,
+                finish: Box::new(move |first| {
+                    oom.finish()
+                        .unwrap_or_else(|| exit_of(&podman, &names[first.min(names.len() - 1)]))
+                }),
+            },
+            notice: None,
+        })
+    }
+}
+
+/// The exit of a container that has ended, as podman recorded it (conmon writes the exit
+/// code a moment after the process is gone: ask until podman says it exited).
+fn exit_of(podman: &Podman, container: &str) -> RunEnd {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = podman
+            .run(&[
+                "inspect",
+                "--format",
+                "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}",
+                container,
+            ])
+            .ok();
+        let fields: Vec<String> = answer
+            .map(|o| o.stdout.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        if let [status, code, oom] = fields.as_slice() {
+            if status == "exited" || status == "stopped" || Instant::now() >= deadline {
+                return RunEnd {
+                    code: code.parse().ok(),
+                    signal: None,
+                    oom_killed: oom == "true",
+                };
+            }
+        } else if Instant::now() >= deadline {
+            // Gone from podman altogether (removed meanwhile): ended, status unknown.
+            return RunEnd::default();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Watches a pod's OOM kills while it runs. On cgroup v1 a kill is counted only in the
+/// container's cgroup, which podman deletes right after the container exits: the kernel
+/// signals an eventfd registered on every memory cgroup of the pod instead, and the count
+/// waits in it (v2 counts descendants in the workload's own memory.events).
+struct OomWatch {
+    cgroup: WorkloadCgroup,
+    baseline: u64,
+    signals: Vec<notify::EventSignal>,
+}
+
+impl OomWatch {
+    fn start(cgroup: &WorkloadCgroup) -> OomWatch {
+        let signals = match cgroup {
+            WorkloadCgroup::V1 { memory, .. } => memory_subtree(memory)
+                .iter()
+                .filter_map(|d| {
+                    notify::oom(d)
+                        .map_err(|e| tracing::warn!("no OOM notification: {e}"))
+                        .ok()
+                })
+                .collect(),
+            WorkloadCgroup::V2 { .. } => Vec::new(),
+        };
+        OomWatch {
+            cgroup: cgroup.clone(),
+            baseline: subtree_oom_kills(cgroup),
+            signals,
+        }
+    }
+
+    /// How the run ended if a container was OOM-killed (the kernel's kill is a SIGKILL: exit
+    /// 137, as podman would report it, without waiting for podman to write it); ends the
+    /// watch.
+    fn finish(self) -> Option<RunEnd> {
+        let killed = self.signals.iter().any(|s| s.take() > 0)
+            || subtree_oom_kills(&self.cgroup) > self.baseline;
+        killed.then_some(RunEnd {
+            code: Some(137),
+            signal: None,
+            oom_killed: true,
+        })
+    }
 }
 
 /// A memory cgroup directory and every one below it.
@@ -472,7 +591,7 @@ fn cgroup_parent(cgroup: &WorkloadCgroup, layout: &Layout) -> Result<PathBuf, Po
         (WorkloadCgroup::V1 { memory, .. }, Layout::Legacy(m) | Layout::Hybrid(m)) => {
             (memory, &m.memory)
         }
-        (WorkloadCgroup::V2 { dir }, Layout::Unified { root }) => (dir, root),
+        (WorkloadCgroup::V2 { dir, .. }, Layout::Unified { root }) => (dir, root),
         _ => {
             return Err(PodmanError::Unexpected(
                 "the workload cgroup does not match the host's cgroup layout".into(),
@@ -487,30 +606,6 @@ fn cgroup_parent(cgroup: &WorkloadCgroup, layout: &Layout) -> Result<PathBuf, Po
         ))
     })?;
     Ok(Path::new("/").join(rel))
-}
-
-/// `podman wait` for every app container, each on its own thread (it blocks until the
-/// container exits): their exit codes arrive on the returned channel, in the order they exit.
-fn podman_waits(podman: &Podman, containers: &[String]) -> async_channel::Receiver<Option<i32>> {
-    let (tx, rx) = async_channel::bounded(containers.len().max(1));
-    for c in containers {
-        let (tx, failed, podman, c) = (tx.clone(), tx.clone(), podman.clone(), c.clone());
-        let spawned = std::thread::Builder::new()
-            .name("podman-wait".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                // `podman wait` has no deadline of its own: the container may run for months.
-                let code = podman
-                    .run_with(&["wait", &c], None, None, Duration::from_secs(u64::MAX / 4))
-                    .ok()
-                    .and_then(|o| o.stdout.trim().lines().last()?.trim().parse::<i32>().ok());
-                let _ = tx.send_blocking(code);
-            });
-        if spawned.is_err() {
-            let _ = failed.send_blocking(None);
-        }
-    }
-    rx
 }
 
 /// OOM kills in the workload cgroup and every cgroup below it (memory controller). On cgroup
@@ -542,143 +637,26 @@ pub fn subtree_oom_kills(cgroup: &WorkloadCgroup) -> u64 {
     }
 }
 
-/// Stops the pod (podman's SIGTERM, `grace`, SIGKILL), then whatever is left in the cgroup.
-pub fn stop(cgroup: &WorkloadCgroup, grace: Duration) -> Result<(), PodmanError> {
-    let name = workload_name(cgroup);
-    let podman = podman_of(&name);
-    let secs = grace.as_secs().max(1).to_string();
-    if let Err(e) = podman.run(&["pod", "stop", "--ignore", "-t", &secs, &name]) {
-        tracing::warn!(workload = %name, "podman pod stop: {e}");
-    }
-    if cgroup.exists() {
-        cgroup.stop_all(grace)?;
-    }
-    Ok(())
-}
-
-/// Removes the pod, its containers, the files the agent wrote for it and its cgroup subtree.
-pub fn cleanup(cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
-    let name = workload_name(cgroup);
-    let podman = podman_of(&name);
-    remove_pods(&podman, &name);
-    prune_children(cgroup)?;
-    cgroup.remove()?;
-    remove_in_other_hierarchies(cgroup);
-    let dir = pod_dir(&name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-    }
-    Ok(())
-}
-
 /// `podman kube down` of the workload's pods: the pod of that name and a staging leftover.
-fn remove_pods(podman: &Podman, name: &str) {
-    let staging = staging_name(name);
-    if let Err(e) = podman.run(&["pod", "rm", "--force", "--ignore", name, &staging]) {
+fn remove_pods(podman: &Podman, name: &WorkloadName) {
+    let staging = staging_name(name.as_str());
+    if let Err(e) = podman.run(&["pod", "rm", "--force", "--ignore", name.as_str(), &staging]) {
         tracing::warn!(workload = %name, "podman pod rm: {e}");
     }
-}
-
-/// Is a pod of this workload running (for adoption after an agent restart)? Found by the
-/// label the agent puts on every container.
-pub fn running_pid(name: &str) -> Option<i32> {
-    let podman = podman_of(name);
-    let out = podman
-        .run(&[
-            "ps",
-            "--filter",
-            &format!("label={}={name}", crate::workload::WORKLOAD_LABEL),
-            "--format",
-            "{{.Names}}",
-        ])
-        .ok()?;
-    let first = out.stdout.lines().next()?.trim().to_string();
-    let pid = podman
-        .run(&["inspect", "--format", "{{.State.Pid}}", &first])
-        .ok()?;
-    pid.stdout.trim().parse().ok().filter(|p| *p > 0)
-}
-
-/// Whether `pid` runs inside the workload cgroup or one of its descendants (podman's pod and
-/// container cgroups are children of the workload cgroup).
-pub fn in_subtree(cgroup: &WorkloadCgroup, pid: i32) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return false;
-    };
-    let Ok(layout) = crate::cgroup::detect() else {
-        return false;
-    };
-    let Ok(rel) = cgroup_parent(cgroup, &layout) else {
-        return false;
-    };
-    let want = rel.display().to_string();
-    text.lines().any(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let relevant = match layout {
-            Layout::Unified { .. } => ctrls.is_empty(),
-            _ => ctrls.split(',').any(|c| c == "memory"),
-        };
-        relevant && (path == want || path.starts_with(&format!("{want}/")))
-    })
 }
 
 /// Mount points of every cgroup hierarchy (podman's cgroupfs manager creates the pod's cgroup
 /// in all of them, not only in the four the agent uses).
 fn all_hierarchies() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut v: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    let mut v: Vec<PathBuf> = crate::mountinfo::parse(&text)
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| m.mount_point)
         .collect();
     v.sort();
     v.dedup();
     v
-}
-
-/// The workload cgroup's path in every hierarchy.
-fn everywhere(cgroup: &WorkloadCgroup) -> Vec<PathBuf> {
-    let Ok(layout) = crate::cgroup::detect() else {
-        return Vec::new();
-    };
-    let Ok(rel) = cgroup_parent(cgroup, &layout) else {
-        return Vec::new();
-    };
-    let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
-    all_hierarchies()
-        .into_iter()
-        .map(|m| m.join(&rel))
-        .collect()
-}
-
-/// Removes every cgroup below the workload cgroup, in every hierarchy (podman leaves its pod
-/// cgroups behind, and a cgroup with children cannot be removed).
-fn prune_children(cgroup: &WorkloadCgroup) -> Result<(), PodmanError> {
-    for dir in everywhere(cgroup) {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.filter_map(Result::ok) {
-                if e.path().is_dir() {
-                    remove_tree(&e.path())?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn remove_in_other_hierarchies(cgroup: &WorkloadCgroup) {
-    for dir in everywhere(cgroup) {
-        if dir.is_dir() {
-            if let Err(e) = remove_tree(&dir) {
-                tracing::warn!("removing {}: {e}", dir.display());
-            }
-        }
-    }
 }
 
 /// Depth first: kill what is left inside, then rmdir (EBUSY for a moment after the last task).
@@ -727,27 +705,14 @@ fn write_private(
     data: &[u8],
     owner: Option<&RootlessUser>,
 ) -> Result<(), PodmanError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    if let Some(u) = owner {
-        nix::unistd::chown(&tmp, Some(u.uid), Some(u.gid)).map_err(|e| PodmanError::Io {
-            path: tmp.display().to_string(),
-            why: e.to_string(),
-        })?;
-        if let Some(parent) = path.parent() {
-            let _ = nix::unistd::chown(parent, Some(u.uid), Some(u.gid));
-        }
+    let owner = owner.map(|u| (u.uid.as_raw(), u.gid.as_raw()));
+    if let (Some((uid, gid)), Some(parent)) = (owner, path.parent()) {
+        let _ = std::os::unix::fs::chown(parent, Some(uid), Some(gid));
     }
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::store::write_atomic_owned(path, data, 0o600, owner).map_err(|e| PodmanError::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 fn append_log(path: &Path, line: &str) {
@@ -790,23 +755,22 @@ mod tests {
             cpuacct: "/sys/fs/cgroup/cpu,cpuacct".into(),
             pids: "/sys/fs/cgroup/pids".into(),
         };
-        let cg = WorkloadCgroup::V1 {
-            memory: "/sys/fs/cgroup/memory/dwng/workloads/web".into(),
-            cpu: "/sys/fs/cgroup/cpu,cpuacct/dwng/workloads/web".into(),
-            cpuacct: "/sys/fs/cgroup/cpu,cpuacct/dwng/workloads/web".into(),
-            pids: "/sys/fs/cgroup/pids/dwng/workloads/web".into(),
-        };
+        let web = WorkloadName::parse("web").unwrap();
+        let hybrid = Layout::Hybrid(m);
+        let cg = crate::cgroup::Hierarchy::new(hybrid.clone(), "dwng", None).workload(&web);
         assert_eq!(
-            cgroup_parent(&cg, &Layout::Hybrid(m)).unwrap(),
+            cgroup_parent(&cg, &hybrid).unwrap(),
             PathBuf::from("/dwng/workloads/web")
         );
-        assert_eq!(workload_name(&cg), "web");
-        let v2 = WorkloadCgroup::V2 {
-            dir: "/sys/fs/cgroup/system.slice/dwng.service/workloads/web".into(),
-        };
         let root = Layout::Unified {
             root: "/sys/fs/cgroup".into(),
         };
+        let v2 = crate::cgroup::Hierarchy::new(
+            root.clone(),
+            "dwng",
+            Some("/sys/fs/cgroup/system.slice/dwng.service".into()),
+        )
+        .workload(&web);
         assert_eq!(
             cgroup_parent(&v2, &root).unwrap(),
             PathBuf::from("/system.slice/dwng.service/workloads/web")

@@ -5,13 +5,13 @@
 //! listed. Only secrets the agent created are ever removed: they carry a label, and the
 //! fingerprints of their content are kept in `<state_dir>/pods/secrets.json`.
 //!
-//! The controller calls [`sync`] with the whole desired list whenever the desired state is
-//! applied, before starting or restarting pods (a pod reads its secrets at creation).
+//! The controller has [`sync`] run with the whole desired list whenever the desired state is
+//! applied, and every pod start runs it again (a pod reads its secrets at creation).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::{podman_for, settings, Podman, PodmanError};
+use super::{PodDriver, Podman, PodmanError};
 use crate::workload::{fingerprint, DesiredSecret};
 
 /// Label on the podman secrets the agent manages.
@@ -27,54 +27,62 @@ pub struct SecretsReport {
     pub failed: Vec<(String, String)>,
 }
 
-fn ledger_path(rootless: bool) -> PathBuf {
+fn ledger_path(pods: &PodDriver, rootless: bool) -> PathBuf {
     let file = if rootless {
         "secrets-rootless.json"
     } else {
         "secrets.json"
     };
-    settings().state_dir.join("pods").join(file)
+    pods.state_dir().join("pods").join(file)
 }
 
-fn load_ledger(rootless: bool) -> BTreeMap<String, String> {
-    std::fs::read(ledger_path(rootless))
+fn load_ledger(pods: &PodDriver, rootless: bool) -> BTreeMap<String, String> {
+    std::fs::read(ledger_path(pods, rootless))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-fn save_ledger(rootless: bool, l: &BTreeMap<String, String>) -> Result<(), PodmanError> {
-    let p = ledger_path(rootless);
+fn save_ledger(
+    pods: &PodDriver,
+    rootless: bool,
+    l: &BTreeMap<String, String>,
+) -> Result<(), PodmanError> {
+    let p = ledger_path(pods, rootless);
     if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).map_err(super::io(d))?;
+        crate::store::private_dir(d).map_err(|e| PodmanError::Io {
+            path: d.display().to_string(),
+            why: e.to_string(),
+        })?;
     }
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(l).unwrap_or_default())
-        .map_err(super::io(&tmp))?;
-    std::fs::rename(&tmp, &p).map_err(super::io(&p))
+    let bytes = serde_json::to_vec_pretty(l).unwrap_or_default();
+    crate::store::write_atomic(&p, &bytes, 0o600).map_err(|e| PodmanError::Io {
+        path: p.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 /// Makes root's podman secrets (and the rootless user's, when one is configured) match
 /// `desired`. One failing secret does not stop the others.
-pub fn sync(desired: &[DesiredSecret]) -> Result<SecretsReport, PodmanError> {
+pub fn sync(pods: &PodDriver, desired: &[DesiredSecret]) -> Result<SecretsReport, PodmanError> {
     // Pod starts (on their lanes) and the controller's sync may run at once: one at a time,
     // so the ledger is never read and written concurrently.
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut report = sync_one(&Podman::rootful(), false, desired)?;
-    if settings().rootless_user.is_some() {
-        let r = sync_one(&podman_for(true)?, true, desired)?;
+    let _guard = pods.secrets_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let mut report = sync_one(pods, &Podman::rootful(), false, desired)?;
+    if pods.settings.rootless_user.is_some() {
+        let r = sync_one(pods, &pods.podman_for(true)?, true, desired)?;
         report.failed.extend(r.failed);
     }
     Ok(report)
 }
 
 fn sync_one(
+    pods: &PodDriver,
     podman: &Podman,
     rootless: bool,
     desired: &[DesiredSecret],
 ) -> Result<SecretsReport, PodmanError> {
-    let mut ledger = load_ledger(rootless);
+    let mut ledger = load_ledger(pods, rootless);
     let existing: Vec<String> = podman
         .run(&["secret", "ls", "--format", "{{.Name}}"])?
         .stdout
@@ -128,6 +136,6 @@ fn sync_one(
         ledger.remove(&name);
         report.removed.push(name);
     }
-    save_ledger(rootless, &ledger)?;
+    save_ledger(pods, rootless, &ledger)?;
     Ok(report)
 }

@@ -5,29 +5,30 @@ use crate::machines::check_table as check;
 const EXPECTED: &str = "
 registering            Boot[serverless]                 enrolled
 registering            Boot[certificate]                enrolled
-registering            Boot[no-certificate]             registering  Enrol
+registering            Boot[disconnected]               disconnected
 registering            Registered                       enrolled
-enrolled               IdentityLost                     registering  Enrol
+enrolled               IdentityLost                     registering
 enrolled               DesiredStateApplied              reconciling
 enrolled               ProblemRaised                    degraded
 enrolled               BudgetExceeded                   over-budget  Report(OverBudget),ShedLoad
-enrolled               Disconnect                       registering  WipeWorkloads
-reconciling            IdentityLost                     registering  Enrol
+enrolled               Disconnect                       disconnected PersistDisconnect,WipeWorkloads
+reconciling            IdentityLost                     registering
 reconciling            ProblemRaised                    degraded
 reconciling            BudgetExceeded                   over-budget  Report(OverBudget),ShedLoad
-reconciling            Disconnect                       registering  WipeWorkloads
-degraded[problem]      IdentityLost                     registering  Enrol
+reconciling            Disconnect                       disconnected PersistDisconnect,WipeWorkloads
+degraded[problem]      IdentityLost                     registering
 degraded[problem]      ProblemCleared[last]             reconciling
 degraded[problem]      BudgetExceeded                   over-budget  Report(OverBudget),ShedLoad
-degraded[problem]      Disconnect                       registering  WipeWorkloads
-over-budget            IdentityLost                     registering  Enrol
+degraded[problem]      Disconnect                       disconnected PersistDisconnect,WipeWorkloads
+over-budget            IdentityLost                     registering
 over-budget            BudgetExceeded                   over-budget  ShedLoad
 over-budget            BudgetRecovered                  reconciling  Readmit
-over-budget            Disconnect                       registering  WipeWorkloads
-over-budget[problems]  IdentityLost                     registering  Enrol
+over-budget            Disconnect                       disconnected PersistDisconnect,WipeWorkloads
+over-budget[problems]  IdentityLost                     registering
 over-budget[problems]  BudgetExceeded                   over-budget  ShedLoad
 over-budget[problems]  BudgetRecovered                  degraded     Readmit
-over-budget[problems]  Disconnect                       registering  WipeWorkloads
+over-budget[problems]  Disconnect                       disconnected PersistDisconnect,WipeWorkloads
+disconnected           Reset                            registering
 ";
 
 #[test]
@@ -55,19 +56,20 @@ fn diagram_file_matches_the_code() {
 #[test]
 fn degraded_reason_lists_open_problems_and_recovers() {
     let mut m = new_machine();
-    let mut cmds = Vec::new();
+    let mut cmds = Context::default();
     for e in [
         DeviceEvent::Boot {
             serverless: true,
             has_certificate: false,
+            disconnected: false,
         },
         DeviceEvent::DesiredStateApplied,
         DeviceEvent::ProblemRaised {
-            key: "workload/a".into(),
+            key: ProblemKey::Workload("a".into()),
             reason: "workload a is broken".into(),
         },
         DeviceEvent::ProblemRaised {
-            key: "workload/b".into(),
+            key: ProblemKey::Workload("b".into()),
             reason: "workload b is broken".into(),
         },
     ] {
@@ -80,17 +82,72 @@ fn degraded_reason_lists_open_problems_and_recovers() {
     );
     m.handle_with_context(
         &DeviceEvent::ProblemCleared {
-            key: "workload/a".into(),
+            key: ProblemKey::Workload("a".into()),
         },
         &mut cmds,
     );
     assert_eq!(m.state().reason(), "workload b is broken");
     m.handle_with_context(
         &DeviceEvent::ProblemCleared {
-            key: "workload/b".into(),
+            key: ProblemKey::Workload("b".into()),
         },
         &mut cmds,
     );
     assert_eq!(m.state().name(), "reconciling");
-    assert_eq!(m.state().heartbeat_status(), Some("up"));
+    assert_eq!(
+        m.state().heartbeat_status(),
+        Some(crate::flotta::messages::DeviceStatus::Up)
+    );
+    assert_eq!(
+        cmds.transitions
+            .iter()
+            .map(|t| (t.from, t.to))
+            .collect::<Vec<_>>(),
+        vec![
+            ("registering", "enrolled"),
+            ("enrolled", "reconciling"),
+            ("reconciling", "degraded"),
+            ("degraded", "reconciling")
+        ],
+        "the after_transition hook records every transition"
+    );
+}
+
+#[test]
+fn a_disconnect_is_a_state_of_its_own_until_a_reset() {
+    let mut m = new_machine();
+    let mut out = Context::default();
+    for e in [
+        DeviceEvent::Boot {
+            serverless: false,
+            has_certificate: true,
+            disconnected: false,
+        },
+        DeviceEvent::DesiredStateApplied,
+        DeviceEvent::Disconnect,
+    ] {
+        m.handle_with_context(&e, &mut out);
+    }
+    assert_eq!(m.state().name(), "disconnected");
+    assert_eq!(m.state().heartbeat_status(), None, "nothing is sent");
+    assert_eq!(
+        out.commands,
+        vec![
+            DeviceCommand::PersistDisconnect,
+            DeviceCommand::WipeWorkloads
+        ]
+    );
+    // A restart finds the persisted disconnect: still disconnected.
+    let mut again = new_machine();
+    again.handle_with_context(
+        &DeviceEvent::Boot {
+            serverless: false,
+            has_certificate: true,
+            disconnected: true,
+        },
+        &mut out,
+    );
+    assert_eq!(again.state().name(), "disconnected");
+    again.handle_with_context(&DeviceEvent::Reset, &mut out);
+    assert_eq!(again.state().name(), "registering");
 }

@@ -4,15 +4,15 @@ use crate::machines::check_table as check;
 /// The workload machine's transitions that do something; every other pair is ignored.
 const EXPECTED: &str = "
 pending                Admit                            starting     Start
-pending                Invalidate                       failed       Cleanup
 pending                Remove                           removed      Cleanup
 starting               Started                          running
+starting               Progress[ready]                  running
 starting               StartFailed[retries-left]        backoff      Report(Failed),ScheduleRetry
 starting               StartFailed[limit-reached]       failed       Report(Broken)
 starting               Update                           stopping     Stop
-starting               Invalidate                       failed       Cleanup
 starting               Evict                            stopping     Report(Evicted),Stop
 starting               Remove                           stopping     Stop
+running                Progress[not-ready]              unavailable
 running                Exited[success,Always]           backoff      ScheduleRetry
 running                Exited[success,OnFailure|Never]  stopped
 running                Exited[failure,retries-left]     backoff      Report(Failed),ScheduleRetry
@@ -20,29 +20,31 @@ running                Exited[oom,retries-left]         backoff      Report(Fail
 running                Exited[failure,limit-reached]    failed       Report(Broken)
 running                Exited[failure,Never]            failed       Report(Failed)
 running                Update                           stopping     Stop
-running                Invalidate                       failed       Cleanup
 running                Evict                            stopping     Report(Evicted),Stop
 running                Remove                           stopping     Stop
-stopping[restart]      Invalidate                       failed       Cleanup
+unavailable            Progress[ready]                  running
+unavailable            Exited[success,Always]           backoff      ScheduleRetry
+unavailable            Exited[success,OnFailure|Never]  stopped
+unavailable            Exited[failure,retries-left]     backoff      Report(Failed),ScheduleRetry
+unavailable            Exited[oom,retries-left]         backoff      Report(Failed),ScheduleRetry
+unavailable            Exited[failure,limit-reached]    failed       Report(Broken)
+unavailable            Exited[failure,Never]            failed       Report(Failed)
+unavailable            Update                           stopping     Stop
+unavailable            Evict                            stopping     Report(Evicted),Stop
+unavailable            Remove                           stopping     Stop
 stopping[restart]      StopCompleted                    starting     Start
-stopping[remove]       Invalidate                       failed       Cleanup
 stopping[remove]       StopCompleted                    removed      Cleanup
-stopping[evict]        Invalidate                       failed       Cleanup
 stopping[evict]        StopCompleted                    evicted
 backoff                Hold                             pending
 backoff                RetryDue                         starting     Start
 backoff                Update                           starting     Start
-backoff                Invalidate                       failed       Cleanup
 backoff                Remove                           removed      Cleanup
 stopped                Admit                            starting     Start
 stopped                Update                           starting     Start
-stopped                Invalidate                       failed       Cleanup
 stopped                Remove                           removed      Cleanup
 failed                 Update                           pending
-failed                 Invalidate                       failed       Cleanup
 failed                 Remove                           removed      Cleanup
 evicted                Admit                            starting     Start
-evicted                Invalidate                       failed       Cleanup
 evicted                Remove                           removed      Cleanup
 ";
 
@@ -72,12 +74,12 @@ fn run_machine(
     shared: WorkloadMachine,
     events: &[WorkloadEvent],
 ) -> (Machine, Vec<WorkloadCommand>) {
-    let mut cmds = Vec::new();
-    let mut m = machine_in(shared, State::pending("new".into()), &mut cmds);
+    let mut out = Context::default();
+    let mut m = machine_in(shared, State::pending("new".into()), &mut out);
     for e in events {
-        m.handle_with_context(e, &mut cmds);
+        m.handle_with_context(e, &mut out);
     }
-    (m, cmds)
+    (m, out.commands)
 }
 
 fn crash(secs: u64) -> WorkloadEvent {
@@ -100,7 +102,7 @@ fn oom_loop_backs_off_exponentially_then_breaks() {
     };
     let mut events = vec![WorkloadEvent::Admit];
     for _ in 0..4 {
-        events.push(WorkloadEvent::Started { pid: 1 });
+        events.push(WorkloadEvent::Started { pid: Some(1) });
         events.push(crash(1));
         events.push(WorkloadEvent::RetryDue);
     }
@@ -141,10 +143,10 @@ fn a_long_run_resets_the_failure_count() {
     };
     let events = [
         WorkloadEvent::Admit,
-        WorkloadEvent::Started { pid: 1 },
+        WorkloadEvent::Started { pid: Some(1) },
         crash(1),
         WorkloadEvent::RetryDue,
-        WorkloadEvent::Started { pid: 2 },
+        WorkloadEvent::Started { pid: Some(2) },
         crash(3600),
     ];
     let (m, _) = run_machine(WorkloadMachine::new(RestartPolicy::Always, policy), &events);
@@ -158,7 +160,7 @@ fn update_of_a_running_workload_restarts_it_after_the_stop() {
         WorkloadMachine::new(RestartPolicy::Always, BackoffPolicy::default()),
         &[
             WorkloadEvent::Admit,
-            WorkloadEvent::Started { pid: 5 },
+            WorkloadEvent::Started { pid: Some(5) },
             WorkloadEvent::Update,
             WorkloadEvent::Exited(ExitInfo {
                 code: None,
@@ -183,8 +185,16 @@ fn update_of_a_running_workload_restarts_it_after_the_stop() {
 #[test]
 fn heartbeat_statuses_use_the_swagger_enum() {
     for (_, s) in sample_states() {
-        assert!(["deploying", "running", "crashed", "stopped"].contains(&s.heartbeat_status()));
+        assert!(
+            ["deploying", "running", "crashed", "stopped"].contains(&s.heartbeat_status().as_str())
+        );
     }
-    assert_eq!(State::running(1).heartbeat_status(), "running");
-    assert_eq!(State::backoff("x".into()).heartbeat_status(), "crashed");
+    assert_eq!(
+        State::running(Some(1)).heartbeat_status().as_str(),
+        "running"
+    );
+    assert_eq!(
+        State::backoff("x".into()).heartbeat_status().as_str(),
+        "crashed"
+    );
 }
