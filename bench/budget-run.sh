@@ -20,7 +20,7 @@
 # The clock starts at the reading *before* the one that saw the event (which happened in
 # between): figures may overstate by one poller gap (~1 ms), never understate.
 # - OOM, adopted: the same, but the agent was restarted after the workload started, so it
-#   cannot wait(2) for it;
+#   cannot wait(2) for it (a run the new agent did not adopt counts as missed);
 # - idle: the agent's cpu time over 60 s with the steady workload and nothing happening.
 set -u
 DIR=$1
@@ -169,10 +169,16 @@ for run in $(seq 1 "$RUNS"); do
   mark=$(wc -l < "$WORK/poller.out")
   desire "$steady" "$(workload "adopted$run" 0 32Mi "/bin/sh, -c, \"sleep 3; exec $DIR/hog 64 100000\"")"
   wait_log "workload/adopted$run from=\"starting\" to=\"running\"" 10
+  # Restart only once its record is written: without one, the new agent starts it afresh.
+  _r=0; while [ $_r -lt 100 ] && [ ! -e "$WORK/state/workloads/adopted$run.json" ]; do sleep 0.02; _r=$((_r + 1)); done
   stop_agent
   start_agent
   wait_log "workload/adopted$run from=\"running\" to=\"backoff\"" 10
-  oom_latencies "adopted$run" "$mark" adopted
+  if grep -qE "workload/adopted$run from=\"-\" to=\"running\" reason=adopted" "$LOG"; then
+    oom_latencies "adopted$run" "$mark" adopted
+  else
+    for f in adopted adopted.exit adopted.agent; do echo miss >> "$WORK/$f"; done
+  fi
   desire "$steady"
   wait_log "workload/adopted$run from=\"backoff\" to=\"removed\"" 10
 done
