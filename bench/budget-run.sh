@@ -2,13 +2,13 @@
 # The measurement behind bench/budget.sh, in POSIX sh + awk so that it runs on the host and in
 # the busybox cgroup v2 guest alike. Needs root. Prints a table; asserts nothing.
 #
-#   budget-run.sh DIR RUNS
+#   budget-run.sh DIR RUNS [POLL_US=1000]
 #
 # DIR holds device-worker-ng, poller (bench/poller.c) and hog (tests/vm/hog.c). The agent
 # runs at its default SAMPLE_INTERVAL and BUDGET_WINDOW with a 150 MiB workload budget
 # (BUDGET_HOLD=2s only shortens the wait for re-admission between runs) and a steady
 # workload holding 100 MiB (2/3 of the budget: under the near-budget mark). The poller, outside
-# the agent, sums the workloads' memory every millisecond. Before every run the device is calm:
+# the agent, sums the workloads' memory every POLL_US (and prints how often it really did). Before every run the device is calm:
 # within its budget and sampling at SAMPLE_INTERVAL again (the agent logs both).
 #
 # - breach: a workload allocating 80 MiB (about 1.7 GiB/s) is added; the clock starts when the
@@ -25,6 +25,7 @@
 set -u
 DIR=$1
 RUNS=${2:-20}
+POLL_US=${3:-1000}
 AGENT=$DIR/device-worker-ng
 WORK=$(mktemp -d /tmp/dwng-budget.XXXXXX)
 ROOT=dwng-bench-$$
@@ -101,9 +102,11 @@ poller_at() {
     '$1 == what && (name == "" || $3 == name) { print (which == "before" ? $NF : $2); exit }'
 }
 log_at() { grep -E "$1" "$LOG" | head -n 1 | cut -d' ' -f1; }
-# ms from A to B, each a poller stamp (ns) or an agent log timestamp; "miss" if one is missing
+# ms from A to B, each a poller stamp (ns) or an agent log timestamp; a missing one is a
+# "miss": the poller's (it never saw the event: it lasted less than its gap) or the agent's
 ms_between() {
-  if [ -z "$1" ] || [ -z "$2" ]; then echo miss; return; fi
+  if [ -z "$1" ]; then echo miss-poller; return; fi
+  if [ -z "$2" ]; then echo miss-agent; return; fi
   awk -v a="$1" -v b="$2" "$AWK_TIME"'
     function us(t) { return t ~ /T/ ? log_us(t) : ns_us(t) }
     BEGIN { printf "%.1f\n", (us(b) - us(a)) / 1000 }'
@@ -130,7 +133,7 @@ trap cleanup EXIT
 desire "$steady"
 start_agent
 wait_log 'workload/steady from="starting" to="running"' 10
-"$DIR/poller" "$PARENT" "$budget" 1000 > "$WORK/poller.out" &
+"$DIR/poller" "$PARENT" "$budget" "$POLL_US" > "$WORK/poller.out" &
 PPID_POLLER=$!
 sleep 2
 wait_calm
@@ -177,7 +180,7 @@ for run in $(seq 1 "$RUNS"); do
   if grep -qE "workload/adopted$run from=\"-\" to=\"running\" reason=adopted" "$LOG"; then
     oom_latencies "adopted$run" "$mark" adopted
   else
-    for f in adopted adopted.exit adopted.agent; do echo miss >> "$WORK/$f"; done
+    for f in adopted adopted.exit adopted.agent; do echo miss-not-adopted >> "$WORK/$f"; done
   fi
   desire "$steady"
   wait_log "workload/adopted$run from=\"backoff\" to=\"removed\"" 10
@@ -187,12 +190,14 @@ gaps=$(grep '^polls' "$WORK/poller.out")
 
 row() { # LABEL FILE TARGET
   sort -n "$2" | awk -v label="$1" -v target="$3" '
-    $1 == "miss" { miss++; next }
+    $1 ~ /^miss/ { miss++; why[substr($1, 6)]++; next }
     { v[n++] = $1 }
     END {
-      if (n == 0) { printf "| %s | - | - | - | %s | all %d missed |\n", label, target, miss; exit }
+      missed = ""
+      for (w in why) missed = missed sprintf(", %d missed (%s)", why[w], w)
+      if (n == 0) { printf "| %s | - | - | - | %s | none%s |\n", label, target, missed; exit }
       p99 = int((99 * n + 99) / 100) - 1 # nearest rank
-      printf "| %s | %.1f ms | %.1f ms | %.1f ms | %s | %d runs%s |\n", label, v[int((n - 1) / 2)], v[p99], v[n - 1], target, n, miss ? sprintf(", %d missed", miss) : ""
+      printf "| %s | %.1f ms | %.1f ms | %.1f ms | %s | %d runs%s |\n", label, v[int((n - 1) / 2)], v[p99], v[n - 1], target, n, missed
     }'
 }
 echo
