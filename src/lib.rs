@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod budget;
 pub mod cgroup;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod cron;

@@ -37,6 +37,10 @@ pub fn documents<T: DeserializeOwned>(text: &str) -> Result<Vec<T>, YamlError> {
 /// comment-free plain scalar continuation counts as a level), which only matters for documents
 /// near the limit, far beyond what real configuration uses. Block scalars (`|`, `>`) are text,
 /// not structure: their lines are skipped.
+///
+/// One function on purpose: it is one pass whose state (the indentation stack, the flow
+/// depth, an open quote, an open block scalar) crosses lines; split, that state would travel
+/// through every piece.
 pub fn check_depth(text: &str, limit: usize) -> Result<(), YamlError> {
     let too_deep = |line: usize| YamlError::TooDeep { limit, line };
     // Indentation columns of the enclosing block collections.

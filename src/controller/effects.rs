@@ -81,7 +81,28 @@ pub enum Write {
     SyncSecrets(Arc<Vec<DesiredSecret>>),
 }
 
+/// What a finished write was about: enough to act on its result, without carrying (and
+/// dropping on the controller task) the whole of what was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub what: String,
+    pub state_dir: bool,
+    /// The record written, for a record (so a failed one can be written again).
+    pub record: Option<WorkloadRecord>,
+}
+
 impl Write {
+    fn written(&self) -> Written {
+        Written {
+            what: self.describe(),
+            state_dir: self.is_state_dir(),
+            record: match self {
+                Write::Record(r) => Some(r.clone()),
+                _ => None,
+            },
+        }
+    }
+
     /// What the write is about, for the storage problem and logs.
     pub fn describe(&self) -> String {
         match self {
@@ -339,7 +360,7 @@ impl RealEffects {
                 },
             };
             let _ = tx.send_blocking(Event::Persisted {
-                write: Box::new(w),
+                written: Box::new(w.written()),
                 error: result.err(),
             });
         }));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::effects::Write;
+use super::effects::{Write, Written};
 use super::workloads::Workloads;
 use super::{unix_now, Ctx, Internal};
 use crate::machines::device::ProblemKey;
@@ -87,14 +87,14 @@ impl Reports {
     /// A write finished.
     pub fn persisted(
         &mut self,
-        write: Write,
+        written: Written,
         error: Option<String>,
         workloads: &Workloads,
         cx: &mut Ctx,
     ) {
-        match (error, write.is_state_dir()) {
+        match (error, written.state_dir) {
             (Some(e), true) => {
-                if let Write::Record(r) = &write {
+                if let Some(r) = &written.record {
                     self.dirty.insert(r.name.clone(), r.clone());
                 }
                 if !self.storage_failing {
@@ -102,16 +102,16 @@ impl Reports {
                     self.last_retry = Some(Instant::now());
                     let message = format!(
                         "STATE_DIR cannot be written ({}): {e}; records will be written again once it can",
-                        write.describe()
+                        written.what
                     );
                     error!("{message}");
                     cx.problem(ProblemKey::Storage, Some(message.clone()));
                     self.report(true, "StorageFailing".into(), message, cx);
                 }
             }
-            (Some(e), false) => error!("{}: {e}", write.describe()),
+            (Some(e), false) => error!("{}: {e}", written.what),
             (None, true) => {
-                if let Write::Record(r) = &write {
+                if let Some(r) = &written.record {
                     self.dirty.remove(&r.name);
                 }
                 if self.storage_failing {

@@ -525,7 +525,7 @@ impl SessionPart {
         gen: Generation,
         workloads: &Workloads,
         device: &super::device::DevicePart,
-        reports: &Reports,
+        reports: &mut Reports,
         cx: &mut Ctx,
     ) {
         if !self.timers[timer_index(timer)].is(gen) {
@@ -570,49 +570,10 @@ impl SessionPart {
                     at,
                 }
             }
-            SessionResult::Registered { renewal, result } => {
-                let result = match result {
-                    Ok(pair) => {
-                        let expires =
-                            DateTime::from_offset(time::OffsetDateTime::from(pair.info.not_after));
-                        match self.use_identity(pair) {
-                            Ok(()) => {
-                                info!(renewal, expires = %expires, "device certificate installed");
-                                let msg = if renewal {
-                                    "device certificate renewed"
-                                } else {
-                                    "device registered"
-                                };
-                                reports.report(false, "Registered".into(), msg.into(), cx);
-                                if !renewal {
-                                    cx.push(Internal::Device(DeviceEvent::Registered));
-                                }
-                                Ok(())
-                            }
-                            Err(e) => {
-                                error!("the new certificate cannot be used: {e}");
-                                let _ = self.identity.rollback();
-                                Err(RequestError {
-                                    failure: Failure::Refused,
-                                    message: e.to_string(),
-                                })
-                            }
-                        }
-                    }
-                    Err(RegisterError::Client(e)) => {
-                        warn!(renewal, "registration: {e}");
-                        Err(classify(&e))
-                    }
-                    Err(RegisterError::Local(e)) => {
-                        error!(renewal, "registration: {e}");
-                        Err(RequestError {
-                            failure: Failure::Refused,
-                            message: e,
-                        })
-                    }
-                };
-                SessionEvent::Registered { result, at }
-            }
+            SessionResult::Registered { renewal, result } => SessionEvent::Registered {
+                result: self.registered(renewal, result, reports, cx),
+                at,
+            },
             SessionResult::Polled { gen, result } => {
                 if !self.cert_gen.is(gen) {
                     return;
@@ -670,6 +631,50 @@ impl SessionPart {
             }
         };
         self.feed(&event, workloads, device, reports, cx);
+    }
+
+    /// Installs a registration's new pair (unproven until the server accepts it).
+    fn registered(
+        &mut self,
+        renewal: bool,
+        result: Result<StoredIdentity, RegisterError>,
+        reports: &mut Reports,
+        cx: &mut Ctx,
+    ) -> Result<(), RequestError> {
+        let pair = match result {
+            Ok(pair) => pair,
+            Err(RegisterError::Client(e)) => {
+                warn!(renewal, "registration: {e}");
+                return Err(classify(&e));
+            }
+            Err(RegisterError::Local(e)) => {
+                error!(renewal, "registration: {e}");
+                return Err(RequestError {
+                    failure: Failure::Refused,
+                    message: e,
+                });
+            }
+        };
+        let expires = crate::clock::rfc3339(pair.info.not_after);
+        if let Err(e) = self.use_identity(pair) {
+            error!("the new certificate cannot be used: {e}");
+            let _ = self.identity.rollback();
+            return Err(RequestError {
+                failure: Failure::Refused,
+                message: e.to_string(),
+            });
+        }
+        info!(renewal, expires = %expires, "device certificate installed");
+        let msg = if renewal {
+            "device certificate renewed"
+        } else {
+            "device registered"
+        };
+        reports.report(false, "Registered".into(), msg.into(), cx);
+        if !renewal {
+            cx.push(Internal::Device(DeviceEvent::Registered));
+        }
+        Ok(())
     }
 
     /// Applies a fetched configuration if it changed (PROTOCOL §4.5).

@@ -1,8 +1,74 @@
 //! Builds the status snapshot from the controller's parts.
 
 use super::effects::Effects;
-use super::Controller;
+use super::{Controller, State};
 use crate::status::{AgentInfo, BudgetInfo, DeviceInfo, Snapshot, WorkloadInfo};
+use crate::workload::WorkloadKind;
+
+/// One row per workload, then one per refused workload that has no entry.
+fn workload_rows(st: &State) -> Vec<WorkloadInfo> {
+    let mut rows: Vec<WorkloadInfo> = st
+        .workloads
+        .entries()
+        .iter()
+        .map(|(name, e)| {
+            let m = e.machine.state();
+            let mut reason = m.reason();
+            if let Some(why) = &e.update_rejected {
+                reason =
+                    format!("{reason}; its new spec is refused ({why}): running the last good one");
+            }
+            if e.spec.is_none() {
+                reason = format!("{reason}; kept running: no valid desired state says what it is");
+            }
+            WorkloadInfo {
+                name: name.to_string(),
+                kind: e.kind.name().into(),
+                state: m.name().into(),
+                reason,
+                heartbeat_status: m.heartbeat_status().as_str().into(),
+                pid: m.pid(),
+                restarts: e.machine.inner().restarts,
+                oom_kills: e.machine.inner().oom_kills,
+                priority: e.spec.as_ref().map_or(0, |s| s.priority),
+                limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
+                usage: e.usage.clone(),
+                cgroup: (e.kind != WorkloadKind::K8s)
+                    .then(|| e.cgroup.display_path().display().to_string()),
+                notice: e.notice.clone(),
+                log: (e.kind == WorkloadKind::Shell)
+                    .then(|| st.workloads.store().log_path(name).display().to_string()),
+                uid: e.uid,
+            }
+        })
+        .collect();
+    for r in st.workloads.rejected() {
+        if r.name
+            .as_ref()
+            .is_some_and(|n| st.workloads.entries().contains_key(n))
+        {
+            continue;
+        }
+        rows.push(WorkloadInfo {
+            name: r.shown_name.clone(),
+            kind: "-".into(),
+            state: "failed".into(),
+            reason: format!("invalid spec: {}: {}", r.error.field, r.error.why),
+            heartbeat_status: "crashed".into(),
+            pid: None,
+            restarts: 0,
+            oom_kills: 0,
+            priority: 0,
+            limits: Default::default(),
+            usage: None,
+            cgroup: None,
+            notice: None,
+            log: None,
+            uid: None,
+        });
+    }
+    rows
+}
 
 impl<E: Effects> Controller<E> {
     pub fn snapshot(&self) -> Snapshot {
@@ -11,68 +77,7 @@ impl<E: Effects> Controller<E> {
         let totals = st.resources.totals();
         let used = st.resources.used();
         let (state, reason) = st.device.state();
-        let mut workloads: Vec<WorkloadInfo> = st
-            .workloads
-            .entries()
-            .iter()
-            .map(|(name, e)| {
-                let m = e.machine.state();
-                let mut reason = m.reason();
-                if let Some(why) = &e.update_rejected {
-                    reason = format!(
-                        "{reason}; its new spec is refused ({why}): running the last good one"
-                    );
-                }
-                if e.spec.is_none() {
-                    reason =
-                        format!("{reason}; kept running: no valid desired state says what it is");
-                }
-                WorkloadInfo {
-                    name: name.to_string(),
-                    kind: e.kind.name().into(),
-                    state: m.name().into(),
-                    reason,
-                    heartbeat_status: m.heartbeat_status().as_str().into(),
-                    pid: m.pid(),
-                    restarts: e.machine.inner().restarts,
-                    oom_kills: e.machine.inner().oom_kills,
-                    priority: e.spec.as_ref().map_or(0, |s| s.priority),
-                    limits: e.spec.as_ref().map(|s| s.limits).unwrap_or_default(),
-                    usage: e.usage.clone(),
-                    cgroup: (e.kind != crate::workload::WorkloadKind::K8s)
-                        .then(|| e.cgroup.display_path().display().to_string()),
-                    notice: e.notice.clone(),
-                    log: (e.kind == crate::workload::WorkloadKind::Shell)
-                        .then(|| st.workloads.store().log_path(name).display().to_string()),
-                    uid: e.uid,
-                }
-            })
-            .collect();
-        for r in st.workloads.rejected() {
-            if r.name
-                .as_ref()
-                .is_some_and(|n| st.workloads.entries().contains_key(n))
-            {
-                continue;
-            }
-            workloads.push(WorkloadInfo {
-                name: r.shown_name.clone(),
-                kind: "-".into(),
-                state: "failed".into(),
-                reason: format!("invalid spec: {}: {}", r.error.field, r.error.why),
-                heartbeat_status: "crashed".into(),
-                pid: None,
-                restarts: 0,
-                oom_kills: 0,
-                priority: 0,
-                limits: Default::default(),
-                usage: None,
-                cgroup: None,
-                notice: None,
-                log: None,
-                uid: None,
-            });
-        }
+        let workloads = workload_rows(st);
         Snapshot {
             agent: AgentInfo {
                 version: env!("CARGO_PKG_VERSION").into(),

@@ -79,6 +79,43 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A workload entry with no run yet.
+    fn new(
+        spec: Option<WorkloadSpec>,
+        kind: WorkloadKind,
+        fingerprint: String,
+        machine: workload::Machine,
+        cgroup: WorkloadCgroup,
+        seq: u64,
+        uid: Option<u32>,
+    ) -> Entry {
+        Entry {
+            spec,
+            kind,
+            fingerprint,
+            machine,
+            cgroup,
+            run: Generation::default(),
+            retry: Generation::default(),
+            cron: Generation::default(),
+            process: None,
+            started_at: None,
+            started_unix: 0,
+            oom_baseline: 0,
+            usage: None,
+            last_cpu: None,
+            seq,
+            notice: None,
+            update_rejected: None,
+            hold: Hold::None,
+            cron_due: false,
+            cron_next: None,
+            profile_cpu_quota: None,
+            uid,
+            adopted: false,
+        }
+    }
+
     fn placement(&self, name: &WorkloadName) -> Placement {
         Placement {
             name: name.clone(),
@@ -377,30 +414,18 @@ impl Workloads {
             &mut out,
         );
         self.seq += 1;
-        let entry = Entry {
-            kind: spec.kind.clone(),
-            fingerprint: spec.fingerprint.clone(),
-            cgroup: self.hierarchy.workload(&name),
-            spec: Some(spec),
+        let entry = Entry::new(
+            None,
+            spec.kind.clone(),
+            spec.fingerprint.clone(),
             machine,
-            run: Generation::default(),
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: None,
-            started_at: None,
-            started_unix: 0,
-            oom_baseline: 0,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
+            self.hierarchy.workload(&name),
+            self.seq,
             uid,
-            adopted: false,
+        );
+        let entry = Entry {
+            spec: Some(spec),
+            ..entry
         };
         self.entries.insert(name.clone(), entry);
         cx.history.record(
@@ -738,33 +763,21 @@ impl Workloads {
         let mut out = Context::default();
         let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
         self.seq += 1;
-        let mut run = Generation::default();
-        let gen = run.bump();
-        let entry = Entry {
-            spec: spec.filter(|sp| sp.fingerprint == rec.fingerprint),
-            kind: rec.kind.clone(),
-            fingerprint: rec.fingerprint.clone(),
+        let mut entry = Entry::new(
+            spec.filter(|sp| sp.fingerprint == rec.fingerprint),
+            rec.kind.clone(),
+            rec.fingerprint.clone(),
             machine,
-            cgroup: self.hierarchy.workload(name),
-            run,
-            retry: Generation::default(),
-            cron: Generation::default(),
-            process: s.pid.map(|p| (p, s.start_ticks)),
-            started_at: Some(Instant::now()),
-            started_unix: rec.started_at_unix,
-            oom_baseline: rec.oom_kills_at_start,
-            usage: None,
-            last_cpu: None,
-            seq: self.seq,
-            notice: None,
-            update_rejected: None,
-            hold: Hold::None,
-            cron_due: false,
-            cron_next: None,
-            profile_cpu_quota: None,
-            uid: rec.uid,
-            adopted: true,
-        };
+            self.hierarchy.workload(name),
+            self.seq,
+            rec.uid,
+        );
+        let gen = entry.run.bump();
+        entry.process = s.pid.map(|p| (p, s.start_ticks));
+        entry.started_at = Some(Instant::now());
+        entry.started_unix = rec.started_at_unix;
+        entry.oom_baseline = rec.oom_kills_at_start;
+        entry.adopted = true;
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),

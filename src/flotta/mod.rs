@@ -3,6 +3,7 @@
 //! registration and heartbeats. No controller logic lives here.
 
 pub mod client;
+mod der;
 pub mod hardware;
 pub mod identity;
 pub mod messages;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use statig::prelude::*;
 
-use super::{Output, Row, Transition};
+use super::{Output, Row};
 
 /// The context of the device machine's handlers.
 pub type Context = Output<DeviceCommand>;
@@ -290,16 +290,7 @@ impl DeviceMachine {
 
 impl DeviceMachine {
     fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
-        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
-        // open) changed nothing worth recording.
-        if source == target {
-            return;
-        }
-        context.transitions.push(Transition {
-            from: source.name(),
-            to: target.name(),
-            reason: target.reason(),
-        });
+        super::note_transition(context, source, target);
     }
 }
 
@@ -326,7 +317,9 @@ impl State {
             }
         }
     }
+}
 
+impl State {
     /// The heartbeat's `status` (PROTOCOL §5.1); `None` before registration.
     pub fn heartbeat_status(&self) -> Option<crate::flotta::messages::DeviceStatus> {
         use crate::flotta::messages::DeviceStatus;
@@ -386,7 +379,7 @@ pub fn sample_states() -> Vec<(String, (DeviceMachine, State))> {
         .collect()
 }
 
-pub fn sample_events() -> Vec<(String, DeviceEvent)> {
+pub fn sample_events() -> Vec<(String, (Option<DeviceMachine>, DeviceEvent))> {
     let boot = |serverless, has_certificate, disconnected| DeviceEvent::Boot {
         serverless,
         has_certificate,
@@ -428,26 +421,13 @@ pub fn sample_events() -> Vec<(String, DeviceEvent)> {
         ("Disconnect", DeviceEvent::Disconnect),
         ("Reset", DeviceEvent::Reset),
     ];
-    rows.into_iter().map(|(n, e)| (n.to_string(), e)).collect()
+    rows.into_iter()
+        .map(|(n, e)| (n.to_string(), (None, e)))
+        .collect()
 }
 
 pub fn transition_table() -> Vec<Row> {
-    super::compute_table(
-        &sample_states(),
-        &sample_events(),
-        |(shared, state), event| {
-            let mut u = shared.clone().uninitialized_state_machine();
-            *u.state_mut() = state.clone();
-            let mut out = Context::default();
-            let mut m = u.init_with_context(&mut out);
-            out.clear();
-            m.handle_with_context(event, &mut out);
-            (
-                m.state().name().to_string(),
-                out.commands.iter().map(command_name).collect(),
-            )
-        },
-    )
+    super::transition_table(&sample_states(), &sample_events(), command_name)
 }
 
 pub fn command_name(c: &DeviceCommand) -> String {
@@ -462,3 +442,13 @@ pub fn command_name(c: &DeviceCommand) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl super::Named for State {
+    fn name(&self) -> &'static str {
+        State::name(self)
+    }
+
+    fn reason(&self) -> String {
+        State::reason(self)
+    }
+}

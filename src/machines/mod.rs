@@ -8,6 +8,8 @@ pub mod workload;
 
 use std::collections::BTreeSet;
 
+use statig::blocking::{InitializedStateMachine, IntoStateMachine, IntoStateMachineExt};
+
 /// A change of state, recorded by each machine's `after_transition` hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -57,22 +59,74 @@ pub struct Row {
     pub commands: Vec<String>,
 }
 
-/// Runs `step` over every (sample state, sample event) pair: the rows of a transition table.
-/// `step` returns the state reached and the names of the commands emitted.
-pub fn compute_table<S, E>(
-    states: &[(String, S)],
-    events: &[(String, E)],
-    step: impl Fn(&S, &E) -> (String, Vec<String>),
-) -> Vec<Row> {
+/// What every machine's state says about itself.
+pub trait Named {
+    fn name(&self) -> &'static str;
+    fn reason(&self) -> String;
+}
+
+/// The body of every machine's `after_transition` hook: records the transition, unless the
+/// handler landed where it was (e.g. `reconciling` after a problem that was not open).
+pub fn note_transition<S: Named + PartialEq, C>(out: &mut Output<C>, source: &S, target: &S) {
+    if source == target {
+        return;
+    }
+    out.transitions.push(Transition {
+        from: source.name(),
+        to: target.name(),
+        reason: target.reason(),
+    });
+}
+
+/// A machine (shared storage `shared`) put in `state`, its entry actions' output discarded.
+pub fn machine_in<M, C>(
+    shared: M,
+    state: M::State,
+    out: &mut Output<C>,
+) -> InitializedStateMachine<M>
+where
+    M: IntoStateMachine,
+    for<'c> M: IntoStateMachine<Context<'c> = Output<C>>,
+    M::State: statig::blocking::State<M>,
+    for<'s> M::Superstate<'s>: statig::blocking::Superstate<M>,
+{
+    let mut u = shared.uninitialized_state_machine();
+    *u.state_mut() = state;
+    u.init_with_context(out)
+}
+
+/// A named sample state, with the shared storage it needs.
+pub type SampleState<M> = (String, (M, <M as IntoStateMachine>::State));
+/// A named sample event, with the shared storage it needs (for guards), if any.
+pub type SampleEvent<M> = (String, (Option<M>, <M as IntoStateMachine>::Event<'static>));
+
+/// The rows of a machine's transition table: every (sample state, sample event) pair run
+/// through the real handlers; a sample state comes with the shared storage it needs, a
+/// sample event with its own (for guards that look at counters).
+pub fn transition_table<M, C>(
+    states: &[SampleState<M>],
+    events: &[SampleEvent<M>],
+    command_name: impl Fn(&C) -> String,
+) -> Vec<Row>
+where
+    M: IntoStateMachine + Clone,
+    for<'c> M: IntoStateMachine<Context<'c> = Output<C>>,
+    M::State: statig::blocking::State<M> + Named + Clone,
+    for<'s> M::Superstate<'s>: statig::blocking::Superstate<M>,
+{
     let mut rows = Vec::new();
-    for (state_name, state) in states {
-        for (event_name, event) in events {
-            let (to, commands) = step(state, event);
+    for (state_name, (shared, state)) in states {
+        for (event_name, (event_shared, event)) in events {
+            let mut out = Output::default();
+            let shared = event_shared.clone().unwrap_or_else(|| shared.clone());
+            let mut m = machine_in(shared, state.clone(), &mut out);
+            out.clear();
+            m.handle_with_context(event, &mut out);
             rows.push(Row {
                 from: state_name.clone(),
                 event: event_name.clone(),
-                to,
-                commands,
+                to: m.state().name().to_string(),
+                commands: out.commands.iter().map(&command_name).collect(),
             });
         }
     }
@@ -118,6 +172,26 @@ pub fn diagram_document(title: &str, initial: &str, rows: &[Row]) -> String {
         "# {title}\n\nGenerated from the transition table of the code (`cargo run --example state-diagrams`).\nA test fails when this file and the code disagree.\n\n```mermaid\n{}```\n",
         mermaid(title, initial, rows)
     )
+}
+
+#[cfg(test)]
+/// The two checks every machine's table gets: [`check_table`], and its diagram file
+/// (`state-diagrams/<file>`) is what the code generates.
+pub(crate) fn check_machine(
+    expected: &str,
+    computed: &[Row],
+    (states, events): (usize, usize),
+    (file, title, initial): (&str, &str, &str),
+) {
+    check_table(expected, computed, states, events);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("state-diagrams")
+        .join(file);
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == diagram_document(title, initial, computed),
+        "state-diagrams/{file} is stale: run `cargo run --example state-diagrams`"
+    );
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use statig::prelude::*;
 
-use super::{Output, Row, Transition};
+use super::{Output, Row};
 
 pub type Context = Output<SessionCommand>;
 
@@ -248,16 +248,7 @@ impl SessionMachine {
     }
 
     fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
-        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
-        // open) changed nothing worth recording.
-        if source == target {
-            return;
-        }
-        context.transitions.push(Transition {
-            from: source.name(),
-            to: target.name(),
-            reason: target.reason(),
-        });
+        super::note_transition(context, source, target);
     }
 }
 
@@ -592,7 +583,9 @@ impl State {
             State::Disconnected {} => "disconnected by the server".into(),
         }
     }
+}
 
+impl State {
     /// Does the session hold a device certificate to talk with?
     pub fn has_device_certificate(&self) -> bool {
         matches!(self, State::Registered { .. } | State::Renewing {})
@@ -649,8 +642,9 @@ fn sample_now() -> Instant {
     *NOW.get_or_init(Instant::now)
 }
 
-/// Sample events; results are seen 10 minutes after [`sample_now`], so outages show.
-pub fn sample_events() -> Vec<(String, SessionEvent)> {
+/// Sample events; results are seen 10 minutes after [`sample_now`], so outages show. (A long
+/// function because it is a table: one row per event and guard.)
+pub fn sample_events() -> Vec<(String, (Option<SessionMachine>, SessionEvent))> {
     let at = sample_now() + Duration::from_secs(600);
     let err = |failure| RequestError {
         failure,
@@ -776,26 +770,13 @@ pub fn sample_events() -> Vec<(String, SessionEvent)> {
         ("Disconnect", SessionEvent::Disconnect),
         ("Reset", SessionEvent::Reset),
     ];
-    rows.into_iter().map(|(n, e)| (n.to_string(), e)).collect()
+    rows.into_iter()
+        .map(|(n, e)| (n.to_string(), (None, e)))
+        .collect()
 }
 
 pub fn transition_table() -> Vec<Row> {
-    super::compute_table(
-        &sample_states(),
-        &sample_events(),
-        |(shared, state), event| {
-            let mut u = shared.clone().uninitialized_state_machine();
-            *u.state_mut() = state.clone();
-            let mut out = Context::default();
-            let mut m = u.init_with_context(&mut out);
-            out.clear();
-            m.handle_with_context(event, &mut out);
-            (
-                m.state().name().to_string(),
-                out.commands.iter().map(command_name).collect(),
-            )
-        },
-    )
+    super::transition_table(&sample_states(), &sample_events(), command_name)
 }
 
 pub fn command_name(c: &SessionCommand) -> String {
@@ -820,3 +801,13 @@ pub fn command_name(c: &SessionCommand) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl super::Named for State {
+    fn name(&self) -> &'static str {
+        State::name(self)
+    }
+
+    fn reason(&self) -> String {
+        State::reason(self)
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use statig::prelude::*;
 
-use super::{Output, Transition};
+use super::Output;
 use crate::workload::{BackoffPolicy, RestartPolicy};
 
 /// The context of the workload machine's handlers.
@@ -426,16 +426,7 @@ fn starting() -> State {
 
 impl WorkloadMachine {
     fn after_transition(&mut self, source: &State, target: &State, context: &mut Context) {
-        // A handler that lands where it was (e.g. `reconciling` after a problem that was not
-        // open) changed nothing worth recording.
-        if source == target {
-            return;
-        }
-        context.transitions.push(Transition {
-            from: source.name(),
-            to: target.name(),
-            reason: target.reason(),
-        });
+        super::note_transition(context, source, target);
     }
 }
 
@@ -474,7 +465,9 @@ impl State {
             State::Removed {} => "removed from the desired state".into(),
         }
     }
+}
 
+impl State {
     pub fn pid(&self) -> Option<i32> {
         match self {
             State::Running { pid } => *pid,
@@ -519,8 +512,9 @@ impl State {
 mod tests;
 
 /// Sample states, one per state (and per variant that changes behaviour).
-pub fn sample_states() -> Vec<(String, State)> {
-    vec![
+pub fn sample_states() -> Vec<(String, (WorkloadMachine, State))> {
+    let shared = WorkloadMachine::new(RestartPolicy::Always, BackoffPolicy::default());
+    let states: Vec<(String, State)> = vec![
         ("pending".into(), State::pending("waiting".into())),
         ("starting".into(), starting()),
         ("running".into(), State::running(Some(42))),
@@ -548,11 +542,15 @@ pub fn sample_states() -> Vec<(String, State)> {
         ("failed".into(), State::failed("broken".into())),
         ("evicted".into(), State::evicted("over budget".into())),
         ("removed".into(), State::removed()),
-    ]
+    ];
+    states
+        .into_iter()
+        .map(|(n, st)| (n, (shared.clone(), st)))
+        .collect()
 }
 
 /// Sample events, with the machine settings that select a guard.
-pub fn sample_events() -> Vec<(String, (WorkloadMachine, WorkloadEvent))> {
+pub fn sample_events() -> Vec<(String, (Option<WorkloadMachine>, WorkloadEvent))> {
     let policy = BackoffPolicy::default();
     let fresh = |restart| WorkloadMachine::new(restart, policy);
     let at_limit = |restart| {
@@ -638,7 +636,7 @@ pub fn sample_events() -> Vec<(String, (WorkloadMachine, WorkloadEvent))> {
         ("StopCompleted", fresh(Always), WorkloadEvent::StopCompleted),
     ];
     rows.into_iter()
-        .map(|(n, m, e)| (n.to_string(), (m, e)))
+        .map(|(n, m, e)| (n.to_string(), (Some(m), e)))
         .collect()
 }
 
@@ -647,27 +645,12 @@ pub type Machine = statig::blocking::InitializedStateMachine<WorkloadMachine>;
 /// A machine that starts in `state` (a new workload starts pending; an adopted one running).
 /// Entry actions of `state` push their commands into `out`.
 pub fn machine_in(shared: WorkloadMachine, state: State, out: &mut Context) -> Machine {
-    let mut u = shared.uninitialized_state_machine();
-    *u.state_mut() = state;
-    u.init_with_context(out)
+    super::machine_in(shared, state, out)
 }
 
 /// The computed transition table over every sample (state, event) pair.
 pub fn transition_table() -> Vec<Row> {
-    super::compute_table(
-        &sample_states(),
-        &sample_events(),
-        |state, (shared, event)| {
-            let mut out = Context::default();
-            let mut m = machine_in(shared.clone(), state.clone(), &mut out);
-            out.clear();
-            m.handle_with_context(event, &mut out);
-            (
-                m.state().name().to_string(),
-                out.commands.iter().map(command_name).collect(),
-            )
-        },
-    )
+    super::transition_table(&sample_states(), &sample_events(), command_name)
 }
 
 pub fn command_name(c: &WorkloadCommand) -> String {
@@ -681,3 +664,13 @@ pub fn command_name(c: &WorkloadCommand) -> String {
 }
 
 use super::Row;
+
+impl super::Named for State {
+    fn name(&self) -> &'static str {
+        State::name(self)
+    }
+
+    fn reason(&self) -> String {
+        State::reason(self)
+    }
+}

@@ -140,10 +140,9 @@ pub struct TransitionInfo {
     pub reason: String,
 }
 
-/// `HH:MM:SS` UTC of a unix time (no time-zone database on small devices).
+/// `HH:MM:SS` UTC of a unix time.
 pub fn clock(unix: u64) -> String {
-    let s = unix % 86400;
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    crate::clock::time_of_day(unix)
 }
 
 fn duration(secs: u64) -> String {

@@ -156,45 +156,11 @@ impl Podman {
         if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
             let _ = w.write_all(data);
         }
-        // Drain the pipes on threads so a chatty podman cannot block on a full pipe.
-        let mut out_pipe = child.stdout.take();
-        let mut err_pipe = child.stderr.take();
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(p) = out_pipe.as_mut() {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(p) = err_pipe.as_mut() {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        });
-        let start = Instant::now();
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if start.elapsed() < timeout => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                Err(e) => {
-                    return Err(PodmanError::Command {
-                        command: shown(),
-                        why: e.to_string(),
-                    })
-                }
-            }
-        };
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
+        let (status, stdout, stderr) =
+            wait_with_output(child, timeout).map_err(|e| PodmanError::Command {
+                command: shown(),
+                why: e.to_string(),
+            })?;
         match status {
             None => Err(PodmanError::Failed {
                 command: shown(),
@@ -207,6 +173,45 @@ impl Podman {
             }),
         }
     }
+}
+
+/// Waits for `child` (killed at `timeout`: `None` status) with its output.
+fn wait_with_output(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> std::io::Result<(Option<std::process::ExitStatus>, String, String)> {
+    // Drain the pipes on threads so a chatty podman cannot block on a full pipe.
+    let mut out_pipe = child.stdout.take();
+    let mut err_pipe = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = out_pipe.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = err_pipe.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait()? {
+            Some(s) => break Some(s),
+            None if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(5)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    Ok((status, stdout, stderr))
 }
 
 /// Podman's own words for a failure: the `Error: ...` lines of stderr (its warnings and

@@ -178,25 +178,7 @@ impl PodDriver {
         cgroup.apply(&spec.limits)?;
         let oom_kills_at_start = cgroup.oom_kills();
 
-        let dir = self.pod_dir(name);
-        crate::store::private_dir(&dir).map_err(|e| PodmanError::Io {
-            path: dir.display().to_string(),
-            why: e.to_string(),
-        })?;
-        let marker = dir.join("rootless");
-        if pod.rootless {
-            std::fs::write(&marker, b"").map_err(io(&marker))?;
-        } else {
-            let _ = std::fs::remove_file(&marker);
-        }
-        let auth = match &pod.auth_file {
-            None => None,
-            Some(a) => {
-                let p = dir.join("auth.json");
-                write_private(&p, a.as_bytes(), podman.user.as_ref())?;
-                Some(p)
-            }
-        };
+        let auth = self.pod_files(name, pod, &podman)?;
         let mut play: Vec<String> = vec!["kube".into(), "play".into(), "--quiet".into()];
         if let Some(p) = &auth {
             play.push(format!("--authfile={}", p.display()));
@@ -250,13 +232,7 @@ impl PodDriver {
         if containers.is_empty() {
             return Err(PodmanError::Unexpected("pod without containers".into()));
         }
-        let mut pids = Vec::new();
-        for c in &containers {
-            let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", c])?;
-            let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
-            let ticks = super::process::start_ticks(pid).unwrap_or(0);
-            pids.push((pid, ticks));
-        }
+        let pids = container_pids(&podman, &containers)?;
         append_log(
             log_path,
             &format!(
@@ -284,6 +260,35 @@ impl PodDriver {
             },
             notice,
         })
+    }
+
+    /// The files the agent keeps for a pod (`<state_dir>/pods/<name>`): the rootless marker
+    /// and the registry auth file, whose path is returned.
+    fn pod_files(
+        &self,
+        name: &WorkloadName,
+        pod: &crate::workload::PodSpecData,
+        podman: &Podman,
+    ) -> Result<Option<PathBuf>, PodmanError> {
+        let dir = self.pod_dir(name);
+        crate::store::private_dir(&dir).map_err(|e| PodmanError::Io {
+            path: dir.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let marker = dir.join("rootless");
+        if pod.rootless {
+            std::fs::write(&marker, b"").map_err(io(&marker))?;
+        } else {
+            let _ = std::fs::remove_file(&marker);
+        }
+        match &pod.auth_file {
+            None => Ok(None),
+            Some(a) => {
+                let p = dir.join("auth.json");
+                write_private(&p, a.as_bytes(), podman.user.as_ref())?;
+                Ok(Some(p))
+            }
+        }
     }
 
     /// The workload's running app containers, by the label the agent puts on each, with
@@ -433,6 +438,18 @@ impl Driver for PodDriver {
             notice: None,
         })
     }
+}
+
+/// Host pid and start ticks of each container's main process.
+fn container_pids(podman: &Podman, containers: &[String]) -> Result<Vec<(i32, u64)>, PodmanError> {
+    containers
+        .iter()
+        .map(|c| {
+            let out = podman.run(&["inspect", "--format", "{{.State.Pid}}", c])?;
+            let pid: i32 = out.stdout.trim().parse().unwrap_or(0);
+            Ok((pid, super::process::start_ticks(pid).unwrap_or(0)))
+        })
+        .collect()
 }
 
 /// The exit of a container that has ended, as podman recorded it (conmon writes the exit
