@@ -7,21 +7,23 @@
 # DIR holds device-worker-ng, poller (bench/poller.c) and hog (tests/vm/hog.c). The agent
 # runs at its default SAMPLE_INTERVAL and BUDGET_WINDOW with a 150 MiB workload budget
 # (BUDGET_HOLD=2s only shortens the wait for re-admission between runs) and a steady
-# workload holding 100 MiB (2/3 of the budget: under the near-budget mark). The poller, outside
-# the agent, sums the workloads' memory every POLL_US (and prints how often it really did). Before every run the device is calm:
-# within its budget and sampling at SAMPLE_INTERVAL again (the agent logs both).
+# workload holding 100 MiB (2/3 of the budget: under the near-budget mark). The poller,
+# outside the agent, sums the workloads' memory every POLL_US (and prints how often it really
+# did). Before every run the device is calm: within its budget and sampling at
+# SAMPLE_INTERVAL again (the agent logs both).
 #
-# - breach: a workload allocating 80 MiB (about 1.7 GiB/s) is added; the clock starts when the
-#   poller first sees the sum over the budget and stops at the agent's `running -> stopping` (or
-#   `starting -> stopping`: its process may run before the driver has reported it started) of
-#   it (the eviction started);
+# - breach: a workload allocating 80 MiB is added (how fast its allocator runs alone is
+#   printed); the clock starts when the poller first sees the sum over the budget and stops
+#   at the agent's `running -> stopping` of it (the eviction started; `starting -> stopping`
+#   counts too: its process may run before the driver has reported it started);
 # - OOM: a workload allocating 64 MiB under a 32 MiB limit; from the poller first seeing its
-#   OOM kill count rise to the agent's `running -> backoff`;
-# The clock starts at the reading *before* the one that saw the event (which happened in
-# between): figures may overstate by one poller gap (~1 ms), never understate.
+#   OOM kill count rise to the agent's `running -> backoff`, split where the poller sees its
+#   cgroup empty (the killed process gone);
 # - OOM, adopted: the same, but the agent was restarted after the workload started, so it
 #   cannot wait(2) for it (a run the new agent did not adopt counts as missed);
 # - idle: the agent's cpu time over 60 s with the steady workload and nothing happening.
+# Every clock starts at the poller's reading *before* the one that saw the event (which
+# happened in between): figures may overstate by one poller gap, never understate.
 set -u
 DIR=$1
 RUNS=${2:-20}
@@ -144,6 +146,11 @@ t0=$(ticks); sleep "$IDLE_S"; t1=$(ticks)
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
 idle=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$IDLE_S" 'BEGIN { printf "%.3f", (b - a) / hz / s * 100 }')
 
+# How fast the breach's allocator grows (outside the agent's cgroups): what BUDGET_WINDOW's
+# default is weighed against (README: the headroom between the budget and the kernel cap).
+up() { cut -d' ' -f1 /proc/uptime; }
+a0=$(up); "$DIR/hog" 512 > /dev/null; a1=$(up)
+rate=$(awk -v a="$a0" -v b="$a1" 'BEGIN { if (b > a) printf "%.0f", 512 / (b - a); else print "over 51200" }')
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 for f in breach oom oom.exit oom.agent adopted adopted.exit adopted.agent; do : > "$WORK/$f"; done
 for run in $(seq 1 "$RUNS"); do
@@ -204,6 +211,7 @@ echo
 echo "$layout, $(uname -r), $(nproc) cpus; agent at default SAMPLE_INTERVAL and BUDGET_WINDOW"
 echo "poller: $gaps (between its readings, µs)"
 echo "load average (1/5/15 min) when the runs began: $load0, when they ended: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "the breach's allocator alone: $rate MiB/s (512 MiB, /proc/uptime's 10 ms resolution)"
 echo
 echo "| measure | median | p99 | max | target | runs |"
 echo "|---|---|---|---|---|---|"
