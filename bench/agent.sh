@@ -47,6 +47,8 @@ trap cleanup EXIT
 running() { "$BIN" status --json 2>/dev/null | grep -o '"state":"running"' | wc -l; }
 threads() { ls "/proc/$AGENT/task" | wc -l; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$AGENT/status"; }
+anon_kb() { awk '/RssAnon/ {print $2}' "/proc/$AGENT/status"; }
+peak=0
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$AGENT/stat"; }
 cpu_pct() { # seconds
@@ -54,8 +56,12 @@ cpu_pct() { # seconds
   c0=$(cpu_ticks); t0=$(date +%s.%N); sleep "$1"; c1=$(cpu_ticks); t1=$(date +%s.%N)
   echo "scale=3; 100 * ($c1 - $c0) / $ticks / ($t1 - $t0)" | bc
 }
-settle() { # n: wait until n run, then let the agent's idle threads leave
-  for _ in $(seq 600); do [ "$(running)" -ge "$1" ] && break; sleep 0.1; done
+settle() { # n: wait until n run (noting the most threads seen), then let idle threads leave
+  peak=0
+  for _ in $(seq 600); do
+    t=$(threads); [ "$t" -gt "$peak" ] && peak=$t
+    [ "$(running)" -ge "$1" ] && break; sleep 0.1
+  done
   if [ "$1" = 0 ]; then
     for _ in $(seq 600); do "$BIN" status 2>/dev/null | grep -q "no workloads" && break; sleep 0.1; done
   fi
@@ -64,16 +70,16 @@ settle() { # n: wait until n run, then let the agent's idle threads leave
 
 for _ in $(seq 100); do "$BIN" status >/dev/null 2>&1 && break; sleep 0.1; done
 settle 0
-idle_threads=$(threads); idle_rss=$(rss_kb); idle_cpu=$(cpu_pct "$STEADY")
+idle_threads=$(threads); idle_rss=$(rss_kb); idle_anon=$(anon_kb); idle_cpu=$(cpu_pct "$STEADY")
 
 write_desired "$(workloads 50)"; settle 50
 t50=$(threads); r50=$(rss_kb); c50=$(cpu_pct "$STEADY")
 
 write_desired "$(workloads 200)"; settle 200
-t200=$(threads); r200=$(rss_kb); n200=$(running)
+p200=$peak; t200=$(threads); r200=$(rss_kb); n200=$(running)
 
 write_desired "workloads: []"; settle 0
-tafter=$(threads); rafter=$(rss_kb)
+tafter=$(threads); rafter=$(rss_kb); aafter=$(anon_kb)
 
 # Latency: add one workload at a time; it records when its process starts running.
 lat=(); base=""
@@ -96,9 +102,12 @@ printf '%-62s %10s %% %12s\n' "CPU, idle, 1 s sampler (${STEADY}s)" "$idle_cpu" 
 printf '%-62s %12s %12s\n' "threads, 50 shell workloads" "$t50" "-"
 printf '%-62s %8s KiB %12s\n' "RSS, 50 shell workloads" "$r50" "8192 KiB"
 printf '%-62s %10s %% %12s\n' "CPU, 50 workloads, steady state (${STEADY}s)" "$c50" "0.5 %"
+printf '%-62s %12s %12s\n' "threads, most seen while 200 shell workloads start" "$p200" "10"
 printf '%-62s %12s %12s\n' "threads, 200 shell workloads ($n200 running)" "$t200" "10"
 printf '%-62s %8s KiB %12s\n' "RSS, 200 shell workloads" "$r200" "-"
 printf '%-62s %12s %12s\n' "threads, after removing all 200" "$tafter" "-"
 printf '%-62s %8s KiB %8s KiB\n' "RSS, after removing all 200" "$rafter" "$((idle_rss + 1024))"
+printf '%-62s %8s KiB %12s\n' "  of which anonymous (heap, stacks), idle" "$idle_anon" "-"
+printf '%-62s %8s KiB %12s\n' "  of which anonymous (heap, stacks), after removing all 200" "$aafter" "-"
 printf '%-62s %9s us %12s\n' "desired-state change -> process running, median of 10" "$median" "50000 us"
 printf '%-62s %9s us %12s\n' "desired-state change -> process running, max of 10" "$max" "-"

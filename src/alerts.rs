@@ -17,7 +17,9 @@
 //! without blocking, its tasks register with the kernel.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,7 +159,8 @@ async fn signalled(s: &Option<EventSignal>) -> std::io::Result<u64> {
 
 enum Wake {
     Marks(Marks),
-    Armed(Armed),
+    /// `None`: the registration's job failed.
+    Armed(Option<Armed>),
     Closed,
     Signal(Alert, std::io::Result<u64>),
 }
@@ -173,13 +176,13 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
         .map_err(|e| warn!("no memory pressure notifications: {e}"))
         .ok();
     let (mut near, mut budget): (Option<EventSignal>, Option<EventSignal>) = (None, None);
-    // Registering a threshold waits for an RCU grace period (tens of ms): on a blocking
-    // thread, while the old thresholds keep watching.
-    let mut arming: Option<Task<Armed>> = None;
+    // Registering a threshold waits for an RCU grace period (tens of ms): on the agent's
+    // blocking pool, while the old thresholds keep watching.
+    let mut arming: Option<Pin<Box<dyn Future<Output = Option<Armed>> + Send>>> = None;
     loop {
         let wake = async {
             match &mut arming {
-                Some(t) => Wake::Armed(t.await),
+                Some(t) => Wake::Armed(t.as_mut().await),
                 None => match marks.recv().await {
                     Ok(m) => Wake::Marks(m),
                     Err(_) => Wake::Closed,
@@ -194,7 +197,7 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
             Wake::Closed => return,
             Wake::Marks(m) => {
                 let memory = memory.clone();
-                arming = Some(smol::unblock(move || {
+                arming = Some(Box::pin(crate::pool::unblock(move || {
                     let arm = |bytes: u64| {
                         notify::usage_threshold(&memory, bytes)
                             .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
@@ -205,9 +208,13 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
                         budget: arm(m.budget + 1),
                         near: arm(m.near + 1),
                     }
-                }));
+                })));
             }
-            Wake::Armed(a) => {
+            Wake::Armed(None) => {
+                arming = None;
+                warn!("registering the usage thresholds failed; the old ones stay");
+            }
+            Wake::Armed(Some(a)) => {
                 arming = None;
                 // Dropping the old eventfds unregisters the old thresholds.
                 budget = a.budget;
@@ -268,12 +275,14 @@ async fn v2_parent(tx: Sender<Event>, dir: PathBuf, marks: Receiver<Marks>) {
             Wake::Marks(m) => {
                 let high = dir.join("memory.high");
                 // Writing memory.high below the usage makes the writer reclaim: off the reactor.
-                let written =
-                    smol::unblock(move || crate::cgroup::write_file(&high, &m.budget.to_string()))
-                        .await;
+                let written = crate::pool::unblock(move || {
+                    crate::cgroup::write_file(&high, &m.budget.to_string())
+                })
+                .await;
                 match written {
-                    Ok(()) => debug!(high = m.budget, "memory.high set at the budget"),
-                    Err(e) => warn!("cannot set memory.high at the budget: {e}"),
+                    Some(Ok(())) => debug!(high = m.budget, "memory.high set at the budget"),
+                    Some(Err(e)) => warn!("cannot set memory.high at the budget: {e}"),
+                    None => warn!("setting memory.high at the budget failed"),
                 }
             }
             Wake::Signal(alert, Ok(_)) => {

@@ -30,11 +30,6 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// Threads of smol's blocking pool (driver calls, store writes, server requests): bounded,
-/// so a burst of workload starts queues instead of spawning a thread each. Idle threads
-/// leave after a moment.
-const BLOCKING_THREADS: usize = 8;
-
 /// Detects the cgroup layout and prepares the agent's subtree.
 ///
 /// On cgroup v2 the workloads live in a top-level subtree (`/sys/fs/cgroup/<CGROUP_ROOT>`),
@@ -51,24 +46,15 @@ pub fn hierarchy(settings: &Settings) -> Result<Hierarchy, cgroup::CgroupError> 
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
-    if std::env::var_os("BLOCKING_MAX_THREADS").is_none() {
-        // Read by the blocking pool on first use; set before any thread exists.
-        std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator. Two arenas are plenty for an agent whose
+    // threads mostly wait; glibc's default (8 per core) scatters short-lived allocations of
+    // the blocking threads over arenas that keep their pages.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
     }
-    let hierarchy = hierarchy(&settings)?;
-    info!(
-        layout = hierarchy.layout.name(),
-        base = %hierarchy.base_display().display(),
-        "cgroup hierarchy ready"
-    );
     let store = Store::open(&settings.state_dir)?;
-    let drivers = Arc::new(Drivers::new(&DriverSettings {
-        state_dir: settings.state_dir.clone(),
-        layout: hierarchy.layout.clone(),
-        rootless_user: settings.rootless_user.clone(),
-        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
-        kubeconfig: settings.kubeconfig.clone(),
-    }));
+    // The identity first: one that can never work stops the agent before it touches cgroups.
     let session = match &settings.server {
         Some(url) => {
             let s = SessionPart::open(&settings, url, &store)
@@ -78,6 +64,19 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let hierarchy = hierarchy(&settings)?;
+    info!(
+        layout = hierarchy.layout.name(),
+        base = %hierarchy.base_display().display(),
+        "cgroup hierarchy ready"
+    );
+    let drivers = Arc::new(Drivers::new(&DriverSettings {
+        state_dir: settings.state_dir.clone(),
+        layout: hierarchy.layout.clone(),
+        rootless_user: settings.rootless_user.clone(),
+        xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
+        kubeconfig: settings.kubeconfig.clone(),
+    }));
     let expected = {
         let h = hierarchy.clone();
         move |n: &crate::workload::WorkloadName| {

@@ -1,53 +1,39 @@
-//! The `device-worker-ng` binary: a thin CLI over the library.
+//! The `device-worker-ng` binary: a thin CLI over the library (definitions in `cli.rs`).
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use cli::{Cli, Command};
 use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG};
-use device_worker_ng::{daemon, logging, status};
-
-/// Exit code of `status` when no agent answers.
-const EXIT_NOT_RUNNING: u8 = 3;
-
-#[derive(Parser)]
-#[command(name = "device-worker-ng", version, about = "Flotta edge device agent")]
-struct Cli {
-    /// YAML configuration file (keys as in the README; each also as EDGE_DEVICE_<KEY>).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Override a configuration key (highest precedence); repeatable.
-    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent (the daemon).
-    Run,
-    /// Rejoin a device the server disconnected: it forgets the disconnect, its certificate,
-    /// configuration and undelivered events, and enrols afresh.
-    Reset {
-        /// Control socket of the running agent (default: CONTROL_SOCKET).
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-    },
-    /// Show the running agent's state.
-    Status {
-        /// Print the snapshot as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Control socket to ask (default: CONTROL_SOCKET from the configuration).
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-    },
-}
+use device_worker_ng::status::socket::SocketError;
+use device_worker_ng::status::{self, Health};
+use device_worker_ng::{daemon, logging};
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("device-worker-ng: {e}");
     ExitCode::from(EXIT_CONFIG as u8)
+}
+
+/// The exit status of a failed request on the control socket.
+fn socket_error(e: SocketError) -> ExitCode {
+    eprintln!("device-worker-ng: {e}");
+    match e {
+        SocketError::NotRunning { .. } => ExitCode::from(status::EXIT_NOT_RUNNING),
+        _ => ExitCode::from(status::EXIT_UNKNOWN),
+    }
+}
+
+/// `--socket`, else CONTROL_SOCKET of the configuration.
+fn control_socket(socket: Option<PathBuf>, inputs: &Inputs) -> Result<PathBuf, ExitCode> {
+    match socket {
+        Some(p) => Ok(p),
+        None => Settings::load(inputs)
+            .map(|s| s.control_socket)
+            .map_err(config_error),
+    }
 }
 
 fn main() -> ExitCode {
@@ -60,61 +46,25 @@ fn main() -> ExitCode {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
     }
     let cli = Cli::parse();
-    let inputs = Inputs::from_process(cli.config.clone(), cli.set.clone());
-    match cli.command {
-        Command::Run => {
-            let settings = match Settings::load(&inputs) {
-                Ok(s) => s,
-                Err(e) => return config_error(e),
-            };
-            if let Err(e) = settings.prepare_paths() {
-                return config_error(e);
-            }
-            logging::init(settings.log_level);
-            match daemon::run(settings, inputs) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e @ daemon::DaemonError::Config(_)) => {
-                    tracing::error!("{e}");
-                    config_error(e)
-                }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("device-worker-ng: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+    let mut flags = Vec::new();
+    // Before the --set flags: an explicit --set LOG_LEVEL still wins.
+    if let Some(level) = &cli.log_level {
+        flags.push(format!("LOG_LEVEL={level}"));
+    }
+    flags.extend(cli.set.iter().cloned());
+    let inputs = Inputs::from_process(cli.config.clone(), flags);
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(inputs),
         Command::Reset { socket } => {
-            let path = match socket {
-                Some(p) => p,
-                None => match Settings::load(&inputs) {
-                    Ok(s) => s.control_socket,
-                    Err(e) => return config_error(e),
-                },
-            };
-            match status::socket::request_reset(&path) {
+            control_socket(socket, &inputs).map(|path| match status::socket::request_reset(&path) {
                 Ok(answer) => {
                     println!("{answer}");
                     ExitCode::SUCCESS
                 }
-                Err(e @ status::socket::SocketError::NotRunning { .. }) => {
-                    eprintln!("device-worker-ng: {e}");
-                    ExitCode::from(EXIT_NOT_RUNNING)
-                }
-                Err(e) => {
-                    eprintln!("device-worker-ng: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+                Err(e) => socket_error(e),
+            })
         }
-        Command::Status { json, socket } => {
-            let path = match socket {
-                Some(p) => p,
-                None => match Settings::load(&inputs) {
-                    Ok(s) => s.control_socket,
-                    Err(e) => return config_error(e),
-                },
-            };
+        Command::Status { json, socket } => control_socket(socket, &inputs).map(|path| {
             match status::socket::request_status(&path) {
                 Ok((snap, raw)) => {
                     if json {
@@ -124,15 +74,53 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e @ status::socket::SocketError::NotRunning { .. }) => {
-                    eprintln!("device-worker-ng: {e}");
-                    ExitCode::from(EXIT_NOT_RUNNING)
-                }
-                Err(e) => {
-                    eprintln!("device-worker-ng: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => socket_error(e),
             }
+        }),
+        Command::Check { socket, quiet } => control_socket(socket, &inputs).map(|path| {
+            match status::socket::request_status(&path) {
+                Ok((snap, _)) => {
+                    let health = Health::of(&snap);
+                    if !quiet {
+                        println!("{}", health.line(&snap));
+                    }
+                    ExitCode::from(health.exit_code())
+                }
+                Err(e) if quiet => match e {
+                    SocketError::NotRunning { .. } => ExitCode::from(status::EXIT_NOT_RUNNING),
+                    _ => ExitCode::from(status::EXIT_UNKNOWN),
+                },
+                Err(e) => socket_error(e),
+            }
+        }),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+fn run(inputs: Inputs) -> Result<ExitCode, ExitCode> {
+    let settings = Settings::load(&inputs).map_err(config_error)?;
+    settings.prepare_paths().map_err(config_error)?;
+    logging::init(settings.log_level);
+    match settings.files.as_slice() {
+        [] => tracing::info!(
+            "no configuration file: defaults, EDGE_DEVICE_* variables and --set flags only"
+        ),
+        files => {
+            let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            tracing::info!("configuration read from {}", list.join(", "))
         }
     }
+    tracing::info!(version = cli::VERSION, "starting");
+    Ok(match daemon::run(settings, inputs) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ daemon::DaemonError::Config(_)) => {
+            tracing::error!("{e}");
+            config_error(e)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("device-worker-ng: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }

@@ -27,33 +27,57 @@ fn split_number(s: &str) -> (&str, &str) {
     (&s[..end], &s[end..])
 }
 
-/// Memory in bytes from a Kubernetes quantity: `128974848`, `129e6`, `129M`, `123Mi`, `1.5Gi`.
-pub fn parse_memory(input: &str) -> Result<u64, UnitError> {
-    const WHAT: &str = "memory quantity (e.g. 64Mi, 1Gi, 500M)";
-    let s = input.trim();
+/// A Kubernetes decimal exponent (`e6`, `E-3`), as in `129e6`: Kubernetes' own example of a
+/// memory quantity. `None` when `suffix` is not one (`E` alone is the exa suffix).
+fn decimal_exponent(suffix: &str) -> Option<i32> {
+    let digits = suffix.strip_prefix(['e', 'E'])?;
+    let unsigned = digits.strip_prefix(['+', '-']).unwrap_or(digits);
+    if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Anything past ±30 over- or underflows every quantity the agent reads.
+    digits.parse::<i32>().ok().map(|e| e.clamp(-30, 30))
+}
+
+/// The number of a quantity: `(value, suffix)` with a decimal exponent already applied.
+fn quantity<'a>(input: &str, s: &'a str, what: &'static str) -> Result<(f64, &'a str), UnitError> {
     let (num, suffix) = split_number(s);
     if num.is_empty() {
-        return Err(err(input, WHAT, "it does not start with a number"));
+        return Err(err(input, what, "it does not start with a number"));
     }
     let value: f64 = num
         .parse()
-        .map_err(|_| err(input, WHAT, "the number is malformed"))?;
+        .map_err(|_| err(input, what, "the number is malformed"))?;
+    Ok(match decimal_exponent(suffix) {
+        Some(e) => (value * 10f64.powi(e), ""),
+        None => (value, suffix),
+    })
+}
+
+/// Memory in bytes from a Kubernetes quantity: `128974848`, `129e6`, `129M`, `123Mi`, `1.5Gi`.
+pub fn parse_memory(input: &str) -> Result<u64, UnitError> {
+    const WHAT: &str = "memory quantity (e.g. 64Mi, 1Gi, 500M, 129e6)";
+    let (value, suffix) = quantity(input, input.trim(), WHAT)?;
     let mult: f64 = match suffix {
         "" => 1.0,
         "k" | "K" => 1e3,
         "M" => 1e6,
         "G" => 1e9,
         "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
         "Ki" => 1024.0,
         "Mi" => 1024.0 * 1024.0,
         "Gi" => 1024.0 * 1024.0 * 1024.0,
         "Ti" => 1024.0f64.powi(4),
+        "Pi" => 1024.0f64.powi(5),
+        "Ei" => 1024.0f64.powi(6),
         "m" => return Err(err(input, WHAT, "millibytes make no sense for memory")),
         _ => {
             return Err(err(
                 input,
                 WHAT,
-                "unknown unit (use Ki, Mi, Gi, Ti, k, M, G, T)",
+                "unknown unit (use Ki, Mi, Gi, Ti, k, M, G, T, or an exponent like e6)",
             ))
         }
     };
@@ -64,17 +88,10 @@ pub fn parse_memory(input: &str) -> Result<u64, UnitError> {
     Ok(bytes.round() as u64)
 }
 
-/// CPU in millicores from a Kubernetes quantity: `250m`, `0.5`, `2`.
+/// CPU in millicores from a Kubernetes quantity: `250m`, `0.5`, `2`, `5e-1`.
 pub fn parse_cpu(input: &str) -> Result<u64, UnitError> {
     const WHAT: &str = "cpu quantity (e.g. 250m, 0.5, 2)";
-    let s = input.trim();
-    let (num, suffix) = split_number(s);
-    if num.is_empty() {
-        return Err(err(input, WHAT, "it does not start with a number"));
-    }
-    let value: f64 = num
-        .parse()
-        .map_err(|_| err(input, WHAT, "the number is malformed"))?;
+    let (value, suffix) = quantity(input, input.trim(), WHAT)?;
     let millis = match suffix {
         "m" => value,
         "" => value * 1000.0,
@@ -92,24 +109,42 @@ pub fn parse_cpu(input: &str) -> Result<u64, UnitError> {
     Ok(millis.round() as u64)
 }
 
-/// A duration: `250ms`, `1s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
+/// A duration: `250ms`, `1s`, `1.5s`, `2m`, `1h`, compounds like `1m30s` or `1h15m` (as Go
+/// and systemd write them), or a bare number of seconds.
 pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
-    const WHAT: &str = "duration (e.g. 500ms, 1s, 2m, 1h)";
-    let s = input.trim();
-    let (num, suffix) = split_number(s);
-    if num.is_empty() {
+    const WHAT: &str = "duration (e.g. 500ms, 1s, 2m, 1m30s, 1h)";
+    let mut rest = input.trim();
+    if rest.is_empty() {
         return Err(err(input, WHAT, "it does not start with a number"));
     }
-    let value: f64 = num
-        .parse()
-        .map_err(|_| err(input, WHAT, "the number is malformed"))?;
-    let secs = match suffix {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(err(input, WHAT, "unknown unit (use ms, s, m, h)")),
-    };
+    let mut secs = 0.0;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let (num, after) = split_number(rest);
+        if num.is_empty() {
+            return Err(err(input, WHAT, "it does not start with a number"));
+        }
+        let value: f64 = num
+            .parse()
+            .map_err(|_| err(input, WHAT, "the number is malformed"))?;
+        let unit_len = after
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after.len());
+        let (unit, tail) = after.split_at(unit_len);
+        let scale = match unit {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            // A bare number means seconds, but only on its own: `1m30` is a typo.
+            "" if parts == 0 && tail.is_empty() => 1.0,
+            "" => return Err(err(input, WHAT, "every part of a compound needs its unit")),
+            _ => return Err(err(input, WHAT, "unknown unit (use ms, s, m, h)")),
+        };
+        secs += value * scale;
+        parts += 1;
+        rest = tail;
+    }
     if !secs.is_finite() || secs > 1e9 {
         return Err(err(input, WHAT, "it is too large"));
     }
@@ -153,6 +188,20 @@ mod tests {
     }
 
     #[test]
+    fn quantities_with_decimal_exponents() {
+        // Kubernetes' own example: 129e6 = 129M = 129000000 bytes.
+        assert_eq!(parse_memory("129e6"), Ok(129_000_000));
+        assert_eq!(parse_memory("129E6"), Ok(129_000_000));
+        assert_eq!(parse_memory("1.5e3"), Ok(1500));
+        assert_eq!(parse_memory("1E"), Ok(1_000_000_000_000_000_000));
+        assert_eq!(parse_cpu("5e-1"), Ok(500));
+        assert_eq!(parse_cpu("2e0"), Ok(2000));
+        assert!(parse_memory("129e").is_err());
+        assert!(parse_memory("129e6Mi").is_err());
+        assert!(parse_memory("1e400").is_err(), "too large, not infinite");
+    }
+
+    #[test]
     fn cpu_quantities() {
         assert_eq!(parse_cpu("250m"), Ok(250));
         assert_eq!(parse_cpu("0.5"), Ok(500));
@@ -169,6 +218,18 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("1d").is_err());
+    }
+
+    #[test]
+    fn compound_durations() {
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h15m"), Ok(Duration::from_secs(4500)));
+        assert_eq!(parse_duration("2s500ms"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("1m30").is_err(), "a part without its unit");
+        assert!(parse_duration("30s1x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("m").is_err());
     }
 
     #[test]

@@ -97,52 +97,8 @@ pub fn check_depth(text: &str, limit: usize) -> Result<(), YamlError> {
         if depth_here + flow > limit {
             return Err(too_deep(n));
         }
-        // A quote opens a quoted scalar only where a node starts (line start, after an entry
-        // marker, `: `, or a flow `[`, `{`, `,`); elsewhere it is part of a plain scalar. A
-        // comment is recognised only outside flow collections: inside them every bracket
-        // counts, so a misread never hides nesting (it can only overcount).
-        let mut expect_node = quote.is_none();
-        let mut prev = b' ';
-        while i < bytes.len() {
-            let b = bytes[i];
-            match quote {
-                Some(q) => {
-                    if b == b'\\' && q == b'"' {
-                        i += 1;
-                    } else if b == q {
-                        if q == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
-                            i += 1;
-                        } else {
-                            quote = None;
-                        }
-                    }
-                }
-                None => match b {
-                    b' ' | b'\t' | b'\r' => {
-                        if prev == b':' {
-                            expect_node = true;
-                        }
-                    }
-                    b'#' if flow == 0 && (prev == b' ' || prev == b'\t') => break,
-                    b'"' | b'\'' if expect_node => quote = Some(b),
-                    b'[' | b'{' => {
-                        flow += 1;
-                        if depth_here + flow > limit {
-                            return Err(too_deep(n));
-                        }
-                        expect_node = true;
-                    }
-                    b',' if flow > 0 => expect_node = true,
-                    b']' | b'}' => {
-                        flow = flow.saturating_sub(1);
-                        expect_node = false;
-                    }
-                    _ => expect_node = false,
-                },
-            }
-            prev = b;
-            i += 1;
-        }
+        let i = scan_line(bytes, i, depth_here, &mut flow, &mut quote, limit)
+            .map_err(|()| too_deep(n))?;
         // `key: |`, `- >-`, `key: |2`: the following more-indented lines are text.
         if quote.is_none() && flow == 0 {
             let t = line[..i.min(line.len())].trim_end();
@@ -156,6 +112,66 @@ pub fn check_depth(text: &str, limit: usize) -> Result<(), YamlError> {
         }
     }
     Ok(())
+}
+
+/// Scans one line's content from byte `i` for quotes, flow brackets and a comment, carrying
+/// the open quote and flow depth across lines. Returns where the content ends (a comment or
+/// the line's end); `Err` when a bracket nests deeper than `limit`.
+fn scan_line(
+    bytes: &[u8],
+    mut i: usize,
+    depth_here: usize,
+    flow: &mut usize,
+    quote: &mut Option<u8>,
+    limit: usize,
+) -> Result<usize, ()> {
+    // A quote opens a quoted scalar only where a node starts (line start, after an entry
+    // marker, `: `, or a flow `[`, `{`, `,`); elsewhere it is part of a plain scalar. A
+    // comment is recognised only outside flow collections: inside them every bracket
+    // counts, so a misread never hides nesting (it can only overcount).
+    let mut expect_node = quote.is_none();
+    let mut prev = b' ';
+    while i < bytes.len() {
+        let b = bytes[i];
+        match *quote {
+            Some(q) => {
+                if b == b'\\' && q == b'"' {
+                    i += 1;
+                } else if b == q {
+                    if q == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
+                        i += 1;
+                    } else {
+                        *quote = None;
+                    }
+                }
+            }
+            None => match b {
+                b' ' | b'\t' | b'\r' => {
+                    if prev == b':' {
+                        expect_node = true;
+                    }
+                }
+                b'#' if *flow == 0 && (prev == b' ' || prev == b'\t') => break,
+                b'"' | b'\'' if expect_node => *quote = Some(b),
+                b'[' | b'{' => {
+                    *flow += 1;
+                    if depth_here + *flow > limit {
+                        return Err(());
+                    }
+                    expect_node = true;
+                }
+                b',' if *flow > 0 => expect_node = true,
+                b']' | b'}' => {
+                    *flow = flow.saturating_sub(1);
+                    expect_node = false;
+                }
+                _ => expect_node = false,
+            },
+        }
+        prev = b;
+        i += 1;
+    }
+    Ok(i)
 }
 
 #[cfg(test)]

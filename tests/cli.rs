@@ -2,9 +2,11 @@
 
 use std::process::Command;
 
-use dwng_test_support::harness::{self, test};
+use dwng_test_support::harness::{self, test, Need};
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
+/// The identity test makes its certificates the way operators do.
+const OPENSSL: harness::Needs = &[Need::tool("openssl", "openssl")];
 
 fn main() {
     harness::main(&[
@@ -18,6 +20,11 @@ fn main() {
             "status_without_an_agent_says_so",
             &[],
             status_without_an_agent_says_so,
+        ),
+        test(
+            "bootstrap_identity_that_can_never_work_exits_78_with_its_reason",
+            OPENSSL,
+            bootstrap_identity_that_can_never_work_exits_78_with_its_reason,
         ),
     ])
 }
@@ -39,10 +46,27 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 fn version() {
     let (code, out, _) = run(&["--version"], &[]);
     assert_eq!(code, 0);
-    assert_eq!(
-        out.trim(),
-        format!("device-worker-ng {}", env!("CARGO_PKG_VERSION"))
-    );
+    // Built from a git checkout (as the tests are): the commit is part of the version.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = match head {
+        Some(c) => format!(
+            "device-worker-ng {} (commit {c})",
+            env!("CARGO_PKG_VERSION")
+        ),
+        None => format!("device-worker-ng {}", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(out.trim(), want);
+    // --help points to documentation the package installs, not to the README.
+    let (code, out, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("man device-worker-ng"), "{out}");
+    assert!(!out.contains("README"), "{out}");
 }
 
 fn configuration_errors_exit_78_with_one_line() {
@@ -93,7 +117,148 @@ fn status_without_an_agent_says_so() {
     let (code, out, err) = run(&["status", "--socket", sock.to_str().unwrap()], &[]);
     assert_eq!(code, 3);
     assert!(out.is_empty());
-    assert!(err.contains("not running"), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "device-worker-ng: not running: nothing answers on {} (no such file or directory)",
+            sock.display()
+        )
+    );
     let env = [("EDGE_DEVICE_CONTROL_SOCKET", sock.to_str().unwrap())];
     assert_eq!(run(&["status", "--json"], &env).0, 3);
+    // The health check says the same with its exit status, and nothing with --quiet.
+    let (code, out, err) = run(&["check"], &env);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("not running"), "{err}");
+    let (code, out, err) = run(&["check", "--quiet"], &env);
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "", ""));
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A P-256 key and a CSR for CN=register, in `dir` as NAME.key / NAME.csr.
+fn key_and_csr(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            "/CN=register",
+        ],
+    );
+}
+
+/// A CA as NAME.pem / NAME.key.
+fn ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-subj",
+            "/O=flotta-operator",
+            "-days",
+            "30",
+        ],
+    );
+}
+
+/// Signs NAME.csr with CA into NAME.pem; `v3` adds extensions (plain `x509 -req` makes v1).
+fn sign(dir: &std::path::Path, name: &str, ca: &str, v3: bool) {
+    let (csr, pem, ca_pem, ca_key) = (
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{ca}.pem"),
+        format!("{ca}.key"),
+    );
+    let mut args = vec![
+        "x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-out", &pem, "-days", "30",
+    ];
+    if v3 {
+        std::fs::write(dir.join("ext.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+        args.extend(["-extfile", "ext.cnf"]);
+    }
+    openssl(dir, &args);
+}
+
+fn bootstrap_identity_that_can_never_work_exits_78_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "ca");
+    ca(d, "other-ca");
+    key_and_csr(d, "v1");
+    sign(d, "v1", "ca", false);
+    key_and_csr(d, "good");
+    sign(d, "good", "ca", true);
+    key_and_csr(d, "stranger");
+    sign(d, "stranger", "other-ca", true);
+    std::fs::write(
+        d.join("garbage.pem"),
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    // (CERT, KEY, what the one line must say)
+    let cases = [
+        ("v1.pem", "v1.key", "is an X.509 v1 certificate"),
+        ("garbage.pem", "good.key", "is not a PEM certificate"),
+        ("good.pem", "v1.key", "is not the key of"),
+        ("stranger.pem", "stranger.key", "is not signed by CA_ROOT"),
+    ];
+    for (cert, key, reason) in cases {
+        let env = [
+            ("EDGE_DEVICE_SERVER", "https://127.0.0.1:9".to_string()),
+            ("EDGE_DEVICE_CA_ROOT", p("ca.pem")),
+            ("EDGE_DEVICE_CERT", p(cert)),
+            ("EDGE_DEVICE_KEY", p(key)),
+            ("EDGE_DEVICE_DEVICE_ID", "edge-identity".into()),
+            ("EDGE_DEVICE_STATE_DIR", p("state")),
+            ("EDGE_DEVICE_CONTROL_SOCKET", p("control.sock")),
+            (
+                "EDGE_DEVICE_CGROUP_ROOT",
+                "device-worker-ng-test-identity".into(),
+            ),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (code, _, err) = run(&["run", "--log-level", "error"], &env);
+        assert_eq!(code, 78, "{cert}/{key}: {err}");
+        assert!(err.contains(reason), "{cert}/{key}: {err}");
+        assert!(err.contains(&p(cert)) || err.contains(&p(key)), "{err}");
+        let ours: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("device-worker-ng:"))
+            .collect();
+        assert_eq!(ours.len(), 1, "one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }

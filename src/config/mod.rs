@@ -1,7 +1,9 @@
 //! Settings: one place that reads the YAML file, `EDGE_DEVICE_*` variables and `--set` flags,
 //! validates every key, and says exactly which key (and from where) is wrong.
 //!
-//! Precedence: flag > environment > file > default.
+//! Precedence: flag > environment > drop-ins > file > default. The file is `--config`, else
+//! [`DEFAULT_CONFIG_FILE`] when it exists; the drop-ins are `config.d/*.yaml` beside it, in
+//! lexical order (image builders add settings without editing the packaged conffile).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,6 +17,12 @@ use crate::units;
 pub const EXIT_CONFIG: i32 = 78;
 
 pub const ENV_PREFIX: &str = "EDGE_DEVICE_";
+
+/// The packaged configuration file: read when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/device-worker-ng/config.yaml";
+
+/// The directory of drop-ins, beside the configuration file.
+pub const DROPIN_DIR: &str = "config.d";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -31,6 +39,7 @@ enum Kind {
     DeviceId,
     Fraction,
     IdRange,
+    ProxyUrl,
 }
 
 impl Kind {
@@ -50,6 +59,7 @@ impl Kind {
             Kind::IdRange => {
                 "a range of ids like 524288-589823 (at least 1000 ids, none below 1000)"
             }
+            Kind::ProxyUrl => "an http:// proxy URL like http://proxy.example:3128",
         }
     }
 }
@@ -279,6 +289,24 @@ pub const KEYS: &[KeySpec] = &[
         Some("0.9"),
         "fraction of the budget usage must fall under before evicted workloads may return"
     ),
+    key!(
+        "HTTPS_PROXY",
+        ProxyUrl,
+        None,
+        "HTTP proxy (CONNECT) to reach SERVER through, e.g. http://proxy.example:3128; the process environment's proxy variables are never used"
+    ),
+    key!(
+        "NO_PROXY",
+        Text,
+        None,
+        "comma-separated hosts and domains (.example.com) reached without HTTPS_PROXY"
+    ),
+    key!(
+        "METRICS_TEXTFILE",
+        Path,
+        None,
+        "file the agent rewrites each sample with its metrics in Prometheus text format (for node_exporter's textfile collector); unset = none"
+    ),
 ];
 
 /// Where a value came from, for error messages.
@@ -388,6 +416,11 @@ pub struct Settings {
     pub budget_window: Duration,
     pub budget_hold: Duration,
     pub budget_low_watermark: f64,
+    pub https_proxy: Option<String>,
+    pub no_proxy: Vec<String>,
+    pub metrics_textfile: Option<PathBuf>,
+    /// The configuration files read, in the order applied (the file, then its drop-ins).
+    pub files: Vec<PathBuf>,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -395,14 +428,20 @@ pub struct Settings {
 /// The raw inputs to [`Settings::load`], so tests can pass an environment of their own.
 #[derive(Debug, Default, Clone)]
 pub struct Inputs {
+    /// The configuration file (its drop-ins are read beside it).
     pub file: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub flags: Vec<String>,
 }
 
 impl Inputs {
-    /// The process environment's `EDGE_DEVICE_*` variables.
+    /// The process environment's `EDGE_DEVICE_*` variables; without `--config`, the packaged
+    /// file if it exists.
     pub fn from_process(file: Option<PathBuf>, flags: Vec<String>) -> Self {
+        let file = file.or_else(|| {
+            let default = Path::new(DEFAULT_CONFIG_FILE);
+            default.exists().then(|| default.to_path_buf())
+        });
         let env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -466,6 +505,50 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         out.push((key, value));
     }
     Ok(out)
+}
+
+/// Largest number of drop-ins read: a runaway directory is an error, not minutes of parsing.
+const MAX_DROPINS: usize = 256;
+
+/// `config.d/*.yaml` beside `file`, in lexical order of their names; none when the directory
+/// does not exist.
+pub fn dropins(file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = file
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(DROPIN_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ConfigError::File {
+                path: dir,
+                why: io_why(&e),
+            })
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ConfigError::File {
+            path: dir.clone(),
+            why: io_why(&e),
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Editors' and dpkg's leftovers (.swp, .dpkg-old) do not end in .yaml; hidden files
+        // are nobody's drop-in.
+        if name.ends_with(".yaml") && !name.starts_with('.') {
+            files.push(entry.path());
+        }
+    }
+    if files.len() > MAX_DROPINS {
+        return Err(ConfigError::File {
+            path: dir,
+            why: format!("more than {MAX_DROPINS} drop-ins"),
+        });
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn describe_yaml(v: &serde_yaml_ng::Value) -> &'static str {
@@ -559,6 +642,23 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Range(lo, hi)
         }
+        Kind::ProxyUrl => {
+            let t = raw.trim();
+            let rest = t
+                .get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("http://"))
+                .map(|_| &t[7..])
+                .ok_or_else(wrong)?;
+            let authority = rest.trim_end_matches('/');
+            let host_port = authority.rsplit('@').next().unwrap_or_default();
+            if host_port.is_empty()
+                || authority.contains(['/', '?', '#'])
+                || host_port.chars().any(char::is_whitespace)
+            {
+                return Err(wrong());
+            }
+            Value::Text(format!("http://{authority}"))
+        }
         Kind::Fraction => {
             let t = raw.trim();
             let v = match t.strip_suffix('%') {
@@ -598,7 +698,12 @@ impl Settings {
                 raw.insert(spec.name, (d.to_string(), Source::Default));
             }
         }
+        let mut files = Vec::new();
         if let Some(path) = &inputs.file {
+            files.push(path.clone());
+            files.extend(dropins(path)?);
+        }
+        for path in &files {
             for (key, value) in read_file(path)? {
                 let source = Source::File(path.clone());
                 let Some(spec) = spec(&key) else {
@@ -684,6 +789,18 @@ impl Settings {
             budget_window: take.duration("BUDGET_WINDOW"),
             budget_hold: take.duration("BUDGET_HOLD"),
             budget_low_watermark: take.fraction("BUDGET_LOW_WATERMARK"),
+            https_proxy: take.text("HTTPS_PROXY"),
+            no_proxy: take
+                .text("NO_PROXY")
+                .map(|list| {
+                    list.split(',')
+                        .map(|h| h.trim().to_ascii_lowercase())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            metrics_textfile: take.path("METRICS_TEXTFILE"),
+            files,
             sources,
         })
     }
@@ -723,6 +840,16 @@ impl Settings {
                     format!("cannot create its directory: {}", io_why(&e)),
                 )
             })?;
+        }
+        if let Some(p) = &self.metrics_textfile {
+            let dir = p.parent().unwrap_or_else(|| Path::new("/"));
+            if !dir.is_dir() {
+                return Err(path_err(
+                    "METRICS_TEXTFILE",
+                    p,
+                    "its directory does not exist".into(),
+                ));
+            }
         }
         if self.restart_backoff_max < self.restart_backoff_initial {
             return Err(ConfigError::Invalid {

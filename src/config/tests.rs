@@ -243,3 +243,111 @@ fn readme_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn exponents_and_compound_durations_are_accepted() {
+    let inputs = Inputs {
+        env: env(&[
+            ("EDGE_DEVICE_RESERVED_MEMORY", "129e6"),
+            ("EDGE_DEVICE_SERVER_OUTAGE_THRESHOLD", "1m30s"),
+        ]),
+        ..Default::default()
+    };
+    let s = Settings::load(&inputs).unwrap();
+    assert_eq!(s.reserved_memory, 129_000_000);
+    assert_eq!(s.server_outage_threshold, Duration::from_secs(90));
+}
+
+#[test]
+fn dropins_apply_in_lexical_order_after_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("config.yaml");
+    std::fs::write(
+        &main,
+        "LOG_LEVEL: warn\nNAMESPACE: main\nSTATE_DIR: /from/main\n",
+    )
+    .unwrap();
+    let d = dir.path().join(DROPIN_DIR);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("20-late.yaml"), "NAMESPACE: late\n").unwrap();
+    std::fs::write(
+        d.join("10-early.yaml"),
+        "NAMESPACE: early\nLOG_LEVEL: debug\n",
+    )
+    .unwrap();
+    // Not drop-ins: another extension, a hidden file.
+    std::fs::write(d.join("30-off.yaml.dpkg-old"), "NAMESPACE: old\n").unwrap();
+    std::fs::write(d.join(".99-hidden.yaml"), "NAMESPACE: hidden\n").unwrap();
+    let inputs = Inputs {
+        file: Some(main.clone()),
+        env: env(&[("EDGE_DEVICE_STATE_DIR", "/from/env")]),
+        ..Default::default()
+    };
+    let s = Settings::load(&inputs).unwrap();
+    assert_eq!(s.namespace, "late");
+    assert_eq!(s.log_level, LogLevel::Debug);
+    assert_eq!(
+        s.state_dir,
+        PathBuf::from("/from/env"),
+        "env beats drop-ins"
+    );
+    assert_eq!(
+        s.files,
+        vec![main, d.join("10-early.yaml"), d.join("20-late.yaml")]
+    );
+    assert_eq!(s.sources["NAMESPACE"], Source::File(d.join("20-late.yaml")));
+}
+
+#[test]
+fn a_bad_dropin_is_named_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("config.yaml");
+    std::fs::write(&main, "LOG_LEVEL: info\n").unwrap();
+    let d = dir.path().join(DROPIN_DIR);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("10-ok.yaml"), "NAMESPACE: x\n").unwrap();
+    std::fs::write(d.join("50-bad.yaml"), "SAMPLE_INTERVAL: often\n").unwrap();
+    let inputs = Inputs {
+        file: Some(main),
+        ..Default::default()
+    };
+    let msg = Settings::load(&inputs).unwrap_err().to_string();
+    assert!(msg.contains("SAMPLE_INTERVAL"), "{msg}");
+    assert!(msg.contains("50-bad.yaml"), "{msg}");
+    std::fs::write(d.join("50-bad.yaml"), "SAMPLE_INTERVALL: 1s\n").unwrap();
+    let msg = Settings::load(&inputs).unwrap_err().to_string();
+    assert!(
+        msg.contains("SAMPLE_INTERVALL") && msg.contains("50-bad.yaml"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn proxy_settings() {
+    let ok = |v: &str| {
+        Settings::load(&Inputs {
+            env: env(&[
+                ("EDGE_DEVICE_HTTPS_PROXY", v),
+                ("EDGE_DEVICE_NO_PROXY", " Internal.example, .lan ,,"),
+            ]),
+            ..Default::default()
+        })
+    };
+    let s = ok("http://proxy.example:3128/").unwrap();
+    assert_eq!(s.https_proxy.as_deref(), Some("http://proxy.example:3128"));
+    assert_eq!(s.no_proxy, vec!["internal.example", ".lan"]);
+    assert!(ok("HTTP://user:pw@proxy:8080").is_ok());
+    for bad in [
+        "proxy:3128",
+        "https://proxy:3128",
+        "socks5://p:1080",
+        "http://",
+        "http://p/x",
+    ] {
+        let e = ok(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("HTTPS_PROXY") && e.contains("http:// proxy URL"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -79,6 +79,11 @@ pub enum Write {
     CapWorkloads(Limits),
     /// Make the desired state's secrets podman secrets (pods read them at creation).
     SyncSecrets(Arc<Vec<DesiredSecret>>),
+    /// METRICS_TEXTFILE, rendered from the snapshot (off the controller task).
+    Metrics {
+        path: PathBuf,
+        snapshot: Box<crate::status::Snapshot>,
+    },
 }
 
 /// What a finished write was about: enough to act on its result, without carrying (and
@@ -115,12 +120,16 @@ impl Write {
             Write::ForgetServerState => "forgetting the server state".into(),
             Write::CapWorkloads(_) => "the cap on all workloads".into(),
             Write::SyncSecrets(_) => "the podman secrets".into(),
+            Write::Metrics { path, .. } => format!("METRICS_TEXTFILE {}", path.display()),
         }
     }
 
     /// Writes to STATE_DIR (their failure is a storage problem).
     pub fn is_state_dir(&self) -> bool {
-        !matches!(self, Write::CapWorkloads(_) | Write::SyncSecrets(_))
+        !matches!(
+            self,
+            Write::CapWorkloads(_) | Write::SyncSecrets(_) | Write::Metrics { .. }
+        )
     }
 }
 
@@ -173,6 +182,10 @@ pub enum Effect {
     },
     /// sd_notify (READY, STATUS, WATCHDOG).
     Notify(String),
+    /// The desired k8s workloads (name, rendered manifest) changed, or the first desired
+    /// state was applied: tell the k8s driver at once, then prune the cluster of what no
+    /// desired workload explains (on the cluster lane).
+    PruneK8s(Vec<(String, String)>),
 }
 
 /// The world as the controller sees it.
@@ -183,7 +196,7 @@ pub trait Effects {
 /// A blocking operation queued on a lane.
 pub type LaneOp = Box<dyn FnOnce() + Send>;
 
-/// A queue of blocking operations run one at a time, in order, on the blocking pool.
+/// A queue of blocking operations run one at a time, in order, on the agent's pool.
 struct Lane {
     tx: Sender<LaneOp>,
     /// Queued or running operations (a retired lane is dropped once this is 0).
@@ -195,7 +208,8 @@ impl Lane {
         let (tx, rx) = async_channel::unbounded::<LaneOp>();
         smol::spawn(async move {
             while let Ok(op) = rx.recv().await {
-                smol::unblock(op).await;
+                // A panicking operation is logged by the pool; the lane goes on with the next.
+                crate::pool::unblock(op).await;
             }
         })
         .detach();
@@ -233,6 +247,8 @@ pub struct RealEffects {
     watches: HashMap<WorkloadName, smol::Task<()>>,
     store_lane: Lane,
     session_lane: Lane,
+    /// Work on the Kubernetes cluster as a whole (pruning).
+    cluster_lane: Lane,
     sampler: Option<Sender<Vec<Target>>>,
     alerts: crate::alerts::Alerts,
 }
@@ -257,6 +273,7 @@ impl RealEffects {
             watches: HashMap::new(),
             store_lane: Lane::new(),
             session_lane: Lane::new(),
+            cluster_lane: Lane::new(),
             sampler,
         }
     }
@@ -358,6 +375,13 @@ impl RealEffects {
                     Some(p) => p.sync_secrets(s).map_err(|e| e.to_string()),
                     None => Ok(()),
                 },
+                // Readable by the collector, which need not run as root.
+                Write::Metrics { path, snapshot } => crate::store::write_atomic(
+                    path,
+                    crate::metrics::render(snapshot).as_bytes(),
+                    0o644,
+                )
+                .map_err(|e| e.to_string()),
             };
             let _ = tx.send_blocking(Event::Persisted {
                 written: Box::new(w.written()),
@@ -445,6 +469,28 @@ impl Effects for RealEffects {
             Effect::Marks(m) => self.alerts.set_marks(m),
             Effect::WatchOom { name, cgroup } => self.alerts.watch_oom(&name, &cgroup),
             Effect::Notify(state) => crate::notify::notify(&state),
+            Effect::PruneK8s(desired) => {
+                let Some(k8s) = self.drivers.k8s() else {
+                    return;
+                };
+                // Before any start of this desired state is queued: a prune still queued
+                // from an earlier one never deletes what this one wants.
+                k8s.desire(desired);
+                let drivers = self.drivers.clone();
+                self.cluster_lane.push(Box::new(move || {
+                    let Some(k8s) = drivers.k8s() else { return };
+                    match k8s.prune() {
+                        Ok(removed) if !removed.is_empty() => {
+                            tracing::info!(
+                                "pruned Deployments no workload wants: {}",
+                                removed.join(", ")
+                            )
+                        }
+                        Ok(_) | Err(crate::drivers::k8s::K8sError::NotConfigured) => {}
+                        Err(e) => tracing::warn!("pruning the Kubernetes cluster: {e}"),
+                    }
+                }));
+            }
         }
     }
 }

@@ -223,6 +223,8 @@ pub struct History {
     pub transitions: VecDeque<TransitionInfo>,
     /// The longest single event handling since start, and its event kind.
     pub longest_handler: (Duration, &'static str),
+    /// Workload transitions into `evicted` since start (for the metrics).
+    pub evictions: u64,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -230,6 +232,9 @@ const MAX_TRANSITIONS: usize = 100;
 impl History {
     pub fn record(&mut self, machine: &str, t: &Transition) {
         info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
+        if t.to == "evicted" && machine.starts_with("workload/") {
+            self.evictions += 1;
+        }
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }
@@ -252,6 +257,9 @@ pub struct Controller<E: Effects> {
     queue: VecDeque<Internal>,
     history: History,
     admission_due: bool,
+    /// When METRICS_TEXTFILE was last written (at most once per SAMPLE_INTERVAL, also while
+    /// the sampler runs faster near the budget).
+    metrics_written: Option<Instant>,
 }
 
 /// The parts and what the loop keeps besides them.
@@ -268,8 +276,10 @@ pub struct State {
     sample_gen: Generation,
     started: Instant,
     hierarchy_info: (String, String),
-    /// How many workloads there were when freed memory was last given back to the system.
+    /// The most workloads since freed memory was last given back to the system, and how
+    /// many there were at the previous sample.
     peak_since_trim: usize,
+    workloads_at_last_sample: usize,
 }
 
 /// What the controller is built from.
@@ -308,12 +318,14 @@ impl<E: Effects> Controller<E> {
                 started: Instant::now(),
                 hierarchy_info,
                 peak_since_trim: 0,
+                workloads_at_last_sample: 0,
                 settings,
                 inputs,
             },
             queue: VecDeque::new(),
             history: History::default(),
             admission_due: false,
+            metrics_written: None,
         }
     }
 
@@ -422,7 +434,10 @@ impl<E: Effects> Controller<E> {
                     self.with_cx(|st, cx| st.request_sample(cx));
                 }
             }
-            Event::Sampled(report) => self.dispatch(|st, cx| st.on_sampled(*report, cx)),
+            Event::Sampled(report) => {
+                self.dispatch(|st, cx| st.on_sampled(*report, cx));
+                self.write_metrics();
+            }
             Event::Kernel(alert) => self.with_cx(|st, cx| st.on_alert(alert, cx)),
             Event::Run { name, gen, outcome } => {
                 self.dispatch(|st, cx| st.workloads.on_run(&name, gen, outcome, cx))
@@ -453,6 +468,23 @@ impl<E: Effects> Controller<E> {
             }
         }
         true
+    }
+
+    /// Hands the metrics to the store lane, which renders and writes them (METRICS_TEXTFILE).
+    fn write_metrics(&mut self) {
+        let Some(path) = self.st.settings.metrics_textfile.clone() else {
+            return;
+        };
+        let due = self
+            .metrics_written
+            .map_or(true, |t| t.elapsed() >= self.st.settings.sample_interval);
+        if !due {
+            return;
+        }
+        self.metrics_written = Some(Instant::now());
+        let snapshot = Box::new(self.snapshot());
+        self.fx
+            .run(Effect::Persist(Box::new(Write::Metrics { path, snapshot })));
     }
 
     /// Runs the loop until shutdown.
@@ -616,12 +648,15 @@ impl State {
         }
     }
 
-    /// After many workloads are gone, hands the freed heap back to the system (glibc keeps
-    /// it otherwise, and the agent's RSS would stay at its high-water mark).
+    /// Once workloads have gone and their number has held still for a sample (their stops
+    /// and writes are over), hands the freed heap back to the system: glibc keeps it
+    /// otherwise, and the agent's RSS would stay at its high-water mark.
     fn give_back_memory(&mut self) {
         let n = self.workloads.entries().len();
+        let settled = n == self.workloads_at_last_sample;
+        self.workloads_at_last_sample = n;
         self.peak_since_trim = self.peak_since_trim.max(n);
-        if self.peak_since_trim >= n + 16 {
+        if settled && self.peak_since_trim > n {
             self.peak_since_trim = n;
             #[cfg(target_env = "gnu")]
             // SAFETY: malloc_trim only returns free memory of the allocator to the system.

@@ -392,6 +392,8 @@ impl SessionPart {
             connect_timeout: settings.server_timeout,
             request_timeout: settings.server_timeout,
             max_body_bytes: settings.max_message_size,
+            proxy: settings.https_proxy.clone(),
+            no_proxy: settings.no_proxy.clone(),
             ..ClientOptions::default()
         };
         let machine = session::new_machine(SessionMachine {
@@ -429,8 +431,11 @@ impl SessionPart {
         };
         match s.identity.load()? {
             LoadedIdentity::None => {
-                // Enrolment needs the bootstrap pair: check it now, with a clear error.
-                TlsMaterial::from_paths(&s.bootstrap)?;
+                // Enrolment needs the bootstrap pair: what can never work stops the agent
+                // now with its reason, instead of failing every enrolment with a TLS error.
+                for w in crate::flotta::client::check_bootstrap(&s.bootstrap)? {
+                    warn!("{w}");
+                }
             }
             LoadedIdentity::Current(pair) => s.use_identity(pair)?,
             LoadedIdentity::Unproven { current, .. } => {
@@ -501,6 +506,8 @@ impl SessionPart {
             last_contact_unix: m.last_contact.as_ref().map(|(at, _)| instant_to_unix(*at)),
             last_answer: m.last_contact.as_ref().map(|(_, what)| what.clone()),
             failures: m.failures,
+            last_failure: m.last_failure.as_ref().map(|(_, what)| what.clone()),
+            last_failure_unix: m.last_failure.as_ref().map(|(at, _)| instant_to_unix(*at)),
             next_attempt: self
                 .next_attempt
                 .map(|(t, at)| (format!("{t:?}").to_lowercase(), at)),

@@ -80,7 +80,9 @@ impl<E: Effects> Controller<E> {
         let workloads = workload_rows(st);
         Snapshot {
             agent: AgentInfo {
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: option_env!("DWNG_VERSION")
+                    .unwrap_or(env!("CARGO_PKG_VERSION"))
+                    .into(),
                 pid: std::process::id(),
                 uptime_seconds: st.started.elapsed().as_secs(),
                 cgroup_layout: st.hierarchy_info.0.clone(),
@@ -93,8 +95,11 @@ impl<E: Effects> Controller<E> {
                     .map(|p| p.display().to_string()),
                 server: st.settings.server.clone(),
                 rss_bytes: crate::drivers::process::rss_bytes(std::process::id() as i32),
-                longest_handler_ms: self.history.longest_handler.0.as_secs_f64() * 1000.0,
+                // Microseconds are the precision worth showing (JSON showed 15 digits).
+                longest_handler_ms: (self.history.longest_handler.0.as_secs_f64() * 1e6).round()
+                    / 1000.0,
                 longest_handler_event: self.history.longest_handler.1.to_string(),
+                evictions_total: self.history.evictions,
             },
             device: DeviceInfo {
                 state: state.into(),

@@ -50,13 +50,25 @@ pub fn signals(tx: Sender<Event>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How long the desired-state file must stay quiet before it is read: an editor that
-/// truncates and then writes, or deletes and recreates, is read once, when it is done.
+/// What a batch of inotify events says about the desired-state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Touch {
+    /// Not about the file.
+    None,
+    /// Changed, maybe not finished (truncated, written to, deleted, created).
+    Busy,
+    /// Complete: renamed into place, or closed by its writer.
+    Done,
+}
+
+/// How long a desired-state file changed in place must stay quiet before it is read: an
+/// editor that truncates and then writes, or deletes and recreates, is read once it is done.
 pub const DESIRED_QUIET: Duration = Duration::from_millis(150);
 
 /// Watches the desired-state file with inotify on the reactor (on its directory, so editors
-/// that replace the file by rename are seen too) and sends `DesiredFileChanged` once the
-/// file has been quiet for [`DESIRED_QUIET`].
+/// that replace the file by rename are seen too) and sends `DesiredFileChanged` as soon as
+/// the file is complete (renamed into place or closed by its writer), or once other changes
+/// have been quiet for [`DESIRED_QUIET`].
 pub fn watch_file(tx: Sender<Event>, path: &Path) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
@@ -93,23 +105,31 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
         }
     };
     smol::spawn(async move {
-        let ours = |i: &Inotify| -> std::io::Result<bool> {
+        let ours = |i: &Inotify| -> std::io::Result<Touch> {
             let events = i.read_events().map_err(std::io::Error::from)?;
+            let done = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE;
             Ok(events
                 .iter()
-                .any(|e| e.name.as_deref() == Some(file.as_os_str())))
+                .filter(|e| e.name.as_deref() == Some(file.as_os_str()))
+                .map(|e| match e.mask.intersects(done) {
+                    true => Touch::Done,
+                    false => Touch::Busy,
+                })
+                .max()
+                .unwrap_or(Touch::None))
         };
         loop {
-            match inotify.read_with(|i| ours(i)).await {
-                Ok(false) => continue,
-                Ok(true) => {}
+            let mut touch = match inotify.read_with(|i| ours(i)).await {
+                Ok(t) => t,
                 Err(e) => {
                     error!("desired-state watcher stopped: {e}");
                     return;
                 }
-            }
-            // Debounce: more events within the quiet time restart the wait.
-            loop {
+            };
+            // A file renamed into place or closed by its writer is complete: read it now.
+            // Anything else (truncated, half written, deleted) waits until it has been quiet
+            // for a while; more events within the quiet time restart the wait.
+            while touch == Touch::Busy {
                 let more = smol::future::or(
                     async { Some(inotify.read_with(|i| ours(i)).await) },
                     async {
@@ -118,16 +138,17 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
                     },
                 )
                 .await;
-                match more {
-                    None => break,
+                touch = match more {
+                    None => Touch::Done,
                     Some(Err(e)) => {
                         error!("desired-state watcher stopped: {e}");
                         return;
                     }
-                    Some(Ok(_)) => continue,
-                }
+                    Some(Ok(Touch::None)) => Touch::Busy,
+                    Some(Ok(t)) => t,
+                };
             }
-            if tx.send(Event::DesiredFileChanged).await.is_err() {
+            if touch == Touch::Done && tx.send(Event::DesiredFileChanged).await.is_err() {
                 return;
             }
         }
@@ -225,5 +246,54 @@ pub fn read_desired(r: &ReadDesired, store: &Store) -> DesiredRead {
         file_error: Some(file_error),
         desired,
         source: "the last accepted desired state (STATE_DIR/desired.json)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next(rx: &async_channel::Receiver<Event>, within: Duration) -> Option<Event> {
+        smol::block_on(smol::future::or(async { rx.recv().await.ok() }, async {
+            smol::Timer::after(within).await;
+            None
+        }))
+    }
+
+    #[test]
+    fn the_watcher_sees_renames_writes_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("desired.yaml");
+        let (tx, rx) = async_channel::unbounded();
+        watch_file(tx, &path);
+        let long = Duration::from_secs(10);
+
+        // Another file in the same directory is not ours.
+        std::fs::write(dir.path().join("other.yaml"), "x").unwrap();
+        assert!(next(&rx, DESIRED_QUIET * 3).is_none());
+
+        // Renamed into place: one event.
+        std::fs::write(dir.path().join("desired.tmp"), "workloads: []").unwrap();
+        std::fs::rename(dir.path().join("desired.tmp"), &path).unwrap();
+        assert!(matches!(next(&rx, long), Some(Event::DesiredFileChanged)));
+
+        // Written in place and closed: read once the writer closes it.
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        assert!(matches!(next(&rx, long), Some(Event::DesiredFileChanged)));
+
+        // Truncated by a writer that keeps it open: read after the quiet time all the same.
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert!(matches!(next(&rx, long), Some(Event::DesiredFileChanged)));
+        drop(held);
+        assert!(matches!(next(&rx, long), Some(Event::DesiredFileChanged)));
+
+        // Deleted: the reader finds it gone and says so.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(next(&rx, long), Some(Event::DesiredFileChanged)));
+        assert!(next(&rx, DESIRED_QUIET * 3).is_none());
     }
 }

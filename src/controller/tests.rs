@@ -706,3 +706,33 @@ fn the_kernel_marks_follow_the_budget_plus_what_the_parent_counts_beyond_the_wor
     h.sample(3000, &[("w", 100 * MI)]);
     assert_eq!(marks(h.take()).len(), 1);
 }
+
+#[test]
+fn the_cluster_is_pruned_at_the_first_desired_state_and_when_its_k8s_workloads_change() {
+    let mut h = Harness::new(&[]);
+    let k8s = |image: &str| {
+        format!("  - name: web\n    kind: k8s\n    specification: |\n      containers: [{{name: a, image: {image}}}]\n")
+    };
+    let prunes = |effects: &[Effect]| -> Vec<Vec<String>> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::PruneK8s(w) => Some(w.iter().map(|(n, _)| n.clone()).collect()),
+                _ => None,
+            })
+            .collect()
+    };
+    h.desired(&[k8s("img:1"), shell("job", "", "", "")]);
+    assert_eq!(prunes(&h.take()), [["web"]], "the first desired state");
+    h.desired(&[k8s("img:1"), shell("job", "", "", "")]);
+    assert!(prunes(&h.take()).is_empty(), "the same again");
+    h.desired(&[k8s("img:1")]);
+    assert!(
+        prunes(&h.take()).is_empty(),
+        "only a shell workload changed"
+    );
+    h.desired(&[k8s("img:2")]);
+    assert_eq!(prunes(&h.take()), [["web"]], "the k8s workload changed");
+    h.desired(&[]);
+    assert_eq!(prunes(&h.take()), [Vec::<String>::new()], "none is desired");
+}

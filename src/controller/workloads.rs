@@ -36,6 +36,23 @@ use crate::workload::{
     WorkloadName, WorkloadSpec,
 };
 
+/// A run's main process: its pid, and its start time in clock ticks since boot, which with
+/// the pid names one process for good (a recycled pid has another start time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MainProcess {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl MainProcess {
+    fn of(s: &Started) -> Option<MainProcess> {
+        s.pid.map(|pid| MainProcess {
+            pid,
+            start_ticks: s.start_ticks,
+        })
+    }
+}
+
 /// Everything the controller holds for one actual workload.
 pub struct Entry {
     /// The spec it runs (or will run); `None` for a run adopted while no valid desired state
@@ -51,8 +68,8 @@ pub struct Entry {
     pub run: Generation,
     retry: Generation,
     cron: Generation,
-    /// Main process (pid, start ticks) of the current run.
-    pub process: Option<(i32, u64)>,
+    /// Main process of the current run.
+    pub process: Option<MainProcess>,
     pub started_at: Option<Instant>,
     started_unix: u64,
     pub oom_baseline: u64,
@@ -159,6 +176,8 @@ pub struct Workloads {
     store: Store,
     stop_timeout: Duration,
     uids: Option<(u32, u32)>,
+    /// The desired k8s workloads (name, manifest) last given to the k8s driver.
+    k8s_desired: Option<Vec<(String, String)>>,
 }
 
 impl Workloads {
@@ -175,6 +194,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            k8s_desired: None,
         }
     }
 
@@ -219,48 +239,12 @@ impl Workloads {
             secrets,
             profiles: _,
         } = v;
-        if secrets != *self.secrets {
-            // Secrets no longer listed are removed now; listed ones are (re)written here and,
-            // to be sure they exist when a pod is created, again by each pod start.
-            let had = !self.secrets.is_empty();
-            self.secrets = Arc::new(secrets);
-            let pods = had
-                || !self.secrets.is_empty()
-                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
-            if pods {
-                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
-            }
-        }
+        self.sync_secrets(secrets, cx);
         // The desired order is the order of arrival (older first among equal priorities).
         let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-        // A workload whose new spec is refused keeps running the last good one.
-        let mut refused = BTreeSet::new();
-        for r in &rejected {
-            let Some(name) = &r.name else { continue };
-            let last_good = self
-                .desired
-                .as_ref()
-                .and_then(|d| d.get(name))
-                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
-            if let Some(good) = last_good {
-                new.insert(name.clone(), good.clone());
-                refused.insert(name.clone());
-                let why = format!("{}: {}", r.error.field, r.error.why);
-                if let Some(e) = self.entries.get_mut(name) {
-                    if e.update_rejected.as_deref() != Some(&why) {
-                        cx.problem(
-                            ProblemKey::Workload(name.to_string()),
-                            Some(format!(
-                                "workload {name}: its new spec is refused ({why}); running the last good one"
-                            )),
-                        );
-                    }
-                    e.update_rejected = Some(why);
-                }
-            }
-        }
+        let refused = self.keep_last_good(&rejected, &mut new, cx);
         for (name, e) in self.entries.iter_mut() {
             if !refused.contains(name) && e.update_rejected.take().is_some() {
                 cx.push(Internal::Converge(name.clone()));
@@ -270,6 +254,17 @@ impl Workloads {
         self.rejected = rejected;
 
         let first = self.desired.is_none();
+        let k8s: Vec<(String, String)> = new
+            .values()
+            .filter(|s| s.kind == WorkloadKind::K8s)
+            .filter_map(|s| Some((s.name.to_string(), s.pod.as_ref()?.manifest.clone())))
+            .collect();
+        // The cluster is pruned at the first desired state and whenever its k8s workloads
+        // change; the same ones again ask nothing of it.
+        if self.k8s_desired.as_ref() != Some(&k8s) {
+            self.k8s_desired = Some(k8s.clone());
+            cx.fx.run(Effect::PruneK8s(k8s));
+        }
         let old = self.desired.replace(new);
         let desired = self.desired.as_ref();
         let gone = old
@@ -301,6 +296,57 @@ impl Workloads {
                 cx.push(Internal::Converge(name.clone()));
             }
         }
+    }
+
+    /// Secrets no longer listed are removed now; listed ones are (re)written here and, to be
+    /// sure they exist when a pod is created, again by each pod start.
+    fn sync_secrets(&mut self, secrets: Vec<DesiredSecret>, cx: &mut Ctx) {
+        if secrets != *self.secrets {
+            let had = !self.secrets.is_empty();
+            self.secrets = Arc::new(secrets);
+            let pods = had
+                || !self.secrets.is_empty()
+                || self.entries.values().any(|e| e.kind == WorkloadKind::Pod);
+            if pods {
+                cx.push(Internal::Persist(Write::SyncSecrets(self.secrets.clone())));
+            }
+        }
+    }
+
+    /// A workload whose new spec is refused keeps running the last good one: puts it back
+    /// into `new` and returns the names so kept.
+    fn keep_last_good(
+        &mut self,
+        rejected: &[Rejection],
+        new: &mut BTreeMap<WorkloadName, WorkloadSpec>,
+        cx: &mut Ctx,
+    ) -> BTreeSet<WorkloadName> {
+        let mut refused = BTreeSet::new();
+        for r in rejected {
+            let Some(name) = &r.name else { continue };
+            let last_good = self
+                .desired
+                .as_ref()
+                .and_then(|d| d.get(name))
+                .or_else(|| self.entries.get(name).and_then(|e| e.spec.as_ref()));
+            if let Some(good) = last_good {
+                new.insert(name.clone(), good.clone());
+                refused.insert(name.clone());
+                let why = format!("{}: {}", r.error.field, r.error.why);
+                if let Some(e) = self.entries.get_mut(name) {
+                    if e.update_rejected.as_deref() != Some(&why) {
+                        cx.problem(
+                        ProblemKey::Workload(name.to_string()),
+                        Some(format!(
+                            "workload {name}: its new spec is refused ({why}); running the last good one"
+                        )),
+                    );
+                    }
+                    e.update_rejected = Some(why);
+                }
+            }
+        }
+        refused
     }
 
     /// Reports new rejections once (not again on every identical desired state).
@@ -619,7 +665,7 @@ impl Workloads {
         let Some(e) = self.entries.get_mut(name) else {
             return;
         };
-        e.process = s.pid.map(|p| (p, s.start_ticks));
+        e.process = MainProcess::of(&s);
         e.oom_baseline = s.oom_kills_at_start;
         e.started_unix = unix_now();
         if s.notice != e.notice {
@@ -663,8 +709,8 @@ impl Workloads {
             name: name.clone(),
             kind: e.kind.clone(),
             fingerprint: e.fingerprint.clone(),
-            pid: e.process.map(|p| p.0),
-            pid_start_ticks: e.process.map_or(0, |p| p.1),
+            pid: e.process.map(|p| p.pid),
+            pid_start_ticks: e.process.map_or(0, |p| p.start_ticks),
             started_at_unix: e.started_unix,
             restarts: e.machine.inner().restarts,
             oom_kills_at_start: e.oom_baseline,
@@ -761,7 +807,7 @@ impl Workloads {
         let mut shared = WorkloadMachine::new(restart, backoff);
         shared.restarts = rec.restarts;
         let mut out = Context::default();
-        let machine = workload::machine_in(shared, State::up(s.pid), &mut out);
+        let machine = workload::machine_in(shared, State::adopted(s.pid), &mut out);
         self.seq += 1;
         let mut entry = Entry::new(
             spec.filter(|sp| sp.fingerprint == rec.fingerprint),
@@ -773,17 +819,18 @@ impl Workloads {
             rec.uid,
         );
         let gen = entry.run.bump();
-        entry.process = s.pid.map(|p| (p, s.start_ticks));
+        entry.process = MainProcess::of(&s);
         entry.started_at = Some(Instant::now());
         entry.started_unix = rec.started_at_unix;
         entry.oom_baseline = rec.oom_kills_at_start;
         entry.adopted = true;
+        let adopted_as = entry.machine.state().name();
         self.entries.insert(name.clone(), entry);
         cx.history.record(
             &format!("workload/{name}"),
             &crate::machines::Transition {
                 from: "-",
-                to: "running",
+                to: adopted_as,
                 reason: match s.pid {
                     Some(pid) => format!("adopted pid {pid}"),
                     None => "adopted its Deployment".into(),

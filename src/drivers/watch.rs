@@ -53,12 +53,20 @@ pub async fn until_end(watch: Watch, mut progress: impl FnMut(bool, String)) -> 
         Watch::Child { pid } => child_end(pid).await,
         Watch::Processes { pids, finish } => {
             let first = first_to_end(&pids).await;
-            smol::unblock(move || finish(first)).await
+            // A `finish` that panicked (logged by the pool) leaves the end unknown.
+            crate::pool::unblock(move || finish(first))
+                .await
+                .unwrap_or_default()
         }
         Watch::Poll { every, mut look } => {
             let mut last: Option<(bool, String)> = None;
             loop {
-                let (answer, back) = smol::unblock(move || (look(), look)).await;
+                let Some((answer, back)) = crate::pool::unblock(move || (look(), look)).await
+                else {
+                    // The look panicked (logged by the pool) and took itself along: the run
+                    // can no longer be followed, so it ends with its status unknown.
+                    return RunEnd::default();
+                };
                 look = back;
                 match answer {
                     Poll::Ended(end) => return end,

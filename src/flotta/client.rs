@@ -38,6 +38,11 @@ pub struct ClientOptions {
     /// Larger response bodies fail with [`ClientError::TooLarge`].
     pub max_body_bytes: u64,
     pub user_agent: String,
+    /// HTTPS_PROXY: an `http://` proxy the TLS session is tunnelled through (CONNECT); mTLS
+    /// is end to end, the proxy sees only the host and port.
+    pub proxy: Option<String>,
+    /// NO_PROXY: hosts and domains reached directly.
+    pub no_proxy: Vec<String>,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +52,8 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             user_agent: format!("device-worker-ng/{}", env!("CARGO_PKG_VERSION")),
+            proxy: None,
+            no_proxy: Vec::new(),
         }
     }
 }
@@ -91,6 +98,116 @@ impl TlsMaterial {
             key_pem: read("KEY", &paths.key)?,
         })
     }
+}
+
+/// Checks the bootstrap identity (CA_ROOT, CERT, KEY) before it is first used, so that what
+/// can never work stops the agent with its reason (exit 78) instead of failing every
+/// enrolment attempt with a TLS error. `Ok` carries what may still work out: validity
+/// periods, since a device may boot with a wrong clock and set it later.
+pub fn check_bootstrap(paths: &TlsPaths) -> Result<Vec<String>, ClientError> {
+    let tls = TlsMaterial::from_paths(paths)?;
+    let cert_path = paths.cert.display();
+    let bad = |what: &'static str, reason: String| ClientError::Config { what, reason };
+    let info = super::identity::CertificateInfo::from_pem(&tls.cert_pem).map_err(|e| {
+        bad(
+            "CERT",
+            format!("{cert_path} is not a PEM certificate ({e}): use the bootstrap certificate of your Flotta server's CA"),
+        )
+    })?;
+    if info.version != 3 {
+        return Err(bad(
+            "CERT",
+            format!(
+                "{cert_path} is an X.509 v{} certificate, which TLS refuses (plain `openssl x509 -req` makes v1): re-issue it as v3, e.g. with `-extfile` naming extendedKeyUsage=clientAuth",
+                info.version
+            ),
+        ));
+    }
+    let provider = tls13_only_provider();
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| {
+        bad(
+            "KEY",
+            format!(
+                "{} holds no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}",
+                paths.key.display()
+            ),
+        )
+    })?;
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
+        bad(
+            "KEY",
+            format!("{}: unsupported key: {e}", paths.key.display()),
+        )
+    })?;
+    if let Some(spki) = signing.public_key() {
+        if spki.as_ref() != info.public_key_der.as_slice() {
+            return Err(bad(
+                "KEY",
+                format!(
+                    "{} is not the key of {cert_path}: use the key the certificate was issued for",
+                    paths.key.display()
+                ),
+            ));
+        }
+    }
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            bad(
+                "CA_ROOT",
+                format!("{} is not PEM: {e}", paths.ca_root.display()),
+            )
+        })?;
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots);
+    if added == 0 {
+        return Err(bad(
+            "CA_ROOT",
+            format!("{} holds no usable CA certificate", paths.ca_root.display()),
+        ));
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+            .build()
+            .map_err(|e| bad("CA_ROOT", e.to_string()))?;
+    let mut chain = CertificateDer::pem_slice_iter(&tls.cert_pem).flatten();
+    let Some(end_entity) = chain.next() else {
+        return Err(bad("CERT", format!("{cert_path}: no CERTIFICATE block")));
+    };
+    let intermediates: Vec<CertificateDer<'static>> = chain.collect();
+    let mut warnings = Vec::new();
+    if let Err(e) = verifier.verify_client_cert(
+        &end_entity,
+        &intermediates,
+        rustls_pki_types::UnixTime::now(),
+    ) {
+        use rustls::CertificateError as C;
+        match e {
+            rustls::Error::InvalidCertificate(
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+            ) => warnings.push(format!(
+                "the bootstrap certificate {cert_path} is not valid now ({e}): enrolment fails until the clock or the certificate is fixed"
+            )),
+            rustls::Error::InvalidCertificate(
+                C::UnknownIssuer | C::BadSignature,
+            ) => {
+                return Err(bad(
+                    "CERT",
+                    format!(
+                        "{cert_path} is not signed by CA_ROOT {}: use the bootstrap certificate of the CA that signs the server",
+                        paths.ca_root.display()
+                    ),
+                ))
+            }
+            other => {
+                return Err(bad(
+                    "CERT",
+                    format!("{cert_path} cannot be used as a TLS client certificate: {other}"),
+                ))
+            }
+        }
+    }
+    Ok(warnings)
 }
 
 /// Outcome of `enrolment` (§2.4.1): 200 while the EDSR waits for approval,
@@ -313,9 +430,9 @@ impl FlottaClient {
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
-            // The API is reached directly; an ambient HTTP(S)_PROXY from the
-            // environment must not silently reroute the mTLS session.
-            .proxy(None)
+            // Only the configured proxy: an ambient HTTP(S)_PROXY from the environment
+            // must not silently reroute the mTLS session.
+            .proxy(proxy_for(&base_url, opts)?)
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_global(Some(opts.request_timeout))
             .user_agent(opts.user_agent.as_str())
@@ -553,6 +670,53 @@ pub fn uuid_v4(mut b: [u8; 16]) -> String {
     )
 }
 
+/// The proxy to reach `url` through: HTTPS_PROXY unless NO_PROXY names the host.
+fn proxy_for(url: &str, opts: &ClientOptions) -> Result<Option<ureq::Proxy>, ClientError> {
+    let Some(proxy) = &opts.proxy else {
+        return Ok(None);
+    };
+    let host = url_host(url);
+    if bypasses_proxy(&host, &opts.no_proxy) {
+        return Ok(None);
+    }
+    ureq::Proxy::new(proxy)
+        .map(Some)
+        .map_err(|e| ClientError::Config {
+            what: "HTTPS_PROXY",
+            reason: e.to_string(),
+        })
+}
+
+/// The host of an `https://host[:port]/...` URL, lowercase, without IPv6 brackets.
+fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority.rsplit('@').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.to_ascii_lowercase()
+}
+
+/// NO_PROXY as curl reads it: `*` is every host; `example.com` and `.example.com` are that
+/// domain and its subdomains; anything else (an address) is matched whole.
+pub fn bypasses_proxy(host: &str, no_proxy: &[String]) -> bool {
+    no_proxy.iter().any(|entry| {
+        let e = entry
+            .trim()
+            .trim_start_matches("*.")
+            .trim_start_matches('.');
+        let e = e.to_ascii_lowercase();
+        entry.trim() == "*"
+            || (!e.is_empty()
+                && (host == e
+                    || host
+                        .strip_suffix(e.as_str())
+                        .is_some_and(|prefix| prefix.ends_with('.'))))
+    })
+}
+
 fn base_url(server: &str) -> Result<String, ClientError> {
     let s = server.trim();
     if !s.starts_with("https://") {
@@ -730,6 +894,26 @@ mod tests {
             Err(ClientError::Config { what: "SERVER", .. })
         ));
         assert!(base_url("https://").is_err());
+    }
+
+    #[test]
+    fn no_proxy_matching() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            url_host("https://Flotta.Example:8043/api"),
+            "flotta.example"
+        );
+        assert_eq!(url_host("https://[::1]:8043/x"), "::1");
+        let np = list(&["internal.example", ".lan", "10.0.0.1"]);
+        assert!(bypasses_proxy("internal.example", &np));
+        assert!(bypasses_proxy("api.internal.example", &np));
+        assert!(bypasses_proxy("box.lan", &np));
+        assert!(bypasses_proxy("10.0.0.1", &np));
+        assert!(!bypasses_proxy("notinternal.example", &np));
+        assert!(!bypasses_proxy("10.0.0.10", &np));
+        assert!(!bypasses_proxy("flotta.example", &np));
+        assert!(bypasses_proxy("anything", &list(&["*"])));
+        assert!(!bypasses_proxy("anything", &[]));
     }
 
     #[test]

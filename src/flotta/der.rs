@@ -7,6 +7,7 @@ use std::time::SystemTime;
 const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
+const INTEGER: u8 = 0x02;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 const CONTEXT_0: u8 = 0xa0;
@@ -79,8 +80,15 @@ pub(super) fn parse_certificate(der: &[u8]) -> Result<super::identity::Certifica
     let cert = Reader::new(der).expect(SEQUENCE, "Certificate")?;
     let tbs = Reader::new(cert.content).expect(SEQUENCE, "TBSCertificate")?;
     let mut r = Reader::new(tbs.content);
+    // `[0] EXPLICIT Version DEFAULT v1`: absent means v1; the INTEGER is the version - 1.
+    let mut version = 1;
     if r.peek_tag() == Some(CONTEXT_0) {
-        r.next()?; // version
+        let v = r.next()?;
+        let int = Reader::new(v.content).expect(INTEGER, "version")?;
+        version = match int.content {
+            [n @ 0..=2] => n + 1,
+            _ => return Err("unknown certificate version".into()),
+        };
     }
     r.next()?; // serialNumber
     r.expect(SEQUENCE, "signature")?;
@@ -100,6 +108,7 @@ pub(super) fn parse_certificate(der: &[u8]) -> Result<super::identity::Certifica
         not_before,
         not_after,
         public_key_der: spki.raw.to_vec(),
+        version,
     };
     let mut rdns = Reader::new(subject.content);
     while !rdns.is_empty() {

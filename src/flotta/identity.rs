@@ -232,6 +232,8 @@ pub struct CertificateInfo {
     pub not_after: SystemTime,
     /// DER SubjectPublicKeyInfo.
     pub public_key_der: Vec<u8>,
+    /// X.509 version (1 or 3): TLS stacks refuse v1, which plain `openssl x509 -req` makes.
+    pub version: u8,
 }
 
 impl CertificateInfo {
@@ -622,6 +624,7 @@ mod tests {
         assert!(!info.needs_renewal(now, 0.75));
         assert!(info.needs_renewal(now + Duration::from_secs(23 * 86_400), 0.75));
         assert!(!info.is_registration_cert());
+        assert_eq!(info.version, 3);
         assert!(CertificateInfo::from_pem(b"junk").is_err());
     }
 

@@ -163,6 +163,9 @@ pub struct SessionMachine {
     pub configured: bool,
     /// The last answer and when: shown by `status`.
     pub last_contact: Option<(Instant, String)>,
+    /// The last failed request and why (no answer at all included): shown by `status` from
+    /// the first failure on, not only once the outage threshold makes it a problem.
+    pub last_failure: Option<(Instant, String)>,
 }
 
 impl Default for SessionMachine {
@@ -180,6 +183,7 @@ impl Default for SessionMachine {
             heartbeat_in_flight: false,
             configured: false,
             last_contact: None,
+            last_failure: None,
         }
     }
 }
@@ -217,6 +221,7 @@ impl SessionMachine {
     /// answer, a refused answer): back off, and raise a problem once it lasts.
     fn failed(&mut self, what: &str, e: &RequestError, at: Instant, out: &mut Context) {
         self.failures = self.failures.saturating_add(1);
+        self.last_failure = Some((at, format!("{what}: {}", e.message)));
         if e.failure.answered() {
             self.last_contact = Some((at, format!("{what}: {}", e.message)));
         }

@@ -130,6 +130,46 @@ impl WorkloadMachine {
         }
     }
 
+    /// Decides what follows the end of a run: restart (after a delay), stop, or fail.
+    fn run_ended(&mut self, exit: &ExitInfo, context: &mut Context) -> Outcome<State> {
+        if exit.ran_for >= self.backoff.reset_after {
+            self.failures = 0;
+        }
+        if exit.oom_killed {
+            self.oom_kills += 1;
+        }
+        let what = exit.describe();
+        self.last_exit = Some(what.clone());
+        let restart = match self.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            return if exit.success() {
+                Transition(State::stopped(what))
+            } else {
+                context.push(WorkloadCommand::Report {
+                    warn: true,
+                    reason: "Failed".into(),
+                    message: what.clone(),
+                });
+                Transition(State::failed(format!("{what} (restart policy Never)")))
+            };
+        }
+        self.restarts += 1;
+        if exit.success() {
+            // A clean exit under Always is not a failure: restart after the first delay.
+            let delay = self.backoff.delay(1);
+            context.push(WorkloadCommand::ScheduleRetry(delay));
+            return Transition(State::backoff(format!(
+                "{what}; restarting in {:.1}s",
+                delay.as_secs_f64()
+            )));
+        }
+        self.after_failure(what, context)
+    }
+
     /// Decides what follows a failed start or run: back off, or give up as broken.
     fn after_failure(&mut self, reason: String, cmds: &mut Context) -> Outcome<State> {
         self.failures += 1;
@@ -198,6 +238,9 @@ impl WorkloadMachine {
             WorkloadEvent::StartFailed { error } => {
                 self.after_failure(format!("start failed: {error}"), context)
             }
+            // A run without a local process (a Deployment) can end before it was ever
+            // available: a pod that crashes from the start.
+            WorkloadEvent::Exited(exit) => self.run_ended(exit, context),
             // Stopping kills whatever the start has spawned: commands of one workload run in order.
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
@@ -252,44 +295,7 @@ impl WorkloadMachine {
     #[superstate(superstate = "present")]
     fn up(&mut self, event: &WorkloadEvent, context: &mut Context) -> Outcome<State> {
         match event {
-            WorkloadEvent::Exited(exit) => {
-                if exit.ran_for >= self.backoff.reset_after {
-                    self.failures = 0;
-                }
-                if exit.oom_killed {
-                    self.oom_kills += 1;
-                }
-                let what = exit.describe();
-                self.last_exit = Some(what.clone());
-                let restart = match self.restart {
-                    RestartPolicy::Always => true,
-                    RestartPolicy::OnFailure => !exit.success(),
-                    RestartPolicy::Never => false,
-                };
-                if !restart {
-                    return if exit.success() {
-                        Transition(State::stopped(what))
-                    } else {
-                        context.push(WorkloadCommand::Report {
-                            warn: true,
-                            reason: "Failed".into(),
-                            message: what.clone(),
-                        });
-                        Transition(State::failed(format!("{what} (restart policy Never)")))
-                    };
-                }
-                self.restarts += 1;
-                if exit.success() {
-                    // A clean exit under Always is not a failure: restart after the first delay.
-                    let delay = self.backoff.delay(1);
-                    context.push(WorkloadCommand::ScheduleRetry(delay));
-                    return Transition(State::backoff(format!(
-                        "{what}; restarting in {:.1}s",
-                        delay.as_secs_f64()
-                    )));
-                }
-                self.after_failure(what, context)
-            }
+            WorkloadEvent::Exited(exit) => self.run_ended(exit, context),
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
             WorkloadEvent::Evict { reason } => {
@@ -413,9 +419,13 @@ impl State {
         State::pending(reason)
     }
 
-    /// A run that is up (an adopted one).
-    pub fn up(pid: Option<i32>) -> State {
-        State::running(pid)
+    /// A run found up after an agent restart: its process runs; a run without a local
+    /// process (a Deployment) is not known to be available until its watch has looked.
+    pub fn adopted(pid: Option<i32>) -> State {
+        match pid {
+            Some(_) => State::running(pid),
+            None => State::unavailable("adopted; waiting for its first look".into()),
+        }
     }
 }
 

@@ -42,6 +42,9 @@ pub struct AgentInfo {
     pub longest_handler_ms: f64,
     #[serde(default)]
     pub longest_handler_event: String,
+    /// Workloads evicted since start (over budget, or a profile no longer holding).
+    #[serde(default)]
+    pub evictions_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,6 +79,11 @@ pub struct ServerInfo {
     /// Requests failed in a row.
     #[serde(default)]
     pub failures: u32,
+    /// The last failed request (unanswered ones included), and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_unix: Option<u64>,
     /// The next request the session waits for (timer, unix time).
     #[serde(default)]
     pub next_attempt: Option<(String, u64)>,
@@ -140,10 +148,135 @@ pub struct TransitionInfo {
     pub reason: String,
 }
 
+/// Exit status of `status`, `check` and `reset` when no agent answers (LSB's "not running").
+pub const EXIT_NOT_RUNNING: u8 = 3;
+/// Exit status of `check` when it cannot tell (not allowed to ask, a malformed answer).
+pub const EXIT_UNKNOWN: u8 = 1;
+
+/// The device's health as `device-worker-ng check` reports it: one exit status per kind of
+/// device state, so a probe (greenboot, a fleet's monitoring) needs no parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `reconciling`, or `enrolled` (registered, waiting for its first desired state).
+    Healthy,
+    /// `degraded`: running, but something needs the operator (see the problems).
+    Degraded,
+    /// `over-budget`: evicting workloads to get back under the budget.
+    OverBudget,
+    /// `registering`: no device certificate yet (enrolment pending or failing).
+    NotRegistered,
+    /// `disconnected` by the server: runs nothing until `device-worker-ng reset`.
+    Disconnected,
+    /// A state this client does not know (a newer agent): it cannot tell.
+    Unknown,
+}
+
+impl Health {
+    pub fn of(snapshot: &Snapshot) -> Health {
+        Health::of_state(&snapshot.device.state)
+    }
+
+    pub fn of_state(state: &str) -> Health {
+        match state {
+            "reconciling" | "enrolled" => Health::Healthy,
+            "degraded" => Health::Degraded,
+            "over-budget" => Health::OverBudget,
+            "registering" => Health::NotRegistered,
+            "disconnected" => Health::Disconnected,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// The exit status of `check` (documented in its --help, the man page and the README).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Health::Healthy => 0,
+            Health::Degraded => 4,
+            Health::OverBudget => 5,
+            Health::NotRegistered => 6,
+            Health::Disconnected => 7,
+            Health::Unknown => EXIT_UNKNOWN,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::OverBudget => "over-budget",
+            Health::NotRegistered => "not registered",
+            Health::Disconnected => "disconnected",
+            Health::Unknown => "unknown",
+        }
+    }
+
+    /// `check`'s one line: the verdict, the device state and why.
+    pub fn line(self, s: &Snapshot) -> String {
+        format!(
+            "{}: device {}: {}",
+            self.word(),
+            s.device.state,
+            s.device.reason
+        )
+    }
+}
+
 /// `HH:MM:SS` UTC of a unix time.
 pub fn clock(unix: u64) -> String {
     crate::clock::time_of_day(unix)
 }
+
+/// `2026-12-24 18:00 UTC` of a unix time.
+pub fn date(unix: i64) -> String {
+    match crate::clock::civil_from_days(unix.div_euclid(86_400)) {
+        Some((y, m, d)) => {
+            let s = unix.rem_euclid(86_400);
+            format!(
+                "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+                s / 3600,
+                s / 60 % 60
+            )
+        }
+        None => format!("unix time {unix}"),
+    }
+}
+
+/// `12:00:01 (3s ago)` / `(in 3s)` relative to `now`.
+fn when(unix: u64, now: u64) -> String {
+    if unix <= now {
+        format!("{} ({} ago)", clock(unix), duration(now - unix))
+    } else {
+        format!("{} (in {})", clock(unix), duration(unix - now))
+    }
+}
+
+/// Word-wraps `text` to `width` columns; continuation lines start with `indent`.
+fn wrap(first: &str, text: &str, indent: &str, width: usize) -> String {
+    let mut out = String::from(first);
+    let mut col = first.chars().count();
+    let mut line_start = true;
+    for word in text.split_whitespace() {
+        let len = word.chars().count();
+        if !line_start && col + 1 + len > width {
+            out.push('\n');
+            out.push_str(indent);
+            col = indent.chars().count();
+            line_start = true;
+        }
+        if !line_start {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += len;
+        line_start = false;
+    }
+    out.push('\n');
+    out
+}
+
+/// Width of the human-readable status: an 80-column console.
+const WIDTH: usize = 80;
 
 fn duration(secs: u64) -> String {
     match secs {
@@ -190,6 +323,64 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 impl Snapshot {
+    /// The server block: where the session stands and what the server last said.
+    fn render_server(&self, sv: &ServerInfo, now: u64) -> String {
+        let mut out = String::new();
+        out.push_str(&wrap(
+            &format!("server   {}: ", sv.session_state),
+            &format!("{} (device {})", sv.registration, sv.device_id),
+            "         ",
+            WIDTH,
+        ));
+        let contact = match (&sv.last_answer, sv.last_contact_unix) {
+            (Some(what), Some(at)) => format!("{}: {what}", when(at, now)),
+            _ => "never answered".into(),
+        };
+        out.push_str(&wrap("  contact      ", &contact, "               ", WIDTH));
+        if sv.failures > 0 {
+            let failure = match (&sv.last_failure, sv.last_failure_unix) {
+                (Some(what), Some(at)) => {
+                    format!("{} in a row, last {}: {what}", sv.failures, when(at, now))
+                }
+                _ => format!("{} in a row", sv.failures),
+            };
+            out.push_str(&wrap("  failures     ", &failure, "               ", WIDTH));
+        }
+        if let Some((what, at)) = &sv.next_attempt {
+            let _ = writeln!(out, "  next         {what} at {}", when(*at, now));
+        }
+        let cert = match sv.certificate_expires_unix {
+            Some(t) => {
+                let left = t - now as i64;
+                let rel = if left >= 0 {
+                    format!("in {}", duration(left as u64))
+                } else {
+                    format!("EXPIRED {} ago", duration(left.unsigned_abs()))
+                };
+                let unproven = if sv.certificate_unproven {
+                    ", not yet accepted by the server"
+                } else {
+                    ""
+                };
+                format!("expires {} ({rel}){unproven}", date(t))
+            }
+            None => "none yet (enrolling with the bootstrap certificate)".into(),
+        };
+        let _ = writeln!(out, "  certificate  {cert}");
+        let version = if sv.applied_version.is_empty() {
+            "none applied yet".to_string()
+        } else {
+            format!("version {}", sv.applied_version)
+        };
+        let _ = writeln!(
+            out,
+            "  config       {version}   outbox {} event{}",
+            sv.outbox_length,
+            if sv.outbox_length == 1 { "" } else { "s" }
+        );
+        out
+    }
+
     /// The human-readable form of `device-worker-ng status`.
     pub fn render(&self) -> String {
         let a = &self.agent;
@@ -211,14 +402,24 @@ impl Snapshot {
             (None, None) => "serverless, no desired state".into(),
         };
         let _ = writeln!(out, "source   {source}");
+        out.push_str(&wrap(
+            &format!("device   {}: ", self.device.state),
+            &self.device.reason,
+            "         ",
+            WIDTH,
+        ));
+        if !self.device.problems.is_empty() {
+            let _ = writeln!(out, "problems {}", self.device.problems.len());
+            for p in &self.device.problems {
+                out.push_str(&wrap("  - ", p, "    ", WIDTH));
+            }
+        }
+        if let Some(sv) = &self.server {
+            out.push_str(&self.render_server(sv, crate::controller::unix_now()));
+        }
         let _ = writeln!(
             out,
-            "device   {}: {}",
-            self.device.state, self.device.reason
-        );
-        let _ = writeln!(
-            out,
-            "budget   memory {} used of {} ({} total - {} reserved)   cpu {}m used of {}m ({}m - {}m)",
+            "budget   memory {} used of {} ({} total - {} reserved)\n         cpu {}m used of {}m ({}m - {}m)",
             Bytes(b.memory_used_bytes),
             Bytes(b.memory_budget_bytes),
             Bytes(b.memory_total_bytes),
@@ -247,46 +448,7 @@ impl Snapshot {
         if self.workloads.is_empty() {
             out.push_str("no workloads\n");
         } else {
-            let rows: Vec<Vec<String>> = self
-                .workloads
-                .iter()
-                .map(|w| {
-                    let u = w.usage.clone().unwrap_or_default();
-                    let used = w.usage.is_some();
-                    vec![
-                        w.name.clone(),
-                        w.kind.clone(),
-                        w.state.clone(),
-                        w.pid.map_or("-".into(), |p| p.to_string()),
-                        w.restarts.to_string(),
-                        w.oom_kills.to_string(),
-                        format!(
-                            "{}/{}",
-                            if used {
-                                Bytes(u.memory_bytes).to_string()
-                            } else {
-                                "-".into()
-                            },
-                            opt_bytes(w.limits.memory_bytes)
-                        ),
-                        format!(
-                            "{}/{}",
-                            if used {
-                                format!("{}m", u.cpu_millicores)
-                            } else {
-                                "-".into()
-                            },
-                            opt_millis(w.limits.cpu_millicores)
-                        ),
-                        format!(
-                            "{}/{}",
-                            if used { u.pids.to_string() } else { "-".into() },
-                            w.limits.pids.map_or("-".into(), |p| p.to_string())
-                        ),
-                        w.reason.clone(),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = self.workloads.iter().map(workload_row).collect();
             out.push_str(&table(
                 &[
                     "WORKLOAD", "KIND", "STATE", "PID", "RESTARTS", "OOM", "MEMORY", "CPU", "PIDS",
@@ -312,6 +474,44 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// One row of the workload table.
+fn workload_row(w: &WorkloadInfo) -> Vec<String> {
+    let u = w.usage.clone().unwrap_or_default();
+    let used = w.usage.is_some();
+    vec![
+        w.name.clone(),
+        w.kind.clone(),
+        w.state.clone(),
+        w.pid.map_or("-".into(), |p| p.to_string()),
+        w.restarts.to_string(),
+        w.oom_kills.to_string(),
+        format!(
+            "{}/{}",
+            if used {
+                Bytes(u.memory_bytes).to_string()
+            } else {
+                "-".into()
+            },
+            opt_bytes(w.limits.memory_bytes)
+        ),
+        format!(
+            "{}/{}",
+            if used {
+                format!("{}m", u.cpu_millicores)
+            } else {
+                "-".into()
+            },
+            opt_millis(w.limits.cpu_millicores)
+        ),
+        format!(
+            "{}/{}",
+            if used { u.pids.to_string() } else { "-".into() },
+            w.limits.pids.map_or("-".into(), |p| p.to_string())
+        ),
+        w.reason.clone(),
+    ]
 }
 
 #[cfg(test)]

@@ -11,8 +11,11 @@ use super::Snapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("device-worker-ng is not running: nothing answers on {path} ({why})")]
+    #[error("not running: nothing answers on {path} ({why})")]
     NotRunning { path: PathBuf, why: String },
+    /// The socket is there but this user may not use it (it is root-only).
+    #[error("permission denied on {path}: the control socket is root-only (run as root, e.g. with sudo)")]
+    PermissionDenied { path: PathBuf },
     #[error("control socket {path}: {why}")]
     Io { path: PathBuf, why: String },
     #[error("control socket {path}: another agent is already running and answering there")]
@@ -46,9 +49,13 @@ pub fn request_reset(path: &Path) -> Result<String, SocketError> {
 
 /// One request, its whole answer.
 fn request(path: &Path, what: &[u8]) -> Result<String, SocketError> {
-    let mut s = UnixStream::connect(path).map_err(|e| SocketError::NotRunning {
-        path: path.into(),
-        why: crate::config::io_why(&e),
+    let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
+        // A live agent's socket that this user may not open is not an absent agent.
+        std::io::ErrorKind::PermissionDenied => SocketError::PermissionDenied { path: path.into() },
+        _ => SocketError::NotRunning {
+            path: path.into(),
+            why: crate::config::io_why(&e),
+        },
     })?;
     let io = |e: std::io::Error| SocketError::Io {
         path: path.into(),

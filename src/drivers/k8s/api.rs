@@ -211,19 +211,27 @@ impl KubeClient {
     }
 
     /// Server-side apply of a whole object under [`FIELD_MANAGER`], taking over fields another
-    /// manager set (`force=true`: this agent owns what it applies). Creates or updates.
+    /// manager set (`force=true`: this agent owns what it applies). Creates or updates; with
+    /// `dry_run` the server validates and admits it without storing anything.
     pub fn apply(
         &self,
         res: Resource,
         ns: &str,
         name: &str,
         object: &Value,
+        dry_run: bool,
     ) -> Result<Value, K8sError> {
-        let op = op("apply", res, Some(ns), Some(name));
+        let op = op(
+            if dry_run { "dry-run apply" } else { "apply" },
+            res,
+            Some(ns),
+            Some(name),
+        );
         let url = format!(
-            "{}?fieldManager={}&force=true",
+            "{}?fieldManager={}&force=true{}",
             self.url(res, Some(ns), Some(name)),
-            encode(FIELD_MANAGER)
+            encode(FIELD_MANAGER),
+            if dry_run { "&dryRun=All" } else { "" }
         );
         let body = serde_json::to_vec(object).map_err(|e| K8sError::Manifest(e.to_string()))?;
         let resp = self
@@ -233,6 +241,10 @@ impl KubeClient {
         let (status, body) = self.read(&op, resp)?;
         match status {
             200 | 201 => json(&op, &body),
+            // An object is created into its namespace: a 404 is the namespace's.
+            404 if status_kind(&body) == "namespaces" => Err(K8sError::NamespaceMissing {
+                namespace: ns.to_string(),
+            }),
             _ => Err(classify(op, status, &body)),
         }
     }
@@ -407,6 +419,14 @@ pub fn status_detail(body: &[u8]) -> (String, String) {
         }
     }
     (reason, message)
+}
+
+/// `details.kind` of a `Status` (the resource a 404 or 403 is about).
+fn status_kind(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["details"]["kind"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// A failed status → its error class (401, 403, 409, 422 each their own).

@@ -127,6 +127,21 @@ pub fn parse(text: &str, dir: &Path) -> Result<ClusterAccess, String> {
         .ok_or_else(|| format!("context '{ctx_name}' names no user"))?;
     let cluster = find(&cfg.clusters, cluster_name, "cluster")?;
     let user = find(&cfg.users, user_name, "user")?;
+    let (server, ca_pem) = cluster_endpoint(cluster, cluster_name, dir)?;
+    let credentials = user_credentials(user, user_name, dir)?;
+    Ok(ClusterAccess {
+        server,
+        ca_pem,
+        credentials,
+    })
+}
+
+/// The cluster's API server and the CA to trust for it.
+fn cluster_endpoint(
+    cluster: &Cluster,
+    cluster_name: &str,
+    dir: &Path,
+) -> Result<(String, Vec<u8>), String> {
     let at = |what: &str| format!("cluster '{cluster_name}': {what}");
 
     let server = cluster
@@ -161,7 +176,11 @@ pub fn parse(text: &str, dir: &Path) -> Result<ClusterAccess, String> {
     .ok_or_else(|| {
         at("no certificate-authority(-data): the agent trusts only the CA the kubeconfig names")
     })?;
+    Ok((server, ca_pem))
+}
 
+/// The user's credentials: a client certificate and key, or a bearer token.
+fn user_credentials(user: &User, user_name: &str, dir: &Path) -> Result<Credentials, String> {
     let at = |what: &str| format!("user '{user_name}': {what}");
     if user.exec.is_some() {
         return Err(at(
@@ -218,11 +237,7 @@ pub fn parse(text: &str, dir: &Path) -> Result<ClusterAccess, String> {
             Credentials::BearerToken(token)
         }
     };
-    Ok(ClusterAccess {
-        server,
-        ca_pem,
-        credentials,
-    })
+    Ok(credentials)
 }
 
 fn find<'a, T>(list: &'a [Named<T>], name: &str, what: &str) -> Result<&'a T, String> {

@@ -18,6 +18,12 @@ use crate::workload::{DesiredSecret, WORKLOAD_LABEL};
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "device-worker-ng";
 
+/// `progressDeadlineSeconds` of every Deployment. Kubernetes' default (600 s) marks a rollout
+/// failed when an image pull over a slow edge link takes more than 10 minutes; the agent
+/// treats the condition as a reason, never as a crash, so the deadline only decides when
+/// `status` starts saying the rollout is stalled: after an hour without progress.
+pub const PROGRESS_DEADLINE_SECONDS: u32 = 3600;
+
 /// Label selector of everything the agent owns.
 pub fn owned_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
@@ -70,6 +76,7 @@ pub fn render(
         .cloned()
         .unwrap_or_default();
     let mut spec = pod["spec"].as_object().cloned().unwrap_or_default();
+    requests_within_limits(&Value::Object(spec.clone()))?;
     // A Deployment's pods restart Always (the only policy it accepts); the kubelet restarts
     // a crashed container and the agent sees it through the pod's status.
     spec.insert("restartPolicy".into(), "Always".into());
@@ -84,77 +91,12 @@ pub fn render(
             }
         }
     }
-    let mut template_meta = Map::new();
-    template_meta.insert("labels".into(), Value::Object(labels.clone()));
-    if !annotations.is_empty() {
-        template_meta.insert("annotations".into(), Value::Object(annotations.clone()));
-    }
-    let mut meta = Map::new();
-    meta.insert("name".into(), name.clone().into());
-    meta.insert("namespace".into(), namespace.into());
-    meta.insert("labels".into(), Value::Object(labels));
-    if !annotations.is_empty() {
-        meta.insert("annotations".into(), Value::Object(annotations));
-    }
-    let deployment = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": 1,
-            "revisionHistoryLimit": 2,
-            // One replica on one node: the old pod goes before the new one starts, so a
-            // hostPort is never held twice and the device never runs both.
-            "strategy": { "type": "Recreate" },
-            "selector": { "matchLabels": { WORKLOAD_LABEL: name } },
-            "template": { "metadata": template_meta, "spec": spec },
-        }
-    });
+    let deployment = deployment(&name, namespace, labels, annotations, spec);
 
     let mut docs = vec![deployment];
     for (i, cm) in configmaps.iter().enumerate() {
         let field = format!("configmaps[{i}]");
-        let mut v = first_document(cm).map_err(|why| e(&field, why))?;
-        let cm_name = v["metadata"]["name"]
-            .as_str()
-            .filter(|n| is_subdomain(n))
-            .ok_or_else(|| e(&field, "metadata.name must be a DNS subdomain name".into()))?
-            .to_string();
-        if let Some(other) = v["metadata"]["namespace"].as_str() {
-            if other != namespace {
-                return Err(e(
-                    &field,
-                    format!(
-                        "namespace '{other}' differs from the workload's namespace '{namespace}'"
-                    ),
-                ));
-            }
-        }
-        let Some(obj) = v.as_object_mut() else {
-            return Err(e(&field, "expected a mapping".into()));
-        };
-        obj.insert("apiVersion".into(), "v1".into());
-        obj.remove("status");
-        let meta = obj
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(m) = meta {
-            // `creationTimestamp: null` is what ghodss/yaml writes; the server owns it.
-            m.remove("creationTimestamp");
-            m.remove("resourceVersion");
-            m.remove("uid");
-            m.remove("managedFields");
-            m.insert("namespace".into(), namespace.into());
-            let labels = m
-                .entry("labels")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !labels.is_object() {
-                *labels = Value::Object(Map::new());
-            }
-            if let Value::Object(l) = labels {
-                l.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-            }
-        }
+        let (cm_name, v) = configmap(cm, namespace).map_err(|why| e(&field, why))?;
         if docs
             .iter()
             .skip(1)
@@ -186,6 +128,127 @@ pub fn render(
         );
     }
     Ok(out)
+}
+
+/// The Deployment running the pod: one replica, recreated (never two at once), its pods
+/// labelled as the agent's.
+fn deployment(
+    name: &str,
+    namespace: &str,
+    labels: Map<String, Value>,
+    annotations: Map<String, Value>,
+    spec: Map<String, Value>,
+) -> Value {
+    let mut template_meta = Map::new();
+    template_meta.insert("labels".into(), Value::Object(labels.clone()));
+    if !annotations.is_empty() {
+        template_meta.insert("annotations".into(), Value::Object(annotations.clone()));
+    }
+    let mut meta = Map::new();
+    meta.insert("name".into(), name.into());
+    meta.insert("namespace".into(), namespace.into());
+    meta.insert("labels".into(), Value::Object(labels));
+    if !annotations.is_empty() {
+        meta.insert("annotations".into(), Value::Object(annotations));
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            // One replica on one node: the old pod goes before the new one starts, so a
+            // hostPort is never held twice and the device never runs both.
+            "strategy": { "type": "Recreate" },
+            "selector": { "matchLabels": { WORKLOAD_LABEL: name } },
+            "template": { "metadata": template_meta, "spec": spec },
+        }
+    })
+}
+
+/// One ConfigMap of the workload, made the agent's: in the workload's namespace, labelled,
+/// without the fields the server owns. Returns its name and the object.
+fn configmap(document: &str, namespace: &str) -> Result<(String, Value), String> {
+    let mut v = first_document(document)?;
+    let cm_name = v["metadata"]["name"]
+        .as_str()
+        .filter(|n| is_subdomain(n))
+        .ok_or_else(|| "metadata.name must be a DNS subdomain name".to_string())?
+        .to_string();
+    if let Some(other) = v["metadata"]["namespace"].as_str() {
+        if other != namespace {
+            return Err(format!(
+                "namespace '{other}' differs from the workload's namespace '{namespace}'"
+            ));
+        }
+    }
+    let Some(obj) = v.as_object_mut() else {
+        return Err("expected a mapping".into());
+    };
+    obj.insert("apiVersion".into(), "v1".into());
+    obj.remove("status");
+    let meta = obj
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(m) = meta {
+        // `creationTimestamp: null` is what ghodss/yaml writes; the server owns it.
+        m.remove("creationTimestamp");
+        m.remove("resourceVersion");
+        m.remove("uid");
+        m.remove("managedFields");
+        m.insert("namespace".into(), namespace.into());
+        let labels = m
+            .entry("labels")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !labels.is_object() {
+            *labels = Value::Object(Map::new());
+        }
+        if let Value::Object(l) = labels {
+            l.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+        }
+    }
+    Ok((cm_name, v))
+}
+
+/// Kubernetes refuses a container whose request of a resource exceeds its limit (422, after
+/// the ConfigMaps would have been applied): refused here, with the field, before anything is.
+fn requests_within_limits(pod_spec: &Value) -> Result<(), (String, String)> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for key in ["initContainers", "containers"] {
+        for (i, c) in pod_spec[key].as_array().into_iter().flatten().enumerate() {
+            let limits = &c["resources"]["limits"];
+            for (name, req) in c["resources"]["requests"].as_object().into_iter().flatten() {
+                let Some(lim) = limits.get(name) else {
+                    continue;
+                };
+                let parse = |q: &str| match name.as_str() {
+                    "cpu" => crate::units::parse_cpu(q).ok(),
+                    n if n == "memory"
+                        || n == "ephemeral-storage"
+                        || n.starts_with("hugepages-") =>
+                    {
+                        crate::units::parse_memory(q).ok()
+                    }
+                    _ => None,
+                };
+                let (r, l) = (text(req), text(lim));
+                if let (Some(rv), Some(lv)) = (parse(&r), parse(&l)) {
+                    if rv > lv {
+                        return Err((
+                            format!("specification.{key}[{i}].resources.requests.{name}"),
+                            format!("{r} is more than its limit {l} (Kubernetes refuses a request above the limit)"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn first_document(text: &str) -> Result<Value, String> {
@@ -382,6 +445,43 @@ mod tests {
         assert!(refs.configmaps.contains("web-config"));
         assert!(refs.secrets.contains("db"));
         assert!(refs.secrets.contains("web-registry-auth"));
+    }
+
+    #[test]
+    fn a_request_above_its_limit_is_refused_before_anything_is_applied() {
+        let pod = |res: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n  - name: a\n    image: x\n  - name: b\n    image: y\n    resources: {res}\n")
+        };
+        let e = render(
+            &pod("{limits: {memory: 64Mi, cpu: 250m}, requests: {memory: 128Mi}}"),
+            "edge",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "specification.containers[1].resources.requests.memory");
+        assert!(e.1.contains("128Mi is more than its limit 64Mi"), "{}", e.1);
+        let e = render(
+            &pod("{limits: {cpu: 0.5}, requests: {cpu: 600m}}"),
+            "edge",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "specification.containers[1].resources.requests.cpu");
+        assert!(render(
+            &pod("{limits: {cpu: 500m, memory: 1Gi}, requests: {cpu: 0.5, memory: 1024Mi}}"),
+            "edge",
+            &[],
+            None
+        )
+        .is_ok());
+        let m = render(&pod("{}"), "edge", &[], None).unwrap();
+        let d = WorkloadObjects::parse(&m).unwrap().deployment.body;
+        assert_eq!(
+            d["spec"]["progressDeadlineSeconds"],
+            PROGRESS_DEADLINE_SECONDS
+        );
     }
 
     #[test]

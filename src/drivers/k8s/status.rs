@@ -70,27 +70,6 @@ pub fn assess(deployment: Option<&Value>, pods: &[Value]) -> Health {
             return Health::Crashed(c);
         }
     }
-    for c in d["status"]["conditions"].as_array().into_iter().flatten() {
-        let (ty, status) = (c["type"].as_str(), c["status"].as_str());
-        let message = c["message"].as_str().unwrap_or_default();
-        if ty == Some("ReplicaFailure") && status == Some("True") {
-            return Health::Crashed(Crash {
-                reason: format!("the Deployment cannot create its pod: {message}"),
-                exit_code: None,
-                oom_killed: false,
-            });
-        }
-        if ty == Some("Progressing")
-            && status == Some("False")
-            && c["reason"].as_str() == Some("ProgressDeadlineExceeded")
-        {
-            return Health::Crashed(Crash {
-                reason: format!("rollout stuck: {message}"),
-                exit_code: None,
-                oom_killed: false,
-            });
-        }
-    }
     let generation = d["metadata"]["generation"].as_i64().unwrap_or(0);
     let observed = d["status"]["observedGeneration"].as_i64().unwrap_or(0);
     if observed < generation {
@@ -99,16 +78,37 @@ pub fn assess(deployment: Option<&Value>, pods: &[Value]) -> Health {
         ));
     }
     let count = |k: &str| d["status"][k].as_i64().unwrap_or(0);
-    let available = d["status"]["conditions"]
+    let conditions: Vec<&Value> = d["status"]["conditions"]
         .as_array()
         .into_iter()
         .flatten()
+        .collect();
+    let available = conditions
+        .iter()
         .any(|c| c["type"] == "Available" && c["status"] == "True");
     let ready_pod = live.iter().any(|p| pod_ready(p));
     if available && count("updatedReplicas") >= 1 && count("readyReplicas") >= 1 && ready_pod {
         return Health::Running;
     }
-    Health::Deploying(why_not_ready(&live))
+    // Not available. A quota refusing the pod and a rollout past its progress deadline are
+    // retried by the cluster itself (and resolve by themselves): reasons, not crashes.
+    let mut why = why_not_ready(&live, pods.len() - live.len());
+    for c in &conditions {
+        let message = c["message"].as_str().unwrap_or_default();
+        if c["type"] == "ReplicaFailure" && c["status"] == "True" {
+            why = format!("the Deployment cannot create its pod: {message}");
+        }
+    }
+    for c in &conditions {
+        if c["type"] == "Progressing"
+            && c["status"] == "False"
+            && c["reason"] == "ProgressDeadlineExceeded"
+        {
+            let message = c["message"].as_str().unwrap_or_default();
+            why = format!("{why} (rollout past its progress deadline: {message})");
+        }
+    }
+    Health::Deploying(why)
 }
 
 fn pod_ready(p: &Value) -> bool {
@@ -213,12 +213,22 @@ fn last_termination(p: &Value) -> (Option<i32>, bool) {
     (None, false)
 }
 
-fn why_not_ready(pods: &[&Value]) -> String {
+fn why_not_ready(pods: &[&Value], terminating: usize) -> String {
     let Some(p) = pods.first() else {
-        return "waiting for its pod to be created".into();
+        return if terminating > 0 {
+            "waiting for its old pod to terminate".into()
+        } else {
+            "waiting for its pod to be created".into()
+        };
     };
     let pod = pod_name(p);
-    for c in p["status"]["conditions"].as_array().into_iter().flatten() {
+    let node = p["spec"]["nodeName"].as_str();
+    let conditions: Vec<&Value> = p["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    for c in &conditions {
         if c["type"] == "PodScheduled" && c["status"] == "False" {
             return format!(
                 "pod {pod} not scheduled: {}",
@@ -228,10 +238,38 @@ fn why_not_ready(pods: &[&Value]) -> String {
     }
     for s in statuses(p) {
         if let Some(r) = s["state"]["waiting"]["reason"].as_str() {
+            let message = s["state"]["waiting"]["message"]
+                .as_str()
+                .unwrap_or_default();
             return format!(
-                "pod {pod} container {}: {r}",
-                s["name"].as_str().unwrap_or("?")
+                "pod {pod} container {}: {r}{}",
+                s["name"].as_str().unwrap_or("?"),
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                }
             );
+        }
+    }
+    let Some(node) = node else {
+        return format!("pod {pod} is waiting to be scheduled");
+    };
+    if p["status"]["containerStatuses"].is_null() {
+        return format!(
+            "pod {pod} is scheduled on node {node}; waiting for its kubelet to start it"
+        );
+    }
+    for c in &conditions {
+        if c["type"] == "Ready" && c["status"] == "False" {
+            return match (c["reason"].as_str(), c["message"].as_str()) {
+                (Some(r), Some(m)) => format!("pod {pod} on node {node} is not ready: {r}: {m}"),
+                (Some(r), None) => format!("pod {pod} on node {node} is not ready: {r}"),
+                // The node lifecycle controller marks pods not ready without a reason.
+                _ => format!(
+                    "pod {pod} on node {node} is not ready (no reason given: its node may have stopped reporting)"
+                ),
+            };
         }
     }
     format!(
@@ -370,12 +408,50 @@ mod tests {
         assert!(
             matches!(assess(Some(&deployment(1, 1, false)), &[pull]), Health::Crashed(c) if c.reason.contains("ImagePullBackOff"))
         );
+    }
 
+    #[test]
+    fn what_the_cluster_retries_by_itself_is_a_reason_not_a_crash() {
         let mut d = deployment(1, 1, false);
         d["status"]["conditions"] = json!([{"type": "ReplicaFailure", "status": "True",
             "message": "pods \"web-x\" is forbidden: exceeded quota"}]);
+        assert_eq!(
+            assess(Some(&d), &[]),
+            Health::Deploying(
+                "the Deployment cannot create its pod: pods \"web-x\" is forbidden: exceeded quota"
+                    .into()
+            )
+        );
+        let pulling = pod(
+            json!({"phase": "Pending", "containerStatuses": [{"name": "c", "restartCount": 0,
+            "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        let mut d = deployment(1, 1, false);
+        d["status"]["conditions"] = json!([{"type": "Progressing", "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": "ReplicaSet \"web-5d9c\" has timed out progressing."}]);
+        assert_eq!(
+            assess(Some(&d), &[pulling]),
+            Health::Deploying("pod web-5d9c-abcde container c: ContainerCreating (rollout past its progress deadline: ReplicaSet \"web-5d9c\" has timed out progressing.)".into())
+        );
+        // The node stopped reporting: the pod is Running but not ready, with no reason.
+        let stale = pod(json!({"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "c", "restartCount": 0, "ready": true, "state": {"running": {}}}]}));
+        let mut stale = stale;
+        stale["spec"] = json!({"nodeName": "edge-node"});
         assert!(
-            matches!(assess(Some(&d), &[]), Health::Crashed(c) if c.reason.contains("exceeded quota"))
+            matches!(assess(Some(&deployment(1, 1, false)), &[stale]), Health::Deploying(r) if r.contains("on node edge-node is not ready"))
+        );
+        let unscheduled = pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable", "message": "no nodes available to schedule pods"}]}),
+        );
+        assert_eq!(
+            assess(Some(&deployment(1, 1, false)), &[unscheduled]),
+            Health::Deploying(
+                "pod web-5d9c-abcde not scheduled: no nodes available to schedule pods".into()
+            )
         );
     }
 

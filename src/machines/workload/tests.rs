@@ -9,6 +9,12 @@ starting               Started                          running
 starting               Progress[ready]                  running
 starting               StartFailed[retries-left]        backoff      Report(Failed),ScheduleRetry
 starting               StartFailed[limit-reached]       failed       Report(Broken)
+starting               Exited[success,Always]           backoff      ScheduleRetry
+starting               Exited[success,OnFailure|Never]  stopped
+starting               Exited[failure,retries-left]     backoff      Report(Failed),ScheduleRetry
+starting               Exited[oom,retries-left]         backoff      Report(Failed),ScheduleRetry
+starting               Exited[failure,limit-reached]    failed       Report(Broken)
+starting               Exited[failure,Never]            failed       Report(Failed)
 starting               Update                           stopping     Stop
 starting               Evict                            stopping     Report(Evicted),Stop
 starting               Remove                           stopping     Stop
