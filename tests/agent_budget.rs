@@ -138,28 +138,39 @@ fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
     a.extra_env
         .push(("EDGE_DEVICE_BUDGET_HOLD".into(), "2s".into()));
     a.start();
-    let pids = |s: &device_worker_ng::status::Snapshot| {
-        (
-            Agent::workload(s, "important").and_then(|w| w.pid),
-            Agent::workload(s, "normal").and_then(|w| w.pid),
-        )
-    };
-    let s0 = a.wait_for("all running", Duration::from_secs(10), |s| {
-        s.workloads.iter().all(|w| w.state == "running")
-    });
-    let before = pids(&s0);
     let t = Instant::now();
     let s = a.wait_for("expendable evicted", Duration::from_secs(30), |s| {
         Agent::workload(s, "expendable").is_some_and(|w| w.state == "evicted")
     });
-    eprintln!("evicted {:?} after all were running", t.elapsed());
+    eprintln!("evicted {:?} after the agent started", t.elapsed());
     assert!(s
         .transitions
         .iter()
         .any(|t| t.machine == "device" && t.to == "over-budget"));
     let w = Agent::workload(&s, "expendable").unwrap();
     assert!(w.reason.contains("over budget"), "{}", w.reason);
-    assert_eq!(pids(&s), before, "the higher priorities are untouched");
+    // The higher priorities still run the processes they started with (the kernel's
+    // notification can evict before a first look at the status shows all three running).
+    for name in ["important", "normal"] {
+        let machine = format!("workload/{name}");
+        let started = s
+            .transitions
+            .iter()
+            .find(|t| t.machine == machine && t.from == "starting" && t.to == "running")
+            .map(|t| t.reason.clone());
+        let now = Agent::workload(&s, name).and_then(|w| w.pid);
+        assert_eq!(
+            started,
+            now.map(|p| format!("pid {p}")),
+            "{name} is untouched"
+        );
+        assert!(
+            !s.transitions
+                .iter()
+                .any(|t| t.machine == machine && t.to == "stopping"),
+            "{name} was never stopped"
+        );
+    }
     // Usage is now under the low watermark: after the hold time it is admitted again.
     a.wait_for("expendable re-admitted", Duration::from_secs(30), |s| {
         s.transitions.iter().any(|t| {

@@ -274,8 +274,8 @@ pub const KEYS: &[KeySpec] = &[
     key!(
         "BUDGET_WINDOW",
         Window,
-        Some("0s"),
-        "workloads must use more memory than the budget this long (cpu: at least 1s) before the lowest priority is evicted"
+        Some("500ms"),
+        "once over budget, memory must stay over this long before another workload is evicted (the first goes at once; cpu: at least 1s)"
     ),
     key!(
         "BUDGET_HOLD",
