@@ -5,6 +5,7 @@
 #                                                    within 1 MiB of idle; <= 8 MiB with 50]
 #  - agent CPU with no workload, and with 50        [<= 0.1 % idle; <= 0.5 % with 50]
 #  - desired-state change -> workload process running              [<= 50 ms]
+#  - memory of the log writers, one per shell workload (with 50)
 # Needs root (cgroups). Usage: sudo bench/agent.sh [STEADY_SECONDS=30]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,18 @@ idle_threads=$(threads); idle_rss=$(rss_kb); idle_anon=$(anon_kb); idle_cpu=$(cp
 write_desired "$(workloads 50)"; settle 50
 t50=$(threads); r50=$(rss_kb); c50=$(cpu_pct "$STEADY")
 
+# The log writers (the agent's binary in its hidden mode, one per shell workload): resident
+# and private memory of each (median), and all of them together by proportional share (PSS:
+# the binary's and libc's pages they share with the agent and each other are split).
+writer_rss=(); writer_priv=(); writer_pss=0
+for d in /proc/[0-9]*; do
+  { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null | grep -q "__log-writer $WORK/" || continue
+  writer_rss+=($(awk '/^VmRSS/ {print $2}' "$d/status"))
+  writer_priv+=($(awk '/^Private_(Clean|Dirty)/ {s += $2} END {print s}' "$d/smaps_rollup"))
+  writer_pss=$(( writer_pss + $(awk '/^Pss:/ {print $2}' "$d/smaps_rollup") ))
+done
+median_of() { [ $# -gt 0 ] || { echo -; return; }; printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+
 write_desired "$(workloads 200)"; settle 200
 p200=$peak; t200=$(threads); r200=$(rss_kb); n200=$(running)
 
@@ -102,6 +115,9 @@ printf '%-62s %10s %% %12s\n' "CPU, idle, 1 s sampler (${STEADY}s)" "$idle_cpu" 
 printf '%-62s %12s %12s\n' "threads, 50 shell workloads" "$t50" "-"
 printf '%-62s %8s KiB %12s\n' "RSS, 50 shell workloads" "$r50" "8192 KiB"
 printf '%-62s %10s %% %12s\n' "CPU, 50 workloads, steady state (${STEADY}s)" "$c50" "0.5 %"
+printf '%-62s %8s KiB %12s\n' "log writer RSS, median of ${#writer_rss[@]} (VmRSS)" "$(median_of "${writer_rss[@]}")" "-"
+printf '%-62s %8s KiB %12s\n' "log writer private memory, median (Private_*)" "$(median_of "${writer_priv[@]}")" "-"
+printf '%-62s %8s KiB %12s\n' "all ${#writer_rss[@]} log writers together (sum of PSS)" "$writer_pss" "-"
 printf '%-62s %12s %12s\n' "threads, most seen while 200 shell workloads start" "$p200" "10"
 printf '%-62s %12s %12s\n' "threads, 200 shell workloads ($n200 running)" "$t200" "10"
 printf '%-62s %8s KiB %12s\n' "RSS, 200 shell workloads" "$r200" "-"

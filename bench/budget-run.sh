@@ -7,10 +7,11 @@
 # DIR holds device-worker-ng, poller (bench/poller.c) and hog (tests/vm/hog.c). The agent
 # runs at its default SAMPLE_INTERVAL and BUDGET_WINDOW with a 150 MiB workload budget
 # (BUDGET_HOLD=2s only shortens the wait for re-admission between runs) and a steady
-# workload holding 100 MiB (2/3 of the budget: under the near-budget mark). The poller,
-# outside the agent, sums the workloads' memory every POLL_US (and prints how often it really
-# did). Before every run the device is calm: within its budget and sampling at
-# SAMPLE_INTERVAL again (the agent logs both).
+# workload holding 100 MiB (2/3 of the budget: under the near-budget mark). Both it and the
+# breaching workload declare a 200Mi limit: the budget, not DEFAULT_LIMITS (half the budget),
+# is what they run into. The poller, outside the agent, sums the workloads' memory every
+# POLL_US (and prints how often it really did). Before every run the device is calm: within
+# its budget and sampling at SAMPLE_INTERVAL again (the agent logs both).
 #
 # - breach: a workload allocating 80 MiB is added (how fast its allocator runs alone is
 #   printed); the clock starts when the poller first sees the sum over the budget and stops
@@ -53,7 +54,7 @@ workload() { # NAME PRIORITY LIMIT COMMAND...
   [ -n "$limit" ] && limits=", limits: {memory: $limit}"
   printf '      resources: {requests: {memory: 8Mi}%s}\n' "$limits"
 }
-steady=$(workload steady 10 "" "\"$DIR/hog\", \"100\", \"100000\"")
+steady=$(workload steady 10 200Mi "\"$DIR/hog\", \"100\", \"100000\"")
 desire() { # WORKLOAD... (none: no workloads)
   { if [ $# -eq 0 ]; then echo "workloads: []"; else echo "workloads:"; printf '%s\n' "$@"; fi; } > "$WORK/desired.next"
   mv "$WORK/desired.next" "$WORK/desired.yaml"
@@ -157,7 +158,7 @@ for run in $(seq 1 "$RUNS"); do
   wait_calm
   sleep "1.$(( (run * 37) % 10 ))" # the breach at a different point of the sampling period each run
   mark=$(wc -l < "$WORK/poller.out")
-  desire "$steady" "$(workload "spike$run" 0 "" "\"$DIR/hog\", \"80\", \"100000\"")"
+  desire "$steady" "$(workload "spike$run" 0 200Mi "\"$DIR/hog\", \"80\", \"100000\"")"
   # a victim still starting is evicted too: its process may be allocating already
   evicted="workload/spike$run from=\"(running|starting)\" to=\"stopping\""
   wait_log "$evicted" 10

@@ -71,6 +71,18 @@ pub enum Command {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
+    /// Show a shell workload's output, kept in STATE_DIR/logs (root only; the agent need not
+    /// be running).
+    Logs {
+        /// The workload.
+        name: String,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Keep showing output as it comes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Rejoin a device the server disconnected: it forgets the disconnect, its certificate,
     /// configuration and undelivered events, and enrols afresh.
     Reset {

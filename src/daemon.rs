@@ -51,7 +51,8 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
     // threads mostly wait; glibc's default (8 per core) scatters short-lived allocations of
     // the blocking threads over arenas that keep their pages.
     unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 64 << 10);
     }
     let store = Store::open(&settings.state_dir)?;
     // The identity first: one that can never work stops the agent before it touches cgroups.
@@ -76,6 +77,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
         rootless_user: settings.rootless_user.clone(),
         xdg_runtime_dir: settings.xdg_runtime_dir.clone(),
         kubeconfig: settings.kubeconfig.clone(),
+        log_max: settings.workload_log_max,
     }));
     let expected = {
         let h = hierarchy.clone();

@@ -5,7 +5,7 @@
 //! `cgroup/` (layout detection, limits, counters, kernel notifications), `sampler`, `budget`
 //! and `alerts` (resource accounting and the kernel's alerts about it), `workload/` (the
 //! desired state and its validation), `store/` (persistence), `status/` (the snapshot, control
-//! socket and `status` table), `config/` (settings).
+//! socket and `status` table), `logs` (the `logs` command), `config/` (settings).
 
 pub mod alerts;
 pub mod budget;
@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod drivers;
 pub mod flotta;
 pub mod logging;
+pub mod logs;
 pub mod machines;
 pub mod metrics;
 pub mod mountinfo;

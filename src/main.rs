@@ -10,7 +10,8 @@ use cli::{Cli, Command};
 use device_worker_ng::config::{Inputs, Settings, EXIT_CONFIG};
 use device_worker_ng::status::socket::SocketError;
 use device_worker_ng::status::{self, Health};
-use device_worker_ng::{daemon, logging};
+use device_worker_ng::workload::WorkloadName;
+use device_worker_ng::{daemon, logging, logs};
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("device-worker-ng: {e}");
@@ -37,6 +38,10 @@ fn control_socket(socket: Option<PathBuf>, inputs: &Inputs) -> Result<PathBuf, E
 }
 
 fn main() -> ExitCode {
+    // A shell workload's log writer is this binary in a hidden mode (drivers::output).
+    if let Some(code) = device_worker_ng::drivers::output::run_if_log_writer() {
+        return code;
+    }
     // glibc gives every thread that allocates its own malloc arena; the agent's short-lived
     // blocking threads would each pin one. One arena keeps its RSS small (issue targets); the
     // agent's threads allocate little, so there is nothing to contend for.
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
                 Err(e) => socket_error(e),
             }
         }),
+        Command::Logs { name, tail, follow } => show_logs(&inputs, &name, tail, follow),
         Command::Check { socket, quiet } => control_socket(socket, &inputs).map(|path| {
             match status::socket::request_status(&path) {
                 Ok((snap, _)) => {
@@ -95,6 +101,31 @@ fn main() -> ExitCode {
         }),
     };
     result.unwrap_or_else(|code| code)
+}
+
+/// `logs NAME`: the workload's output where the agent keeps it (the agent is not asked).
+fn show_logs(
+    inputs: &Inputs,
+    name: &str,
+    tail: Option<usize>,
+    follow: bool,
+) -> Result<ExitCode, ExitCode> {
+    let settings = Settings::load(inputs).map_err(config_error)?;
+    let request = WorkloadName::parse(name).map(|name| logs::Request { name, tail, follow });
+    let shown = request.map_err(logs::LogsError::from).and_then(|r| {
+        logs::show(
+            &logs::Source::of(&settings),
+            &r,
+            &mut std::io::stdout().lock(),
+        )
+    });
+    Ok(match shown {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("device-worker-ng: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn run(inputs: Inputs) -> Result<ExitCode, ExitCode> {

@@ -13,9 +13,19 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tracing::error;
 
-/// Threads doing blocking work at once. Workloads' lanes share them: a burst of starts runs
-/// this many at a time (the host has few cores; a podman start is mostly CPU).
+/// Threads doing the workloads' blocking work at once: a burst of starts runs this many at
+/// a time (the host has few cores; a podman start is mostly CPU).
 pub const MAX_THREADS: usize = 4;
+/// Threads kept apart for the agent's own work (state writes, server requests, the cluster
+/// prune), so slow workload stops never hold up a heartbeat or a record.
+pub const MAX_CONTROL_THREADS: usize = 2;
+
+/// Which threads a job runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Workloads,
+    Control,
+}
 /// How long a thread waits for work before it leaves.
 const IDLE: Duration = Duration::from_secs(2);
 
@@ -31,13 +41,22 @@ struct Queue {
 struct Pool {
     queue: Mutex<Queue>,
     wake: Condvar,
+    max: usize,
+    name: &'static str,
 }
 
-fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool {
+fn pool(class: Class) -> &'static Pool {
+    static WORKLOADS: OnceLock<Pool> = OnceLock::new();
+    static CONTROL: OnceLock<Pool> = OnceLock::new();
+    let (cell, max, name) = match class {
+        Class::Workloads => (&WORKLOADS, MAX_THREADS, "dwng-blocking"),
+        Class::Control => (&CONTROL, MAX_CONTROL_THREADS, "dwng-control"),
+    };
+    cell.get_or_init(|| Pool {
         queue: Mutex::new(Queue::default()),
         wake: Condvar::new(),
+        max,
+        name,
     })
 }
 
@@ -55,11 +74,11 @@ impl Pool {
             self.wake.notify_one();
         }
         // More jobs waiting than idle threads to take them: one more thread, up to the cap.
-        if q.jobs.len() > q.idle && q.threads < MAX_THREADS {
+        if q.jobs.len() > q.idle && q.threads < self.max {
             q.threads += 1;
             drop(q);
             let spawned = std::thread::Builder::new()
-                .name("dwng-blocking".into())
+                .name(self.name.into())
                 .spawn(move || self.work());
             if let Err(e) = spawned {
                 // The queued job waits for a running thread; with none, the next submit retries.
@@ -93,7 +112,9 @@ impl Pool {
     }
 }
 
-fn run(job: Job) {
+/// Runs `job`, logging a panic instead of passing it on (for callers that run several jobs
+/// in one pool job, like a lane).
+pub fn run(job: impl FnOnce()) {
     if let Err(panic) = catch_unwind(AssertUnwindSafe(job)) {
         let what = panic
             .downcast_ref::<&str>()
@@ -104,25 +125,26 @@ fn run(job: Job) {
     }
 }
 
-/// Runs `f` on the pool; the future ends with its result, or `None` if it panicked.
+/// Runs `f` on the workloads' threads; the future ends with its result, or `None` if it
+/// panicked.
 pub fn unblock<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> impl Future<Output = Option<T>> {
     let (tx, rx) = async_channel::bounded(1);
-    pool().submit(Box::new(move || {
+    spawn(Class::Workloads, move || {
         let _ = tx.try_send(f());
-    }));
+    });
     async move { rx.recv().await.ok() }
 }
 
-/// Runs `f` on the pool without waiting for it.
-pub fn spawn(f: impl FnOnce() + Send + 'static) {
-    pool().submit(Box::new(f));
+/// Runs `f` on the class's threads without waiting for it.
+pub fn spawn(class: Class, f: impl FnOnce() + Send + 'static) {
+    pool(class).submit(Box::new(f));
 }
 
-/// Threads the pool has now (for tests and the benchmark's explanation).
-pub fn threads() -> usize {
-    pool().lock().threads
+/// Threads of a class now (for tests).
+pub fn threads(class: Class) -> usize {
+    pool(class).lock().threads
 }
 
 #[cfg(test)]
@@ -160,9 +182,9 @@ mod tests {
         assert!(most <= MAX_THREADS, "{most} jobs ran at once");
 
         let deadline = Instant::now() + IDLE * 5;
-        while threads() > 0 && Instant::now() < deadline {
+        while threads(Class::Workloads) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert_eq!(threads(), 0, "idle threads stayed");
+        assert_eq!(threads(Class::Workloads), 0, "idle threads stayed");
     }
 }

@@ -183,7 +183,8 @@ fn a_kernel_notification_evicts_while_the_sampler_sleeps() {
     // The agent samples once at start and then every 30 s: an eviction within seconds of the
     // breach cannot have come from its sampling period.
     let hold = |mb: u32| format!("big=$(head -c {mb}000000 /dev/zero | tr '\\0' x); sleep 600");
-    let res = "        requests: {memory: 8Mi}\n";
+    // The budget, not DEFAULT_LIMITS (half of it), is what the spike must run into.
+    let res = "        requests: {memory: 8Mi}\n        limits: {memory: 200Mi}\n";
     let steady = workload("steady", &hold(40), 10, res);
     let mut a = agent_with_budget(&format!("workloads:\n{steady}"), 100);
     a.extra_env

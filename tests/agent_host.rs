@@ -12,6 +12,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 fn main() {
     harness::main(&[
         test(
+            "sighup_reloads_the_configuration_in_place",
+            ROOT_CGROUPS,
+            sighup_reloads_the_configuration_in_place,
+        ),
+        test(
             "memory_hog_is_oom_killed_and_restarted_with_backoff",
             ROOT_CGROUPS,
             memory_hog_is_oom_killed_and_restarted_with_backoff,
@@ -355,4 +360,58 @@ fn a_workload_desired_again_during_its_stop_runs_again() {
             .contains(&Agent::workload(&s, "stubborn").unwrap().pid.unwrap()),
         "the new run lives in its cgroup"
     );
+}
+
+/// SIGHUP re-reads the configuration file: a workload without limits gets the new
+/// DEFAULT_LIMITS in place (same process, the cgroup's limit moved); SIGTERM still stops the
+/// agent cleanly after a burst of SIGHUPs.
+fn sighup_reloads_the_configuration_in_place() {
+    use nix::sys::signal::Signal;
+    let mut a = Agent::new(BIN, &desired(&[shell("web", "exec sleep 100000", "")]));
+    let conf = a.dir.path().join("config.yaml");
+    std::fs::write(&conf, "DEFAULT_LIMITS: memory=64Mi\n").unwrap();
+    a.extra_args = vec!["--config".into(), conf.clone().into()];
+    a.start();
+    let limit = |s: &device_worker_ng::status::Snapshot| {
+        Agent::workload(s, "web")
+            .filter(|w| w.state == "running")
+            .and_then(|w| Some((w.limits.memory_bytes?, w.pid?)))
+    };
+    let s = a.wait_for("web running with 64Mi", Duration::from_secs(10), |s| {
+        limit(s).is_some_and(|(m, _)| m == 64 << 20)
+    });
+    let (_, pid) = limit(&s).unwrap();
+    let in_cgroup = || {
+        a.cgroup_file("web", "memory.limit_in_bytes")
+            .parse::<u64>()
+            .ok()
+            .or_else(|| a.cgroup_file("web", "memory.max").parse().ok())
+    };
+    assert_eq!(in_cgroup(), Some(64 << 20));
+
+    std::fs::write(&conf, "DEFAULT_LIMITS: memory=48Mi\n").unwrap();
+    a.signal(Signal::SIGHUP);
+    let s = a.wait_for(
+        "web's default limit is 48Mi",
+        Duration::from_secs(10),
+        |s| limit(s).is_some_and(|(m, _)| m == 48 << 20),
+    );
+    assert_eq!(limit(&s).unwrap().1, pid, "not restarted");
+    wait_until(
+        "the cgroup's limit moved",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || in_cgroup() == Some(48 << 20),
+    );
+    assert!(
+        a.log().contains("DEFAULT_LIMITS") || a.log().contains("reload"),
+        "{}",
+        a.log()
+    );
+
+    for _ in 0..5 {
+        a.signal(Signal::SIGHUP);
+    }
+    let st = a.terminate().unwrap();
+    assert!(st.success(), "{st:?}\n{}", a.log());
 }

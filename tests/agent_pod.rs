@@ -131,6 +131,25 @@ fn pod_from_the_server_runs_is_reported_adopted_and_removed() {
         Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid == Some(pid))
     });
 
+    // The adopted pod's container is killed: its exit code comes from podman (issue 11
+    // defect 3: it was "status unknown" for an adopted run), and the pod is restarted.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let s = a.wait_for("restarted after the kill", Duration::from_secs(60), |s| {
+        Agent::workload(s, "e2e-web").is_some_and(|w| w.state == "running" && w.pid != Some(pid))
+    });
+    let end = s
+        .transitions
+        .iter()
+        .find(|t| t.machine == "workload/e2e-web" && t.from == "running")
+        .map(|t| t.reason.clone())
+        .unwrap_or_default();
+    assert!(end.starts_with("exited with code 137"), "{end}");
+    let pid = Agent::workload(&s, "e2e-web").unwrap().pid.unwrap();
+
     // Updated: a changed spec redeploys the pod (new process, new output); the same spec
     // sent again (a new version only) does not.
     server.set_configuration(ID, pod_config("e2e-web", "echo v2 pw=$PASSWORD; sleep 600"));
@@ -190,78 +209,9 @@ fn crash_looping_pod_is_marked_broken() {
     assert_eq!(s.device.state, "degraded");
 }
 
-/// An unprivileged user for rootless podman: created with subordinate ids if missing.
-fn rootless_user() -> Result<(String, u32), String> {
-    const USER: &str = "dwng-rootless";
-    let id = || {
-        Command::new("id")
-            .args(["-u", USER])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .parse::<u32>()
-                    .ok()
-            })
-    };
-    if id().is_none() {
-        let st = Command::new("useradd")
-            .args(["-m", "-s", "/bin/sh", USER])
-            .status()
-            .map_err(|e| format!("useradd: {e}"))?;
-        if !st.success() {
-            return Err("useradd failed".into());
-        }
-    }
-    let uid = id().ok_or("no uid")?;
-    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-    if !subuid.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
-        let st = Command::new("usermod")
-            .args([
-                "--add-subuids",
-                "400000-465535",
-                "--add-subgids",
-                "400000-465535",
-                USER,
-            ])
-            .status()
-            .map_err(|e| format!("usermod: {e}"))?;
-        if !st.success() {
-            return Err("usermod --add-subuids failed".into());
-        }
-    }
-    // The test image for that user's own image store.
-    let script = podman::build_script();
-    let run = format!("/run/user/{uid}");
-    std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
-    let _ = Command::new("chown")
-        .args([&format!("{uid}:{uid}"), &run])
-        .status();
-    let _ = Command::new("chmod").args(["700", &run]).status();
-    let st = Command::new("runuser")
-        .args([
-            "-u",
-            USER,
-            "--",
-            "env",
-            &format!("XDG_RUNTIME_DIR={run}"),
-            &format!("HOME=/home/{USER}"),
-            "sh",
-        ])
-        .arg(&script)
-        .current_dir("/")
-        .status()
-        .map_err(|e| format!("runuser: {e}"))?;
-    if !st.success() {
-        return Err(format!("cannot build {IMAGE} for {USER}"));
-    }
-    Ok((USER.to_string(), uid))
-}
-
 fn rootless_pod_runs_as_the_configured_user() {
-    let (user, uid) = rootless_user().unwrap_or_else(|why| panic!("the rootless user: {why}"));
+    let (user, uid) =
+        podman::rootless_user().unwrap_or_else(|why| panic!("the rootless user: {why}"));
     let spec = format!(
         "containers:\n- name: app\n  image: {IMAGE}\n  command: [\"sh\", \"-c\", \"sleep 600\"]\n  resources:\n    limits: {{memory: 64Mi}}\n"
     );

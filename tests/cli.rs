@@ -1,8 +1,11 @@
-//! The command line without root: configuration errors and `status` without an agent.
+//! The command line without root: configuration errors, `status` without an agent, and
+//! `logs` over files laid out as the shell driver's log writer leaves them.
 
 use std::process::Command;
+use std::time::Duration;
 
 use dwng_test_support::harness::{self, test, Need};
+use dwng_test_support::lines::Lines;
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 /// The identity test makes its certificates the way operators do.
@@ -20,6 +23,16 @@ fn main() {
             "status_without_an_agent_says_so",
             &[],
             status_without_an_agent_says_so,
+        ),
+        test(
+            "logs_tail_spans_the_rotation_and_follow_survives_one",
+            &[],
+            logs_tail_spans_the_rotation_and_follow_survives_one,
+        ),
+        test(
+            "logs_refuses_names_that_are_no_names",
+            &[],
+            logs_refuses_names_that_are_no_names,
         ),
         test(
             "bootstrap_identity_that_can_never_work_exits_78_with_its_reason",
@@ -99,6 +112,11 @@ fn configuration_errors_exit_78_with_one_line() {
             vec!["run"],
             vec![("EDGE_DEVICE_DESIRED_STATE", "/nonexistent/desired.yaml")],
             "DESIRED_STATE (/nonexistent/desired.yaml): no such file",
+        ),
+        (
+            vec!["run", "--set", "WORKLOAD_LOG_MAX=4Ki"],
+            vec![],
+            "WORKLOAD_LOG_MAX: must be at least 128Ki",
         ),
     ];
     for (args, env, expected) in cases {
@@ -261,4 +279,66 @@ fn bootstrap_identity_that_can_never_work_exits_78_with_its_reason() {
         assert_eq!(ours.len(), 1, "one line: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+fn logs_tail_spans_the_rotation_and_follow_survives_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::write(logs.join("w.log.1"), "one\ntwo\nthree\n").unwrap();
+    std::fs::write(logs.join("w.log"), "four\nfive\n").unwrap();
+    let state = dir.path().to_str().unwrap();
+    let env = [("EDGE_DEVICE_STATE_DIR", state)];
+    assert_eq!(
+        run(&["logs", "w"], &env),
+        (0, "one\ntwo\nthree\nfour\nfive\n".into(), String::new())
+    );
+    assert_eq!(
+        run(&["logs", "w", "--tail", "3"], &env).1,
+        "three\nfour\nfive\n"
+    );
+    assert_eq!(run(&["logs", "w", "--tail", "1"], &env).1, "five\n");
+
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("EDGE_DEVICE_STATE_DIR", state)
+        .args(["logs", "w", "--tail", "1", "--follow"]);
+    let follow = Lines::spawn(cmd);
+    let next = || follow.next(Duration::from_secs(10));
+    assert_eq!(next().as_deref(), Some("five"));
+    let append = |text: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(logs.join("w.log"))
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    append("six\n");
+    assert_eq!(next().as_deref(), Some("six"));
+    // Rotated as the log writer does it: what came before the rotation and after both show.
+    append("seven\n");
+    std::fs::rename(logs.join("w.log"), logs.join("w.log.1")).unwrap();
+    append("eight\n");
+    assert_eq!(next().as_deref(), Some("seven"));
+    assert_eq!(next().as_deref(), Some("eight"));
+}
+
+fn logs_refuses_names_that_are_no_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.log"), "not yours\n").unwrap();
+    let env = [("EDGE_DEVICE_STATE_DIR", dir.path().to_str().unwrap())];
+    for name in ["../secret", "/etc/passwd", "Upper", ""] {
+        let (code, out, err) = run(&["logs", name], &env);
+        assert_eq!(code, 1, "{name}: {err}");
+        assert!(out.is_empty(), "{name}: {out}");
+        assert!(err.contains("is not a workload name"), "{name}: {err}");
+    }
+    let (code, _, err) = run(&["logs", "absent"], &env);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no output recorded for workload absent"),
+        "{err}"
+    );
 }

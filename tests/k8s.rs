@@ -105,6 +105,7 @@ fn defaults() -> SpecDefaults {
     SpecDefaults {
         workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
+        ..Default::default()
     }
 }
 
@@ -595,6 +596,7 @@ fn the_driver_dispatch_runs_k8s_workloads_without_a_process() {
         rootless_user: None,
         xdg_runtime_dir: None,
         kubeconfig: Some(fake.kubeconfig(None)),
+        log_max: 10 << 20,
     });
     let name = WorkloadName::parse("disp").unwrap();
     let cgroup = Hierarchy::new(layout, "dwng", Some(dir.path().join("dwng"))).workload(&name);

@@ -158,6 +158,7 @@ fn defaults() -> SpecDefaults {
     SpecDefaults {
         workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
+        ..Default::default()
     }
 }
 

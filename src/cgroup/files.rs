@@ -132,6 +132,10 @@ impl CounterReader {
     pub fn sweep(&mut self) {
         if let Some(cache) = &mut self.cache {
             cache.retain(|_, (_, used)| std::mem::replace(used, false));
+            // After many workloads are gone, the table shrinks with them.
+            if cache.capacity() > 2 * cache.len() + 32 {
+                cache.shrink_to_fit();
+            }
         }
     }
 

@@ -266,13 +266,50 @@ impl WorkloadCgroup {
         })
     }
 
+    /// The child cgroup a shell workload's log writer runs in (`drivers::output`): its
+    /// memory, cpu and pids count as the workload's (controllers account hierarchically),
+    /// but it is not among the workload's own processes, so stopping the workload never
+    /// signals it: it writes the workload's last words and ends when their pipe closes.
+    pub fn log_writer(&self) -> WorkloadCgroup {
+        let child = |d: &Path| d.join(LOG_WRITER);
+        match self {
+            WorkloadCgroup::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+                sealed,
+            } => WorkloadCgroup::V1 {
+                memory: child(memory),
+                cpu: child(cpu),
+                cpuacct: child(cpuacct),
+                pids: child(pids),
+                sealed: *sealed,
+            },
+            WorkloadCgroup::V2 { dir, sealed } => WorkloadCgroup::V2 {
+                dir: child(dir),
+                sealed: *sealed,
+            },
+        }
+    }
+
+    /// Whether any process is in the cgroup (a missing cgroup has none).
+    pub fn has_processes(&self) -> bool {
+        self.pids().is_ok_and(|p| !p.is_empty())
+    }
+
     /// Sends `signal` to every process in the cgroup; returns how many were signalled.
     pub fn signal_all(&self, signal: Signal) -> Result<usize, CgroupError> {
         if signal == Signal::SIGKILL {
             if let WorkloadCgroup::V2 { dir, .. } = self {
-                // cgroup.kill (5.14+) kills atomically, including processes forked meanwhile.
+                // cgroup.kill (5.14+) kills atomically, including processes forked meanwhile,
+                // but the whole subtree: not while a log writer still drains the output (the
+                // loop in `kill_all` catches forks one round later, bounded by pids.max).
                 let kill = dir.join("cgroup.kill");
-                if kill.exists() && files::write(&kill, "1").is_ok() {
+                if kill.exists()
+                    && !self.log_writer().has_processes()
+                    && files::write(&kill, "1").is_ok()
+                {
                     return Ok(self.pids()?.len());
                 }
             }
@@ -337,12 +374,39 @@ impl WorkloadCgroup {
         if self.dirs().iter().all(|d| d.join("cgroup.procs").exists()) {
             self.kill_all()?;
         }
+        self.retire_log_writer()?;
         for d in self.dirs() {
             remove_dir_retrying(d)?;
         }
         Ok(())
     }
+
+    /// Waits (briefly) for the log writer of an earlier run to write what is left in its
+    /// pipe and end, kills it if it does not, and removes its cgroup. Call it once the
+    /// workload's own processes are gone: their end is the end of the writer's input.
+    pub fn retire_log_writer(&self) -> Result<(), CgroupError> {
+        let writer = self.log_writer();
+        if !writer.dirs().iter().any(|d| d.exists()) {
+            return Ok(());
+        }
+        if writer.has_processes() && !writer.wait_empty(LOG_WRITER_DRAIN)? {
+            writer.kill_all()?;
+        }
+        for d in writer.dirs() {
+            remove_dir_retrying(d)?;
+        }
+        Ok(())
+    }
 }
+
+/// The child cgroup of a workload's log writer ([`WorkloadCgroup::log_writer`]). It cannot
+/// clash with a workload's name: it lives inside a workload's cgroup, not beside the others.
+const LOG_WRITER: &str = "log-writer";
+
+/// How long a log writer may take to write what its pipe still holds once the workload's
+/// processes are gone (a pipe holds at most 1 MiB; a writer is usually done in
+/// milliseconds).
+const LOG_WRITER_DRAIN: Duration = Duration::from_secs(2);
 
 /// rmdir on a cgroup can fail with EBUSY for a moment after its last process exited (the
 /// kernel still tears the task down); retry briefly.

@@ -40,6 +40,7 @@ enum Kind {
     Fraction,
     IdRange,
     ProxyUrl,
+    DefaultLimits,
 }
 
 impl Kind {
@@ -60,6 +61,9 @@ impl Kind {
                 "a range of ids like 524288-589823 (at least 1000 ids, none below 1000)"
             }
             Kind::ProxyUrl => "an http:// proxy URL like http://proxy.example:3128",
+            Kind::DefaultLimits => {
+                "limits like memory=50%,cpu=1,pids=1024 (a quantity or a percentage of the budget; none: no defaults)"
+            }
         }
     }
 }
@@ -206,6 +210,12 @@ pub const KEYS: &[KeySpec] = &[
         "most workloads a desired state may hold; the rest are refused unread"
     ),
     key!(
+        "WORKLOAD_LOG_MAX",
+        Memory,
+        Some("10Mi"),
+        "most output of one shell workload kept in STATE_DIR/logs (its log and the one rotated file together; read at start)"
+    ),
+    key!(
         "RESTART_BACKOFF_INITIAL",
         Duration,
         Some("1s"),
@@ -307,6 +317,12 @@ pub const KEYS: &[KeySpec] = &[
         None,
         "file the agent rewrites each sample with its metrics in Prometheus text format (for node_exporter's textfile collector); unset = none"
     ),
+    key!(
+        "DEFAULT_LIMITS",
+        DefaultLimits,
+        Some("memory=50%,pids=1024"),
+        "limits of shell and pod workloads that declare none (memory, cpu: a quantity or a % of the budget; pids); none: no defaults"
+    ),
 ];
 
 /// Where a value came from, for error messages.
@@ -401,6 +417,7 @@ pub struct Settings {
     pub workload_user: Option<String>,
     pub workload_uids: Option<(u32, u32)>,
     pub max_workloads: usize,
+    pub workload_log_max: u64,
     pub restart_backoff_initial: Duration,
     pub restart_backoff_max: Duration,
     pub restart_max_failures: u32,
@@ -421,6 +438,7 @@ pub struct Settings {
     pub metrics_textfile: Option<PathBuf>,
     /// The configuration files read, in the order applied (the file, then its drop-ins).
     pub files: Vec<PathBuf>,
+    pub default_limits: DefaultLimits,
     /// Where each key's value came from (shown by `status`, useful when debugging precedence).
     pub sources: BTreeMap<&'static str, Source>,
 }
@@ -576,6 +594,7 @@ enum Value {
     Quantity(u64),
     Fraction(f64),
     Range(u32, u32),
+    DefaultLimits(DefaultLimits),
 }
 
 fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Value, ConfigError> {
@@ -671,7 +690,79 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Fraction(v)
         }
+        Kind::DefaultLimits => Value::DefaultLimits(DefaultLimits::parse(raw).ok_or_else(wrong)?),
     })
+}
+
+/// A default memory or cpu limit: a quantity, or a share of the device budget (which differs
+/// from device to device, so one setting fits a fleet).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Share {
+    Quantity(u64),
+    OfBudget(f64),
+}
+
+impl Share {
+    fn resolve(self, budget: u64) -> u64 {
+        match self {
+            Share::Quantity(q) => q,
+            Share::OfBudget(f) => (budget as f64 * f) as u64,
+        }
+    }
+}
+
+/// DEFAULT_LIMITS: the limits a workload gets for what it does not declare itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DefaultLimits {
+    pub memory: Option<Share>,
+    pub cpu: Option<Share>,
+    pub pids: Option<u64>,
+}
+
+impl DefaultLimits {
+    /// `memory=50%,cpu=1,pids=1024` (any of them, in any order), or `none`.
+    fn parse(raw: &str) -> Option<DefaultLimits> {
+        let raw = raw.trim();
+        let mut out = DefaultLimits::default();
+        if raw.eq_ignore_ascii_case("none") {
+            return Some(out);
+        }
+        let share = |v: &str, parse: fn(&str) -> Result<u64, units::UnitError>| {
+            let share = match v.strip_suffix('%') {
+                Some(p) => {
+                    let p: f64 = p.trim().parse().ok()?;
+                    (p > 0.0 && p <= 100.0).then_some(Share::OfBudget(p / 100.0))?
+                }
+                None => Share::Quantity(parse(v).ok().filter(|q| *q > 0)?),
+            };
+            Some(share)
+        };
+        for part in raw.split(',') {
+            let (k, v) = part.split_once('=')?;
+            let v = v.trim();
+            match k.trim() {
+                "memory" if out.memory.is_none() => {
+                    out.memory = Some(share(v, units::parse_memory)?)
+                }
+                "cpu" if out.cpu.is_none() => out.cpu = Some(share(v, units::parse_cpu)?),
+                "pids" if out.pids.is_none() => {
+                    out.pids = Some(v.parse::<u64>().ok().filter(|p| *p > 0)?)
+                }
+                _ => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// The limits for a device whose workload budget is `memory_budget` bytes and
+    /// `cpu_budget` millicores.
+    pub fn resolve(&self, memory_budget: u64, cpu_budget: u64) -> crate::cgroup::Limits {
+        crate::cgroup::Limits {
+            memory_bytes: self.memory.map(|s| s.resolve(memory_budget)),
+            cpu_millicores: self.cpu.map(|s| s.resolve(cpu_budget).max(1)),
+            pids: self.pids,
+        }
+    }
 }
 
 /// A lowercase RFC 1123 DNS label sequence, as Kubernetes object names require (PROTOCOL §1.3).
@@ -774,6 +865,7 @@ impl Settings {
             workload_user: take.text("WORKLOAD_USER"),
             workload_uids: take.range("WORKLOAD_UIDS"),
             max_workloads: take.quantity("MAX_WORKLOADS") as usize,
+            workload_log_max: take.quantity("WORKLOAD_LOG_MAX"),
             restart_backoff_initial: take.duration("RESTART_BACKOFF_INITIAL"),
             restart_backoff_max: take.duration("RESTART_BACKOFF_MAX"),
             restart_max_failures: take.quantity("RESTART_MAX_FAILURES") as u32,
@@ -801,6 +893,7 @@ impl Settings {
                 .unwrap_or_default(),
             metrics_textfile: take.path("METRICS_TEXTFILE"),
             files,
+            default_limits: take.default_limits("DEFAULT_LIMITS"),
             sources,
         })
     }
@@ -813,6 +906,15 @@ impl Settings {
             path: path.to_path_buf(),
             why,
         };
+        if self.workload_log_max < crate::drivers::output::MIN_LOG_MAX {
+            return Err(ConfigError::Invalid {
+                key: "WORKLOAD_LOG_MAX",
+                why: format!(
+                    "must be at least {}",
+                    units::Bytes(crate::drivers::output::MIN_LOG_MAX)
+                ),
+            });
+        }
         if let Some(p) = &self.desired_state {
             std::fs::File::open(p).map_err(|e| path_err("DESIRED_STATE", p, io_why(&e)))?;
         }
@@ -898,6 +1000,12 @@ impl Taker {
         match self.0.remove(k) {
             Some(Value::Range(a, b)) => Some((a, b)),
             _ => None,
+        }
+    }
+    fn default_limits(&mut self, k: &str) -> DefaultLimits {
+        match self.0.remove(k) {
+            Some(Value::DefaultLimits(l)) => l,
+            _ => DefaultLimits::default(),
         }
     }
     fn quantity(&mut self, k: &str) -> u64 {

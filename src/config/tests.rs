@@ -351,3 +351,55 @@ fn proxy_settings() {
         );
     }
 }
+
+#[test]
+fn default_limits_take_quantities_and_shares_of_the_budget() {
+    let load = |v: &str| {
+        Settings::load(&Inputs {
+            env: env(&[("EDGE_DEVICE_DEFAULT_LIMITS", v)]),
+            ..Default::default()
+        })
+    };
+    let d = Settings::load(&Inputs::default()).unwrap().default_limits;
+    assert_eq!(d.memory, Some(Share::OfBudget(0.5)));
+    assert_eq!(d.cpu, None);
+    assert_eq!(d.pids, Some(1024));
+    let l = d.resolve(1 << 30, 2000);
+    assert_eq!(
+        (l.memory_bytes, l.cpu_millicores, l.pids),
+        (Some(512 << 20), None, Some(1024))
+    );
+    let d = load(" pids=64 , cpu=25%, memory=256Mi")
+        .unwrap()
+        .default_limits;
+    assert_eq!(
+        d.resolve(1 << 30, 2000),
+        crate::cgroup::Limits {
+            memory_bytes: Some(256 << 20),
+            cpu_millicores: Some(500),
+            pids: Some(64)
+        }
+    );
+    assert_eq!(
+        load("none").unwrap().default_limits,
+        DefaultLimits::default()
+    );
+    for bad in [
+        "",
+        "memory",
+        "memory=0",
+        "memory=150%",
+        "memory=lots",
+        "cpu=-1",
+        "pids=0",
+        "pids=10%",
+        "gpu=1",
+        "memory=1Gi,memory=2Gi",
+    ] {
+        let e = load(bad).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::WrongType { .. }) && e.to_string().contains("DEFAULT_LIMITS"),
+            "{bad:?}: {e}"
+        );
+    }
+}

@@ -21,17 +21,26 @@ pub enum Hold {
     Profile,
 }
 
-/// The requests a workload is counted with: its requests, else its limits (as Kubernetes
-/// defaults requests to limits), else nothing.
+/// The requests a workload is counted with: its requests, else the limits it declares (as
+/// Kubernetes defaults requests to limits), else nothing. A DEFAULT_LIMITS limit is a ceiling
+/// the device imposes, not a claim of the workload's: it is not counted.
 pub fn counted_requests(spec: &WorkloadSpec) -> (u64, u64) {
+    let declared =
+        |limit: Option<u64>, defaulted: Option<u64>| limit.filter(|_| defaulted.is_none());
     (
         spec.requests
             .memory_bytes
-            .or(spec.limits.memory_bytes)
+            .or(declared(
+                spec.limits.memory_bytes,
+                spec.default_limits.memory_bytes,
+            ))
             .unwrap_or(0),
         spec.requests
             .cpu_millicores
-            .or(spec.limits.cpu_millicores)
+            .or(declared(
+                spec.limits.cpu_millicores,
+                spec.default_limits.cpu_millicores,
+            ))
             .unwrap_or(0),
     )
 }

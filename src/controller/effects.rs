@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use async_channel::Sender;
 use tracing::{debug, error};
 
 use super::generation::Generation;
+use super::lanes::{Lane, LaneOp, WorkloadLanes};
 use super::session::{Request, SessionResult};
 use super::{Event, RunOutcome};
 use crate::cgroup::{Hierarchy, Limits, WorkloadCgroup};
@@ -39,6 +39,8 @@ pub enum DriverOp {
     },
     Cleanup {
         at: Placement,
+        /// Also delete its output (it left the desired state).
+        forget_output: bool,
     },
     /// New limits for a running workload (a profile's cpu quota), in place.
     SetLimits {
@@ -88,23 +90,61 @@ pub enum Write {
 
 /// What a finished write was about: enough to act on its result, without carrying (and
 /// dropping on the controller task) the whole of what was written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Written {
     pub what: String,
     pub state_dir: bool,
-    /// The record written, for a record (so a failed one can be written again).
-    pub record: Option<WorkloadRecord>,
+    /// The workload whose record was written or removed.
+    pub record_of: Option<WorkloadName>,
+    /// The file of STATE_DIR (other than a record) it wrote or removed.
+    pub file: Option<&'static str>,
+    /// A failed write of such a file (not the outbox, which is kept in memory anyway) comes
+    /// back whole, to be redone once STATE_DIR can be written again.
+    pub failed: Option<Box<Write>>,
 }
 
+/// [`Written::file`] of a reset's removal of the server state.
+pub const FORGET_SERVER_STATE: &str = "the server state";
+
 impl Write {
+    /// What comes back once the write finished, `failed` or not.
+    pub fn finished(self, failed: bool) -> Written {
+        let mut written = self.written();
+        let redo = written.file.is_some() && !matches!(self, Write::Outbox(_));
+        if failed && redo {
+            written.failed = Some(Box::new(self));
+        }
+        written
+    }
+
     fn written(&self) -> Written {
         Written {
             what: self.describe(),
             state_dir: self.is_state_dir(),
-            record: match self {
-                Write::Record(r) => Some(r.clone()),
+            record_of: match self {
+                Write::Record(r) => Some(r.name.clone()),
+                Write::RemoveRecord(n) => Some(n.clone()),
                 _ => None,
             },
+            file: self.file(),
+            failed: None,
+        }
+    }
+
+    /// Which file of STATE_DIR (other than a record) the write replaces: a later write of the
+    /// same file makes an earlier failure of it moot.
+    fn file(&self) -> Option<&'static str> {
+        match self {
+            Write::Desired(_) => Some("desired.json"),
+            Write::Outbox(_) => Some("outbox.json"),
+            Write::Applied(_) => Some("applied.json"),
+            Write::Disconnected(_) => Some("disconnected"),
+            Write::ForgetServerState => Some(FORGET_SERVER_STATE),
+            Write::Record(_)
+            | Write::RemoveRecord(_)
+            | Write::CapWorkloads(_)
+            | Write::SyncSecrets(_)
+            | Write::Metrics { .. } => None,
         }
     }
 
@@ -193,57 +233,13 @@ pub trait Effects {
     fn run(&mut self, effect: Effect);
 }
 
-/// A blocking operation queued on a lane.
-pub type LaneOp = Box<dyn FnOnce() + Send>;
-
-/// A queue of blocking operations run one at a time, in order, on the agent's pool.
-struct Lane {
-    tx: Sender<LaneOp>,
-    /// Queued or running operations (a retired lane is dropped once this is 0).
-    pending: Arc<AtomicUsize>,
-}
-
-impl Lane {
-    fn new() -> Lane {
-        let (tx, rx) = async_channel::unbounded::<LaneOp>();
-        smol::spawn(async move {
-            while let Ok(op) = rx.recv().await {
-                // A panicking operation is logged by the pool; the lane goes on with the next.
-                crate::pool::unblock(op).await;
-            }
-        })
-        .detach();
-        Lane {
-            tx,
-            pending: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    fn push(&self, op: LaneOp) {
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let _ = self.tx.try_send(Box::new(move || {
-            op();
-            pending.fetch_sub(1, Ordering::SeqCst);
-        }));
-    }
-
-    fn idle(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
-    }
-}
-
 /// What carries effects out on this host.
 pub struct RealEffects {
     tx: Sender<Event>,
     drivers: Arc<Drivers>,
     store: Store,
     hierarchy: Hierarchy,
-    lanes: HashMap<WorkloadName, Lane>,
-    /// Lanes of workloads that are gone, dropped once their last operation has run (a
-    /// workload desired again meanwhile gets its old lane back: a start never overtakes the
-    /// cleanup before it).
-    retired: Vec<WorkloadName>,
+    lanes: WorkloadLanes,
     watches: HashMap<WorkloadName, smol::Task<()>>,
     store_lane: Lane,
     session_lane: Lane,
@@ -268,34 +264,17 @@ impl RealEffects {
             drivers,
             store,
             hierarchy,
-            lanes: HashMap::new(),
-            retired: Vec::new(),
+            lanes: WorkloadLanes::default(),
             watches: HashMap::new(),
-            store_lane: Lane::new(),
-            session_lane: Lane::new(),
-            cluster_lane: Lane::new(),
+            store_lane: Lane::new(crate::pool::Class::Control),
+            session_lane: Lane::new(crate::pool::Class::Control),
+            cluster_lane: Lane::new(crate::pool::Class::Control),
             sampler,
         }
     }
 
-    fn lane(&mut self, name: &WorkloadName) -> &Lane {
-        self.retired.retain(|n| n != name);
-        self.lanes.entry(name.clone()).or_insert_with(Lane::new)
-    }
-
-    fn sweep_retired(&mut self) {
-        let lanes = &mut self.lanes;
-        self.retired.retain(|n| match lanes.get(n) {
-            Some(l) if !l.idle() => true,
-            _ => {
-                lanes.remove(n);
-                false
-            }
-        });
-    }
-
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
-        let (tx, drivers) = (self.tx.clone(), self.drivers.clone());
+        let (tx, drivers, store) = (self.tx.clone(), self.drivers.clone(), self.store.clone());
         let n = name.clone();
         let send = move |outcome: RunOutcome| {
             let _ = tx.send_blocking(Event::Run {
@@ -330,10 +309,17 @@ impl RealEffects {
                 }
                 send(RunOutcome::Stopped)
             }),
-            DriverOp::Cleanup { at } => Box::new(move || {
+            DriverOp::Cleanup { at, forget_output } => Box::new(move || {
                 let result = drivers.of(&at.kind).cleanup(&at);
                 if let Err(e) = &result {
                     error!(workload = %at.name, "cleaning up: {e}");
+                }
+                // On the workload's lane, after its log writer has ended with the cleanup:
+                // nothing writes the files any more, and a new run cannot have started yet.
+                if forget_output {
+                    if let Err(e) = store.remove_logs(&at.name) {
+                        error!(workload = %at.name, "removing its output: {e}");
+                    }
                 }
                 send(RunOutcome::CleanedUp(result.err().map(|e| e.to_string())))
             }),
@@ -351,7 +337,7 @@ impl RealEffects {
                 ))
             }),
         };
-        self.lane(&name).push(lane_op);
+        self.lanes.push(&name, lane_op);
     }
 
     fn persist(&mut self, w: Write) {
@@ -384,7 +370,7 @@ impl RealEffects {
                 .map_err(|e| e.to_string()),
             };
             let _ = tx.send_blocking(Event::Persisted {
-                written: Box::new(w.written()),
+                written: Box::new(w.finished(result.is_err())),
                 error: result.err(),
             });
         }));
@@ -393,6 +379,9 @@ impl RealEffects {
 
 impl Effects for RealEffects {
     fn run(&mut self, effect: Effect) {
+        // A lane retired while its last operation was still reporting is dropped at a later
+        // effect (there is one at least every sample), not kept for good.
+        self.lanes.sweep();
         match effect {
             Effect::Driver { name, gen, op } => {
                 debug!(workload = %name, run = %gen, "driver: {}", op.what());
@@ -426,10 +415,7 @@ impl Effects for RealEffects {
             Effect::Forget { name } => {
                 self.watches.remove(&name);
                 self.alerts.forget(&name);
-                if !self.retired.contains(&name) {
-                    self.retired.push(name);
-                }
-                self.sweep_retired();
+                self.lanes.retire(name);
             }
             Effect::Timer { after, event } => {
                 let tx = self.tx.clone();

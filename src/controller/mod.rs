@@ -16,6 +16,7 @@ pub mod admission;
 pub mod device;
 pub mod effects;
 pub mod generation;
+pub mod lanes;
 pub mod reports;
 pub mod resources;
 pub mod session;
@@ -305,11 +306,16 @@ impl<E: Effects> Controller<E> {
             hierarchy.base_display().display().to_string(),
         );
         let reports = reports::Reports::new(&store, session.is_some());
+        let resources = resources::Resources::new(&settings);
+        let mut session = session;
+        if let Some(s) = session.as_mut() {
+            s.set_defaults(workloads::spec_defaults(&settings, &resources.budget()));
+        }
         Controller {
             fx,
             st: State {
                 workloads: workloads::Workloads::new(&settings, hierarchy, store),
-                resources: resources::Resources::new(&settings),
+                resources,
                 device: device::DevicePart::new(),
                 session,
                 reports,
@@ -374,7 +380,13 @@ impl<E: Effects> Controller<E> {
                 disconnected,
             }));
             st.workloads.adopt_records(records, cx);
-            st.read_desired(true, cx);
+            if disconnected {
+                // A disconnected device runs nothing, whatever an earlier agent left behind
+                // (a desired.json written before the disconnect, runs to adopt).
+                cx.push(Internal::WipeWorkloads);
+            } else {
+                st.read_desired(true, cx);
+            }
             if let Some(s) = st.session.as_mut() {
                 s.boot(cx);
             }
@@ -388,6 +400,10 @@ impl<E: Effects> Controller<E> {
                 self.with_cx(|st, cx| st.internal(i, cx));
             }
             if !self.admission_due {
+                // A burst (hundreds of workloads at once) grows the queue; it shrinks back.
+                if self.queue.capacity() > 256 {
+                    self.queue.shrink_to(32);
+                }
                 return;
             }
             self.admission_due = false;
@@ -502,6 +518,11 @@ impl<E: Effects> Controller<E> {
 }
 
 impl State {
+    /// What specs fall back to: the settings, DEFAULT_LIMITS resolved against the budget.
+    fn spec_defaults(&self) -> crate::workload::SpecDefaults {
+        workloads::spec_defaults(&self.settings, &self.resources.budget())
+    }
+
     /// Runs `f` on the session (if there is one) with what it reads of the other parts.
     fn with_session(
         &mut self,
@@ -532,7 +553,11 @@ impl State {
                 self.workloads.shed_load(used, &budget, cx)
             }
             Internal::Readmit => self.workloads.readmit(cx),
-            Internal::WipeWorkloads => self.workloads.wipe(cx),
+            Internal::WipeWorkloads => {
+                self.workloads.wipe(cx);
+                // Nothing for a restarted agent to deploy from STATE_DIR either.
+                cx.push(Internal::Persist(Write::Desired(DesiredState::default())));
+            }
             Internal::ProfilesChanged => self
                 .workloads
                 .profiles_changed(&self.resources.profiles, cx),
@@ -561,7 +586,7 @@ impl State {
             path,
             fallback: at_start,
             serverless: self.session.is_none(),
-            defaults: workloads::spec_defaults(&self.settings),
+            defaults: self.spec_defaults(),
             max_workloads: self.settings.max_workloads,
         }));
     }
@@ -587,13 +612,21 @@ impl State {
     }
 
     /// Applies a validated desired state (from the file or the server).
-    pub(crate) fn apply_desired(&mut self, raw: DesiredState, v: ValidatedDesired, cx: &mut Ctx) {
+    pub(crate) fn apply_desired(
+        &mut self,
+        raw: DesiredState,
+        mut v: ValidatedDesired,
+        cx: &mut Ctx,
+    ) {
         cx.push(Internal::Persist(Write::Desired(raw)));
-        let profiles = crate::profiles::DeviceProfiles::from_config(&v.profiles);
+        let mut profiles = std::mem::take(&mut v.profiles);
+        self.workloads.apply(v, cx);
+        // The workloads' own profiles: those of the specs that run, refused updates included.
+        profiles.extend(self.workloads.inline_profiles());
+        let profiles = crate::profiles::DeviceProfiles::from_config(&profiles);
         if self.resources.set_profiles(profiles) {
             cx.push(Internal::ProfilesChanged);
         }
-        self.workloads.apply(v, cx);
         cx.push(Internal::Device(DeviceEvent::DesiredStateApplied));
     }
 
@@ -620,6 +653,7 @@ impl State {
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
+        self.reports.retry_storage(at, &self.workloads, cx);
         self.give_back_memory();
         if let Some(p) = pressure {
             cx.push(Internal::Device(match p {
@@ -691,6 +725,10 @@ impl State {
                 ) = keep;
                 self.workloads.reconfigure(&self.settings);
                 self.resources.reconfigure(&self.settings);
+                let defaults = self.spec_defaults();
+                if let Some(session) = self.session.as_mut() {
+                    session.reconfigure(defaults);
+                }
                 info!("configuration reloaded");
                 self.read_desired(false, cx);
             }

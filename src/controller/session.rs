@@ -357,7 +357,17 @@ pub struct SessionPart {
     jitter: Jitter,
     defaults: SpecDefaults,
     max_workloads: usize,
+    /// Renewals that failed in a row, and when the certificate's age may ask for the next
+    /// one: until then polls go on with the current certificate, which is still good (a 401
+    /// renews at once regardless).
+    renewal_failures: u32,
+    renew_not_before: Option<Instant>,
 }
+
+/// First wait after a failed renewal that the certificate's age asked for, and its cap: the
+/// certificate has a quarter of its lifetime left (days), the server is not to be pressed.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
+const RENEWAL_RETRY_CAP: Duration = Duration::from_secs(3600);
 
 fn timer_index(t: Timer) -> usize {
     match t {
@@ -426,8 +436,11 @@ impl SessionPart {
             timers: Default::default(),
             next_attempt: None,
             jitter: Jitter::new(),
-            defaults: super::workloads::spec_defaults(settings),
+            // Set by the controller, which knows the budget (Controller::new, reload).
+            defaults: SpecDefaults::default(),
             max_workloads: settings.max_workloads,
+            renewal_failures: 0,
+            renew_not_before: None,
         };
         match s.identity.load()? {
             LoadedIdentity::None => {
@@ -463,6 +476,23 @@ impl SessionPart {
         Ok(())
     }
 
+    /// The defaults specs are validated with (at start).
+    pub fn set_defaults(&mut self, defaults: SpecDefaults) {
+        self.defaults = defaults;
+    }
+
+    /// New defaults for specs (a reload): a configuration validated with other defaults is
+    /// validated again at the next poll, even if the server's is unchanged.
+    pub fn reconfigure(&mut self, defaults: SpecDefaults) {
+        let changed = self.defaults.default_limits != defaults.default_limits
+            || self.defaults.backoff != defaults.backoff
+            || self.defaults.workload_user != defaults.workload_user;
+        self.defaults = defaults;
+        if changed {
+            self.applied.fingerprint.clear();
+        }
+    }
+
     /// Holds a device certificate the server may still accept (an expired one can renew).
     pub fn has_certificate(&self) -> bool {
         self.client.is_some()
@@ -491,6 +521,8 @@ impl SessionPart {
         self.cert_gen.bump();
         self.applied = Applied::default();
         self.disconnected_at_boot = false;
+        self.renewal_failures = 0;
+        self.renew_not_before = None;
         reports.clear_outbox();
         cx.push(Internal::Persist(Write::ForgetServerState));
         self.feed_bare(&SessionEvent::Reset, cx);
@@ -543,7 +575,8 @@ impl SessionPart {
             Timer::Enrol => SessionEvent::EnrolDue,
             Timer::Poll => SessionEvent::PollDue {
                 renewal_due: self.cert.as_ref().is_some_and(|c| {
-                    let due = c.needs_renewal(SystemTime::now(), self.renew_at);
+                    let due = c.needs_renewal(SystemTime::now(), self.renew_at)
+                        && self.renew_not_before.map_or(true, |t| Instant::now() >= t);
                     if due {
                         info!("the device certificate is due for renewal");
                     }
@@ -642,6 +675,36 @@ impl SessionPart {
 
     /// Installs a registration's new pair (unproven until the server accepts it).
     fn registered(
+        &mut self,
+        renewal: bool,
+        result: Result<StoredIdentity, RegisterError>,
+        reports: &mut Reports,
+        cx: &mut Ctx,
+    ) -> Result<(), RequestError> {
+        let outcome = self.install(renewal, result, reports, cx);
+        if renewal {
+            self.renewal_outcome(outcome.is_ok());
+        }
+        outcome
+    }
+
+    /// After a renewal: a failed one holds back the next one the certificate's age asks for
+    /// (exponentially), so polls go on meanwhile; it used to renew again at every poll,
+    /// fetching no configuration and no disconnect for as long as the server refused.
+    fn renewal_outcome(&mut self, ok: bool) {
+        if ok {
+            self.renewal_failures = 0;
+            self.renew_not_before = None;
+            return;
+        }
+        self.renewal_failures = self.renewal_failures.saturating_add(1);
+        let wait = session::exponential(RENEWAL_RETRY, self.renewal_failures, RENEWAL_RETRY_CAP);
+        info!(next_in = ?wait, "polling on with the current certificate; renewing again after");
+        self.renew_not_before = Some(Instant::now() + wait);
+    }
+
+    /// Installs the pair a registration returned.
+    fn install(
         &mut self,
         renewal: bool,
         result: Result<StoredIdentity, RegisterError>,

@@ -3,7 +3,25 @@
 use super::effects::Effects;
 use super::{Controller, State};
 use crate::status::{AgentInfo, BudgetInfo, DeviceInfo, Snapshot, WorkloadInfo};
-use crate::workload::WorkloadKind;
+use crate::workload::{WorkloadKind, WorkloadSpec, POD_MEMORY_OVERHEAD};
+
+/// The spec's notices and the driver's, in one line.
+fn notice(spec: &[String], driver: &Option<String>) -> Option<String> {
+    let all: Vec<&str> = spec
+        .iter()
+        .map(String::as_str)
+        .chain(driver.as_deref())
+        .collect();
+    (!all.is_empty()).then(|| all.join("; "))
+}
+
+/// What a pod's memory limit adds to its containers' (their sum is what the spec declares).
+fn pod_overhead(s: &WorkloadSpec) -> Option<u64> {
+    (s.kind == WorkloadKind::Pod
+        && s.limits.memory_bytes.is_some()
+        && s.default_limits.memory_bytes.is_none())
+    .then_some(POD_MEMORY_OVERHEAD)
+}
 
 /// One row per workload, then one per refused workload that has no entry.
 fn workload_rows(st: &State) -> Vec<WorkloadInfo> {
@@ -35,7 +53,13 @@ fn workload_rows(st: &State) -> Vec<WorkloadInfo> {
                 usage: e.usage.clone(),
                 cgroup: (e.kind != WorkloadKind::K8s)
                     .then(|| e.cgroup.display_path().display().to_string()),
-                notice: e.notice.clone(),
+                notice: notice(e.spec.as_ref().map_or(&[][..], |s| &s.notices), &e.notice),
+                default_limits: e
+                    .spec
+                    .as_ref()
+                    .map(|s| s.default_limits)
+                    .unwrap_or_default(),
+                pod_overhead_bytes: e.spec.as_ref().and_then(pod_overhead),
                 log: (e.kind == WorkloadKind::Shell)
                     .then(|| st.workloads.store().log_path(name).display().to_string()),
                 uid: e.uid,
@@ -65,6 +89,8 @@ fn workload_rows(st: &State) -> Vec<WorkloadInfo> {
             notice: None,
             log: None,
             uid: None,
+            default_limits: Default::default(),
+            pod_overhead_bytes: None,
         });
     }
     rows

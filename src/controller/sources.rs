@@ -27,26 +27,43 @@ pub fn every(tx: Sender<Event>, period: Duration, make: fn() -> Event) {
     .detach();
 }
 
-/// SIGTERM/SIGINT → Shutdown, SIGHUP → Reload, on a plain thread (no blocked signal masks
-/// that spawned workloads would inherit).
+/// SIGTERM/SIGINT → Shutdown, SIGHUP → Reload. The handlers only write a byte to a socket
+/// the reactor watches: no thread of their own, and no signal mask for workloads to inherit.
 pub fn signals(tx: Sender<Event>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for sig in signals.forever() {
-                let ev = if sig == SIGHUP {
-                    Event::Reload
-                } else {
-                    Event::Shutdown
-                };
-                if tx.send_blocking(ev).is_err() {
-                    break;
+    use signal_hook::low_level::pipe;
+    use smol::io::AsyncReadExt;
+    use std::os::unix::net::UnixStream;
+    let (stop, stop_w) = UnixStream::pair()?;
+    let (hup, hup_w) = UnixStream::pair()?;
+    pipe::register(SIGTERM, stop_w.try_clone()?)?;
+    pipe::register(SIGINT, stop_w)?;
+    pipe::register(SIGHUP, hup_w)?;
+    let (stop, hup) = (smol::Async::new(stop)?, smol::Async::new(hup)?);
+    smol::spawn(async move {
+        // Signals that come together are one event (a byte each; up to 16 read at once).
+        async fn next(
+            s: &'static str,
+            mut from: &smol::Async<UnixStream>,
+        ) -> std::io::Result<&'static str> {
+            let mut buf = [0u8; 16];
+            from.read(&mut buf).await.map(|_| s)
+        }
+        loop {
+            let ev = match smol::future::or(next("stop", &stop), next("hup", &hup)).await {
+                Ok("hup") => Event::Reload,
+                Ok(_) => Event::Shutdown,
+                Err(e) => {
+                    error!("signal watcher stopped: {e}");
+                    return;
                 }
+            };
+            if tx.send(ev).await.is_err() {
+                return;
             }
-        })?;
+        }
+    })
+    .detach();
     Ok(())
 }
 
@@ -128,12 +145,15 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
             };
             // A file renamed into place or closed by its writer is complete: read it now.
             // Anything else (truncated, half written, deleted) waits until it has been quiet
-            // for a while; more events within the quiet time restart the wait.
+            // for a while; more events of the file within the quiet time restart the wait,
+            // events of other files in its directory (the agent's own log, say) do not, or
+            // they could put the read off for as long as they go on.
+            let mut quiet_at = std::time::Instant::now() + DESIRED_QUIET;
             while touch == Touch::Busy {
                 let more = smol::future::or(
                     async { Some(inotify.read_with(|i| ours(i)).await) },
                     async {
-                        smol::Timer::after(DESIRED_QUIET).await;
+                        smol::Timer::at(quiet_at).await;
                         None
                     },
                 )
@@ -145,7 +165,11 @@ pub fn watch_file(tx: Sender<Event>, path: &Path) {
                         return;
                     }
                     Some(Ok(Touch::None)) => Touch::Busy,
-                    Some(Ok(t)) => t,
+                    Some(Ok(Touch::Busy)) => {
+                        quiet_at = std::time::Instant::now() + DESIRED_QUIET;
+                        Touch::Busy
+                    }
+                    Some(Ok(Touch::Done)) => Touch::Done,
                 };
             }
             if touch == Touch::Done && tx.send(Event::DesiredFileChanged).await.is_err() {

@@ -112,7 +112,7 @@ impl Harness {
         };
         let d = parse_desired(&text).unwrap();
         let s = &self.c.st.settings;
-        let v = d.validated(&workloads::spec_defaults(s), s.max_workloads);
+        let v = d.validated(&self.c.st.spec_defaults(), s.max_workloads);
         let gen = self.c.st.desired_gen;
         self.c.handle(Event::DesiredRead {
             gen,
@@ -735,4 +735,179 @@ fn the_cluster_is_pruned_at_the_first_desired_state_and_when_its_k8s_workloads_c
     assert_eq!(prunes(&h.take()), [["web"]], "the k8s workload changed");
     h.desired(&[]);
     assert_eq!(prunes(&h.take()), [Vec::<String>::new()], "none is desired");
+}
+
+#[test]
+fn default_limits_are_ceilings_not_claims_and_move_in_place() {
+    // Budget 1000 MiB: DEFAULT_LIMITS' 50% is 500 MiB for each workload that declares none.
+    let mut h = Harness::new(&[]);
+    let three = [
+        shell("a", "", "", ""),
+        shell("b", "", "", ""),
+        shell("c", "", "limits: {memory: 100Mi}", ""),
+    ];
+    h.desired(&three);
+    let starts: Vec<(String, crate::cgroup::Limits)> =
+        h.c.effects()
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Driver {
+                    name,
+                    op: DriverOp::Start { spec, .. },
+                    ..
+                } => Some((name.to_string(), spec.limits)),
+                _ => None,
+            })
+            .collect();
+    // Counted as claims, 500 + 500 + 100 MiB would not fit the budget.
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    assert_eq!(starts[0].1.memory_bytes, Some(500 * MI));
+    assert_eq!(starts[0].1.pids, Some(1024));
+    assert_eq!(starts[2].1.memory_bytes, Some(100 * MI), "declared");
+    h.start_all();
+    let snap = h.c.snapshot();
+    let a = snap.workloads.iter().find(|w| w.name == "a").unwrap();
+    assert_eq!(a.default_limits.memory_bytes, Some(500 * MI));
+    let c = snap.workloads.iter().find(|w| w.name == "c").unwrap();
+    assert_eq!(c.default_limits.memory_bytes, None);
+
+    // A reload with other defaults: the running workloads get them in place, no restart.
+    h.c.st
+        .inputs
+        .env
+        .push(("EDGE_DEVICE_DEFAULT_LIMITS".into(), "memory=25%".into()));
+    h.c.handle(Event::Reload);
+    h.take();
+    h.desired(&three);
+    let effects = h.take();
+    assert!(ops(&effects, "stop").is_empty(), "{effects:?}");
+    let moved: Vec<(String, Option<u64>)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Driver {
+                name,
+                op: DriverOp::SetLimits { limits, .. },
+                ..
+            } => Some((name.to_string(), limits.memory_bytes)),
+            _ => None,
+        })
+        .collect();
+    // `c` loses its default pids limit (the new defaults have none).
+    assert_eq!(
+        moved,
+        vec![
+            ("a".into(), Some(250 * MI)),
+            ("b".into(), Some(250 * MI)),
+            ("c".into(), Some(100 * MI))
+        ]
+    );
+}
+
+#[test]
+fn a_workload_defines_its_own_profile_by_annotation() {
+    let mut h = Harness::new(&[]);
+    h.desired(&[shell(
+        "gated",
+        "",
+        "",
+        "    annotations:\n      device-worker-ng.profiles: \"[{name: calm, conditions: [{name: low, expression: 'memory < 50%'}]}]\"\n",
+    )]);
+    assert_eq!(h.start_all(), vec!["gated"]);
+    assert!(h.c.st.resources.profiles.evaluation["gated:calm"]["low"]);
+    // Its own usage crosses the condition: it is stopped until the condition holds again.
+    h.sample(1000, &[("gated", 600 * MI)]);
+    assert_eq!(ops(&h.take(), "stop"), vec!["gated"]);
+    // Removed from the desired state, its profile goes with it.
+    h.desired(&[]);
+    assert!(h.c.st.resources.profiles.profiles.is_empty());
+}
+
+/// The writes among `effects`.
+fn writes(effects: Vec<Effect>) -> Vec<Write> {
+    effects
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Persist(w) => Some(*w),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_degrades_and_what_failed_is_written_again_as_it_is_by_then() {
+    let mut h = Harness::new(&[]);
+    let text = [shell("a", "", "", "")];
+    h.desired(&text);
+    h.start_all();
+    let record = h.c.st.workloads.record_of(&name("a")).unwrap();
+    let desired = parse_desired(&format!("workloads:\n{}", text.join(""))).unwrap();
+    let fail = |h: &mut Harness, w: Write| {
+        h.c.handle(Event::Persisted {
+            written: Box::new(w.finished(true)),
+            error: Some("No space left on device (os error 28)".into()),
+        });
+    };
+    fail(&mut h, Write::Record(record.clone()));
+    fail(&mut h, Write::Desired(desired.clone()));
+    let (state, reason) = h.c.device_state();
+    assert_eq!(state, "degraded");
+    assert!(
+        h.c.snapshot()
+            .device
+            .problems
+            .iter()
+            .any(|p| p.contains("STATE_DIR cannot be written") && p.contains("No space")),
+        "{reason}"
+    );
+    h.take();
+
+    // Tried again with the samples, at most every 10 s.
+    h.sample(5_000, &[]);
+    assert!(writes(h.take()).is_empty(), "not yet");
+    h.sample(11_000, &[]);
+    let again = writes(h.take());
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again
+        .iter()
+        .any(|w| matches!(w, Write::Record(r) if *r == record)));
+    assert!(again
+        .iter()
+        .any(|w| matches!(w, Write::Desired(d) if *d == desired)));
+
+    // One works: the problem clears.
+    let record_write = again
+        .into_iter()
+        .find(|w| matches!(w, Write::Record(_)))
+        .unwrap();
+    h.c.handle(Event::Persisted {
+        written: Box::new(record_write.finished(false)),
+        error: None,
+    });
+    assert_eq!(h.c.device_state().0, "reconciling");
+    assert!(h.c.snapshot().device.problems.is_empty());
+}
+
+#[test]
+fn a_failed_record_of_a_workload_gone_since_is_removed_not_rewritten() {
+    let mut h = Harness::new(&[]);
+    h.desired(&[shell("a", "", "", ""), shell("b", "", "", "")]);
+    h.start_all();
+    let record = h.c.st.workloads.record_of(&name("b")).unwrap();
+    h.c.handle(Event::Persisted {
+        written: Box::new(Write::Record(record).finished(true)),
+        error: Some("read-only file system".into()),
+    });
+    // b goes away meanwhile (its stop and cleanup as the driver would answer them).
+    h.desired(&[shell("a", "", "", "")]);
+    let gen = h.gen("b");
+    h.run("b", gen, RunOutcome::Stopped);
+    assert!(!h.c.st.workloads.entries().contains_key(&name("b")));
+    h.take();
+    h.sample(11_000, &[]);
+    let again = writes(h.take());
+    assert!(
+        matches!(again.as_slice(), [Write::RemoveRecord(n)] if *n == name("b")),
+        "{again:?}"
+    );
 }

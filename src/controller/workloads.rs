@@ -146,9 +146,13 @@ impl Entry {
     }
 }
 
-/// Agent-wide defaults every spec falls back to (from the settings).
-pub fn spec_defaults(settings: &Settings) -> SpecDefaults {
+/// Agent-wide defaults every spec falls back to (from the settings; DEFAULT_LIMITS' shares
+/// of the budget resolved against `budget`).
+pub fn spec_defaults(settings: &Settings, budget: &Budget) -> SpecDefaults {
     SpecDefaults {
+        default_limits: settings
+            .default_limits
+            .resolve(budget.memory_bytes, budget.cpu_millicores),
         workload_user: settings.workload_user.clone(),
         backoff: BackoffPolicy {
             initial: settings.restart_backoff_initial,
@@ -215,6 +219,16 @@ impl Workloads {
         &self.excess
     }
 
+    /// The device profiles the desired workloads define themselves (their profiles
+    /// annotation).
+    pub fn inline_profiles(&self) -> Vec<crate::flotta::messages::DeviceProfile> {
+        self.desired
+            .iter()
+            .flat_map(|d| d.values())
+            .flat_map(|s| s.scheduling.inline_profiles.iter().cloned())
+            .collect()
+    }
+
     pub fn desired_known(&self) -> bool {
         self.desired.is_some()
     }
@@ -244,6 +258,7 @@ impl Workloads {
         let order: Vec<WorkloadName> = specs.iter().map(|s| s.name.clone()).collect();
         let mut new: BTreeMap<WorkloadName, WorkloadSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.report_notices(&new, cx);
         let refused = self.keep_last_good(&rejected, &mut new, cx);
         for (name, e) in self.entries.iter_mut() {
             if !refused.contains(name) && e.update_rejected.take().is_some() {
@@ -280,8 +295,11 @@ impl Workloads {
             let before = old.as_ref().and_then(|d| d.get(name));
             let after = desired.and_then(|d| d.get(name));
             let same = match (before, after) {
+                // Limits can move alone: DEFAULT_LIMITS changed by a reload.
                 (Some(a), Some(b)) => {
-                    a.fingerprint == b.fingerprint && a.scheduling == b.scheduling
+                    a.fingerprint == b.fingerprint
+                        && a.scheduling == b.scheduling
+                        && a.limits == b.limits
                 }
                 (None, None) => true,
                 _ => false,
@@ -294,6 +312,22 @@ impl Workloads {
             // Entries adopted before any desired state was known: now it says what they are.
             for name in self.entries.keys() {
                 cx.push(Internal::Converge(name.clone()));
+            }
+        }
+    }
+
+    /// A new notice of a workload (a field overriding its annotation) becomes an event.
+    fn report_notices(&self, new: &BTreeMap<WorkloadName, WorkloadSpec>, cx: &mut Ctx) {
+        for (name, spec) in new {
+            let before = self.desired.as_ref().and_then(|d| d.get(name));
+            for n in &spec.notices {
+                if !before.is_some_and(|b| b.notices.contains(n)) {
+                    cx.report(
+                        true,
+                        "AnnotationOverridden",
+                        format!("workload {name}: {n}"),
+                    );
+                }
             }
         }
     }
@@ -435,6 +469,22 @@ impl Workloads {
             e.kind = spec.kind.clone();
         }
         let same_spec = e.spec.as_ref() == Some(&spec);
+        // Limits that moved without the spec's fingerprint (DEFAULT_LIMITS changed by a reload,
+        // or first given to a run adopted from an older agent) are applied in place.
+        let limits_moved = !changed
+            && e.kind != WorkloadKind::K8s
+            && e.machine.state().is_up()
+            && e.spec.as_ref().map(|s| s.limits) != Some(spec.limits);
+        if limits_moved {
+            cx.fx.run(Effect::Driver {
+                name: name.clone(),
+                gen: e.run,
+                op: DriverOp::SetLimits {
+                    cgroup: e.cgroup.clone(),
+                    limits: admission::effective_limits(&spec, e.profile_cpu_quota),
+                },
+            });
+        }
         e.spec = Some(spec);
         if rescheduled {
             self.schedule_cron(name, cx);
@@ -593,6 +643,9 @@ impl Workloads {
                     gen: e.run,
                     op: DriverOp::Cleanup {
                         at: e.placement(name),
+                        // Removed: a workload that is gone owns nothing, its output included
+                        // (or a server renaming workloads would fill STATE_DIR, cap or not).
+                        forget_output: true,
                     },
                 });
                 cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
@@ -769,7 +822,10 @@ impl Workloads {
                     cx.fx.run(Effect::Driver {
                         name,
                         gen: Generation::default(),
-                        op: DriverOp::Cleanup { at },
+                        op: DriverOp::Cleanup {
+                            at,
+                            forget_output: false,
+                        },
                     });
                 }
                 Ok(_) => {}
@@ -792,7 +848,10 @@ impl Workloads {
             cx.fx.run(Effect::Driver {
                 name: name.clone(),
                 gen: Generation::default(),
-                op: DriverOp::Cleanup { at },
+                op: DriverOp::Cleanup {
+                    at,
+                    forget_output: false,
+                },
             });
             cx.push(Internal::Persist(Write::RemoveRecord(name.clone())));
             cx.push(Internal::Converge(name.clone()));

@@ -6,6 +6,7 @@
 //! awaited on the reactor by [`watch::until_end`].
 
 pub mod k8s;
+pub mod output;
 pub mod podman;
 pub mod process;
 pub mod shell;
@@ -136,6 +137,8 @@ pub struct DriverSettings {
     pub rootless_user: Option<String>,
     pub xdg_runtime_dir: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
+    /// WORKLOAD_LOG_MAX (shell workloads' output).
+    pub log_max: u64,
 }
 
 /// One driver per kind, built once at start-up and shared by every lane.
@@ -148,7 +151,7 @@ pub struct Drivers {
 impl Drivers {
     pub fn new(s: &DriverSettings) -> Drivers {
         Drivers {
-            shell: AnyDriver::Shell(shell::ShellDriver::new()),
+            shell: AnyDriver::Shell(shell::ShellDriver::new(s.log_max)),
             pod: AnyDriver::Pod(podman::PodDriver::new(podman::PodmanSettings {
                 state_dir: s.state_dir.clone(),
                 layout: s.layout.clone(),

@@ -2,9 +2,9 @@
 //!
 //! The child joins the cgroup between fork and exec, still as root, and only then drops to
 //! the workload's user (`process::join_cgroup_before_exec`, shared with the pod driver).
+//! Its stdout and stderr are a pipe to its log writer ([`super::output`]), not the agent.
 
 use std::ffi::CString;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,17 +23,22 @@ pub enum ShellError {
     NoSuchUser(String),
     #[error("cannot look up user '{user}': {why}")]
     UserLookup { user: String, why: String },
-    #[error("log file {path}: {why}")]
-    Log { path: String, why: String },
+    #[error("output: {0}")]
+    Output(#[from] super::output::OutputError),
+    #[error("output pipe: {0}")]
+    Pipe(std::io::Error),
     #[error("cannot execute {program}: {why}")]
     Exec { program: String, why: String },
     #[error("not a shell workload")]
     NotShell,
 }
 
-/// The shell driver (no settings of its own yet).
-#[derive(Debug, Default)]
-pub struct ShellDriver {}
+/// The shell driver.
+#[derive(Debug)]
+pub struct ShellDriver {
+    /// WORKLOAD_LOG_MAX: most bytes of one workload's output kept (log and rotated log).
+    log_max: u64,
+}
 
 struct Identity {
     uid: Uid,
@@ -73,8 +78,8 @@ fn dynamic(uid: u32) -> Identity {
 }
 
 impl ShellDriver {
-    pub fn new() -> ShellDriver {
-        ShellDriver {}
+    pub fn new(log_max: u64) -> ShellDriver {
+        ShellDriver { log_max }
     }
 }
 
@@ -91,22 +96,27 @@ impl Driver for ShellDriver {
 
         let identity = match (shell.user.as_deref(), run.uid) {
             (Some("root"), _) => None,
+            // A uid (a PodSpec's runAsUser): its passwd entry if it has one, else itself, as
+            // Kubernetes runs it.
+            (Some(uid), _) if uid.bytes().all(|b| b.is_ascii_digit()) => {
+                let uid: u32 = uid
+                    .parse()
+                    .map_err(|_| ShellError::NoSuchUser(uid.into()))?;
+                match User::from_uid(Uid::from_raw(uid)) {
+                    Ok(Some(u)) => Some(resolve_user(&u.name)?),
+                    _ => Some(dynamic(uid)),
+                }
+            }
             (Some(name), _) => Some(resolve_user(name)?),
             (None, Some(uid)) => Some(dynamic(uid)),
             (None, None) => None,
         };
 
-        let log_err = |e: std::io::Error| ShellError::Log {
-            path: log_path.display().to_string(),
-            why: e.to_string(),
-        };
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(log_path)
-            .map_err(log_err)?;
-        let log2 = log.try_clone().map_err(log_err)?;
+        // After `kill_all`: the earlier run's writer has seen the end of its input (the new
+        // one waits for it to finish).
+        let stdout = super::output::start_writer(cgroup, log_path, self.log_max)
+            .map_err(ShellError::Output)?;
+        let stderr = stdout.try_clone().map_err(ShellError::Pipe)?;
 
         let program = &shell.command[0];
         let mut cmd = Command::new(program);
@@ -118,8 +128,8 @@ impl Driver for ShellDriver {
             )
             .env("WORKLOAD_NAME", spec.name.as_str())
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
             .current_dir(shell.working_dir.as_deref().unwrap_or(Path::new("/")));
         match &identity {
             Some(id) => cmd.env("HOME", &id.home).env("USER", &id.name),

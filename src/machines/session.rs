@@ -189,7 +189,7 @@ impl Default for SessionMachine {
 }
 
 /// `initial * 2^(n-1)`, capped.
-fn exponential(initial: Duration, n: u32, cap: Duration) -> Duration {
+pub fn exponential(initial: Duration, n: u32, cap: Duration) -> Duration {
     initial
         .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)))
         .min(cap)

@@ -137,6 +137,17 @@ pub struct WorkloadInfo {
     /// The uid its processes run as (a uid of its own unless its spec names a user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Which of `limits` are the device's DEFAULT_LIMITS (the workload declared none).
+    #[serde(default, skip_serializing_if = "no_limits")]
+    pub default_limits: Limits,
+    /// A pod's memory limit is its containers' sum plus this (podman's infra container and
+    /// conmon are charged to the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_overhead_bytes: Option<u64>,
+}
+
+fn no_limits(l: &Limits) -> bool {
+    *l == Limits::default()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -456,6 +467,16 @@ impl Snapshot {
                 ],
                 &rows,
             ));
+            if self.workloads.iter().any(|w| !no_limits(&w.default_limits)) {
+                out.push_str("* DEFAULT_LIMITS: the workload declares no such limit\n");
+            }
+            if let Some(o) = self.workloads.iter().find_map(|w| w.pod_overhead_bytes) {
+                let _ = writeln!(
+                    out,
+                    "pod memory: the containers' limits + {} for podman's infra container and conmon",
+                    Bytes(o)
+                );
+            }
         }
         if !self.transitions.is_empty() {
             out.push_str("\nrecent transitions (UTC)\n");
@@ -480,6 +501,14 @@ impl Snapshot {
 fn workload_row(w: &WorkloadInfo) -> Vec<String> {
     let u = w.usage.clone().unwrap_or_default();
     let used = w.usage.is_some();
+    let d = &w.default_limits;
+    let mark = |default: Option<u64>| if default.is_some() { "*" } else { "" };
+    let memory_limit = match (w.limits.memory_bytes, w.pod_overhead_bytes) {
+        (Some(m), Some(o)) if m >= o => {
+            format!("{}+{}", Bytes(m - o), Bytes(o))
+        }
+        (m, _) => opt_bytes(m),
+    };
     vec![
         w.name.clone(),
         w.kind.clone(),
@@ -488,27 +517,30 @@ fn workload_row(w: &WorkloadInfo) -> Vec<String> {
         w.restarts.to_string(),
         w.oom_kills.to_string(),
         format!(
-            "{}/{}",
+            "{}/{}{}",
             if used {
                 Bytes(u.memory_bytes).to_string()
             } else {
                 "-".into()
             },
-            opt_bytes(w.limits.memory_bytes)
+            memory_limit,
+            mark(d.memory_bytes)
         ),
         format!(
-            "{}/{}",
+            "{}/{}{}",
             if used {
                 format!("{}m", u.cpu_millicores)
             } else {
                 "-".into()
             },
-            opt_millis(w.limits.cpu_millicores)
+            opt_millis(w.limits.cpu_millicores),
+            mark(d.cpu_millicores)
         ),
         format!(
-            "{}/{}",
+            "{}/{}{}",
             if used { u.pids.to_string() } else { "-".into() },
-            w.limits.pids.map_or("-".into(), |p| p.to_string())
+            w.limits.pids.map_or("-".into(), |p| p.to_string()),
+            mark(d.pids)
         ),
         w.reason.clone(),
     ]

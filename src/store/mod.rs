@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! STATE_DIR/workloads/<name>.json   what runs where (pid, uid), for adoption after a restart
-//! STATE_DIR/logs/<name>.log[.1]     stdout/stderr of shell workloads (capped, one rotation)
+//! STATE_DIR/logs/<name>.log[.1]     stdout/stderr of shell workloads (capped, one rotation;
+//!                                   deleted with the workload)
 //! STATE_DIR/desired.json            the last accepted desired state
 //! STATE_DIR/applied.json            the server configuration applied last (version, fingerprint)
 //! STATE_DIR/outbox.json             events not yet acknowledged by the server
@@ -234,7 +235,19 @@ impl Store {
     }
 
     pub fn log_path(&self, name: &WorkloadName) -> PathBuf {
-        self.dir.join("logs").join(format!("{name}.log"))
+        log_path(&self.dir, name)
+    }
+
+    /// Deletes a workload's output (its log and the rotated one).
+    pub fn remove_logs(&self, name: &WorkloadName) -> Result<(), StoreError> {
+        let log = self.log_path(name);
+        for p in [crate::drivers::output::rotated(&log), log] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn save_record(&self, r: &WorkloadRecord) -> Result<(), StoreError> {
@@ -355,12 +368,7 @@ impl Store {
     /// Forgets what ties the device to the server (an operator's reset): the disconnect,
     /// the desired state, the applied configuration, the outbox.
     pub fn forget_server_state(&self) -> Result<(), StoreError> {
-        for f in [
-            "disconnected",
-            "desired.json",
-            "applied.json",
-            "outbox.json",
-        ] {
+        for f in SERVER_STATE_FILES {
             let p = self.dir.join(f);
             match std::fs::remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
@@ -384,6 +392,19 @@ impl Store {
             Err(e) => set_aside(path, e.to_string()),
         }
     }
+}
+
+/// What ties the device to the server, under STATE_DIR (a reset forgets them).
+pub const SERVER_STATE_FILES: [&str; 4] = [
+    "disconnected",
+    "desired.json",
+    "applied.json",
+    "outbox.json",
+];
+
+/// The log of a workload's output under `state_dir` (for readers without a [`Store`]).
+pub fn log_path(state_dir: &Path, name: &WorkloadName) -> PathBuf {
+    state_dir.join("logs").join(format!("{name}.log"))
 }
 
 /// Largest record read back (a record is a few hundred bytes).

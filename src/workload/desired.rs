@@ -134,11 +134,13 @@ pub fn parse_desired(text: &str) -> Result<DesiredState, String> {
 }
 
 /// Agent-wide defaults a spec falls back to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpecDefaults {
     /// WORKLOAD_USER: the user of shell workloads without `user:` (`None`: a uid of their own).
     pub workload_user: Option<String>,
     pub backoff: BackoffPolicy,
+    /// DEFAULT_LIMITS, resolved against the device budget.
+    pub default_limits: crate::cgroup::Limits,
 }
 
 /// A workload of the desired state that the agent refuses: shown (status, heartbeat event),
@@ -239,7 +241,19 @@ impl DesiredState {
     }
 }
 
+/// The kind a `kind` names (PROTOCOL §7; `microshift` is `k8s`).
+pub(super) fn parse_kind(kind: &str) -> Result<WorkloadKind, String> {
+    match kind {
+        "shell" => Ok(WorkloadKind::Shell),
+        "pod" => Ok(WorkloadKind::Pod),
+        "k8s" | "microshift" => Ok(WorkloadKind::K8s),
+        other => Err(format!("unknown kind '{}' (pod, shell, k8s)", shown(other))),
+    }
+}
+
 impl DesiredWorkload {
+    /// Validates the workload: its fields, and the annotations that stand in for them
+    /// ([`super::annotations`]); DEFAULT_LIMITS fill the limits it does not declare.
     pub fn to_spec(&self, defaults: &SpecDefaults) -> Result<WorkloadSpec, SpecError> {
         let err = |field: &str, why: String| SpecError {
             workload: shown(&self.name),
@@ -247,17 +261,26 @@ impl DesiredWorkload {
             why,
         };
         let name = WorkloadName::parse(&self.name).map_err(|e| err("name", e.to_string()))?;
-        let kind = match self.kind.as_deref().unwrap_or("pod") {
-            "shell" => WorkloadKind::Shell,
-            "pod" => WorkloadKind::Pod,
-            "k8s" | "microshift" => WorkloadKind::K8s,
-            other => {
-                return Err(err(
-                    "kind",
-                    format!("unknown kind '{}' (pod, shell, k8s)", shown(other)),
-                ))
-            }
+        let resolved = super::annotations::resolve(self, &name).map_err(|(f, why)| err(&f, why))?;
+        let mut spec = resolved.workload.spec_of_fields(name, defaults)?;
+        spec.notices = resolved.notices;
+        spec.scheduling.inline_profiles = resolved.inline_profiles;
+        apply_default_limits(&mut spec, &defaults.default_limits);
+        Ok(spec)
+    }
+
+    /// The spec its fields describe.
+    fn spec_of_fields(
+        &self,
+        name: WorkloadName,
+        defaults: &SpecDefaults,
+    ) -> Result<WorkloadSpec, SpecError> {
+        let err = |field: &str, why: String| SpecError {
+            workload: shown(&self.name),
+            field: field.to_string(),
+            why,
         };
+        let kind = parse_kind(self.kind.as_deref().unwrap_or("pod")).map_err(|e| err("kind", e))?;
         let priority = match self
             .labels
             .get(PRIORITY_KEY)
@@ -492,11 +515,41 @@ impl Common {
             scheduling: Default::default(),
             labels: w.labels.clone(),
             fingerprint: b.fingerprint,
+            default_limits: Default::default(),
+            notices: Vec::new(),
         }
     }
 }
 
-fn apply_retry(b: &mut BackoffPolicy, r: &Retry) -> Result<(), String> {
+/// Fills the limits a workload does not declare from DEFAULT_LIMITS, one resource at a time
+/// (as a Kubernetes LimitRange does): a workload that limits only its memory still gets the
+/// default pids limit.
+fn apply_default_limits(spec: &mut WorkloadSpec, defaults: &crate::cgroup::Limits) {
+    // Kubernetes enforces a k8s workload's limits, not the agent; defaulting them there is a
+    // LimitRange's job.
+    if spec.kind != WorkloadKind::K8s {
+        let (l, d, from) = (&mut spec.limits, &mut spec.default_limits, defaults);
+        for (limit, taken, default) in [
+            (&mut l.memory_bytes, &mut d.memory_bytes, from.memory_bytes),
+            (
+                &mut l.cpu_millicores,
+                &mut d.cpu_millicores,
+                from.cpu_millicores,
+            ),
+            (&mut l.pids, &mut d.pids, from.pids),
+        ] {
+            if limit.is_none() && default.is_some() {
+                *limit = default;
+                *taken = default;
+            }
+        }
+    }
+    if spec.kind == WorkloadKind::Pod && spec.limits.pids.is_none() {
+        spec.limits.pids = Some(super::DEFAULT_POD_PIDS);
+    }
+}
+
+pub(super) fn apply_retry(b: &mut BackoffPolicy, r: &Retry) -> Result<(), String> {
     let secs = |v: f64, what: &str| {
         if v.is_finite() && v > 0.0 && v < 86400.0 {
             Ok(Duration::from_secs_f64(v))

@@ -1,6 +1,7 @@
 //! Workloads: the desired state's shape (PROTOCOL §4.3 plus the device-worker-ng `kind`),
 //! validated into [`WorkloadSpec`]s the drivers can run.
 
+pub mod annotations;
 mod desired;
 pub mod name;
 mod pod;
@@ -10,7 +11,7 @@ pub use desired::{
     parse_desired, DesiredError, DesiredSecret, DesiredState, DesiredWorkload, ImageRegistries,
     Rejection, Retry, SpecDefaults, ValidatedDesired, MAX_DESIRED_BYTES,
 };
-pub use name::WorkloadName;
+pub use name::{NameError, WorkloadName};
 pub use pod::{PodSpecData, DEFAULT_POD_PIDS, POD_MEMORY_OVERHEAD, WORKLOAD_LABEL};
 pub use shell::ShellSpec;
 
@@ -96,7 +97,10 @@ pub struct WorkloadSpec {
     pub kind: WorkloadKind,
     pub shell: Option<ShellSpec>,
     pub pod: Option<PodSpecData>,
+    /// What it runs with: its own limits, else DEFAULT_LIMITS'.
     pub limits: Limits,
+    /// Which of `limits` came from DEFAULT_LIMITS (they do not count as requests).
+    pub default_limits: Limits,
     pub requests: Limits,
     pub restart: RestartPolicy,
     pub backoff: BackoffPolicy,
@@ -107,6 +111,9 @@ pub struct WorkloadSpec {
     pub labels: BTreeMap<String, String>,
     /// Fingerprint of everything that requires a restart when it changes.
     pub fingerprint: String,
+    /// What the operator should know about how the spec was read (an annotation that the
+    /// field overrides).
+    pub notices: Vec<String>,
 }
 
 /// The device-worker-ng extensions that gate when a workload runs (PROTOCOL §7).
@@ -116,6 +123,9 @@ pub struct Scheduling {
     pub profiles: Vec<crate::flotta::messages::WorkloadProfile>,
     /// Runs on this schedule (UTC); a run still going when the next is due is not doubled.
     pub cron: Option<crate::cron::Schedule>,
+    /// Device profiles the workload defines itself (its profiles annotation with
+    /// expressions), named `<workload>:<profile>`.
+    pub inline_profiles: Vec<crate::flotta::messages::DeviceProfile>,
 }
 
 /// Why a workload of the desired state was rejected.
@@ -138,7 +148,8 @@ pub fn fingerprint(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// The label/annotation that carries a workload's priority.
+/// The label/annotation that carries a workload's priority (its twin that passes a stock
+/// Flotta operator is [`annotations::PRIORITY`]).
 pub const PRIORITY_KEY: &str = "device-worker-ng/priority";
 
 #[cfg(test)]

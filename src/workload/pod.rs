@@ -15,8 +15,8 @@ use crate::config::is_rfc1123_name;
 /// Label on every container the agent creates; finds a workload's pod after an agent restart.
 pub const WORKLOAD_LABEL: &str = "device-worker-ng/workload";
 
-/// Default pids limit of a pod's cgroup when its spec names none (the containers plus
-/// podman's infra container and one conmon per container live in it).
+/// Pids limit of a pod's cgroup when neither its spec nor DEFAULT_LIMITS names one (the
+/// containers plus podman's infra container and one conmon per container live in it).
 pub const DEFAULT_POD_PIDS: u64 = 1024;
 
 /// Added to the sum of the containers' memory limits for the pod's own cgroup: the infra
@@ -166,7 +166,7 @@ pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)>
     let limits = Limits {
         memory_bytes: mem_all.then_some(mem_sum + POD_MEMORY_OVERHEAD),
         cpu_millicores: cpu_all.then_some(cpu_sum),
-        pids: Some(pids.unwrap_or(DEFAULT_POD_PIDS)),
+        pids,
     };
 
     let restart = match spec.get("restartPolicy") {
@@ -331,7 +331,7 @@ mod tests {
         let p = parse_pod(&input(spec, &[], &empty)).unwrap();
         assert_eq!(p.limits.memory_bytes, None);
         assert_eq!(p.limits.cpu_millicores, None);
-        assert_eq!(p.limits.pids, Some(DEFAULT_POD_PIDS));
+        assert_eq!(p.limits.pids, None, "left to DEFAULT_LIMITS");
         assert_eq!(p.restart, RestartPolicy::Always);
     }
 

@@ -5,6 +5,7 @@ fn defaults() -> SpecDefaults {
     SpecDefaults {
         workload_user: Some("nobody".into()),
         backoff: BackoffPolicy::default(),
+        ..Default::default()
     }
 }
 

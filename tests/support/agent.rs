@@ -20,6 +20,8 @@ pub struct Agent {
     pub cgroup_root: String,
     pub child: Option<Child>,
     pub extra_env: Vec<(String, String)>,
+    /// Arguments after `run` (e.g. `--config FILE`).
+    pub extra_args: Vec<std::ffi::OsString>,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             cgroup_root,
             child: None,
             extra_env: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -99,6 +102,7 @@ impl Agent {
         let child = self
             .command()
             .arg("run")
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -148,6 +152,12 @@ impl Agent {
 
     pub fn workload<'a>(s: &'a Snapshot, name: &str) -> Option<&'a WorkloadInfo> {
         s.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// Sends `signal` to the running agent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let c = self.child.as_ref().expect("the agent runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal).unwrap();
     }
 
     /// SIGKILL: the agent gets no chance to clean anything up.

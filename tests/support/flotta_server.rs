@@ -45,6 +45,8 @@ pub struct ServerOptions {
     pub heartbeat_bumps_version: bool,
     /// Largest request body accepted.
     pub max_request_body: usize,
+    /// What a configuration goes through before it is served.
+    pub delivery: Delivery,
 }
 
 impl Default for ServerOptions {
@@ -54,8 +56,30 @@ impl Default for ServerOptions {
             cert_validity: Duration::from_secs(30 * 86_400),
             heartbeat_bumps_version: true,
             max_request_body: 4 * 1024 * 1024,
+            delivery: Delivery::Direct,
         }
     }
+}
+
+/// How a configuration reaches data/in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// As given (a k4e operator, which maps every device-worker-ng field).
+    Direct,
+    /// As the stock Flotta operator builds it from EdgeWorkloads ([`stock_operator`]).
+    StockOperator,
+}
+
+/// Which requests a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Any,
+    /// GET data/in.
+    DataIn,
+    /// GET control/in.
+    ControlIn,
+    /// POST data/out with this directive (e.g. `heartbeat`).
+    Directive(&'static str),
 }
 
 /// A misbehaviour applied to the next requests, before authentication.
@@ -87,6 +111,8 @@ pub struct RequestRecord {
     /// HTTP bytes of the request (line, headers, body) and of the response.
     pub request_bytes: usize,
     pub response_bytes: usize,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 /// Files of an issued client certificate.
@@ -117,7 +143,9 @@ struct State {
     disconnect: HashSet<String>,
     heartbeats: Vec<(String, Heartbeat)>,
     requests: Vec<RequestRecord>,
-    faults: VecDeque<(Fault, usize)>,
+    faults: VecDeque<(Target, Fault, usize)>,
+    /// Requests a [`Fault::Delay`] holds right now.
+    delayed: usize,
     resource_version: u64,
 }
 
@@ -388,7 +416,16 @@ impl FlottaTestServer {
 
     /// The desired configuration served on data/in; `device_id` and
     /// `version` are filled in by the server.
+    ///
+    /// With [`Delivery::StockOperator`], `cfg` is what the EdgeWorkloads say and the server
+    /// serves what the stock operator makes of it; a configuration no EdgeWorkload can say
+    /// (the API server would refuse it) fails the test here.
     pub fn set_configuration(&self, id: &str, cfg: DeviceConfigurationMessage) {
+        let cfg = match self.shared.opts.delivery {
+            Delivery::Direct => cfg,
+            Delivery::StockOperator => stock_operator(cfg)
+                .unwrap_or_else(|why| panic!("no stock Flotta operator delivers this: {why}")),
+        };
         let mut st = self.shared.state();
         st.resource_version += 1;
         st.configs.insert(id.to_owned(), cfg);
@@ -428,13 +465,29 @@ impl FlottaTestServer {
 
     /// Apply `fault` to the next `times` requests (queued after earlier faults).
     pub fn inject_fault(&self, fault: Fault, times: usize) {
+        self.inject_fault_on(Target::Any, fault, times);
+    }
+
+    /// Apply `fault` to the next `times` requests that `target` names (queued after earlier
+    /// faults for the same requests).
+    pub fn inject_fault_on(&self, target: Target, fault: Fault, times: usize) {
         if times > 0 {
-            self.shared.state().faults.push_back((fault, times));
+            self.shared.state().faults.push_back((target, fault, times));
         }
     }
 
     pub fn clear_faults(&self) {
         self.shared.state().faults.clear();
+    }
+
+    /// Drops the faults queued for `target`.
+    pub fn clear_faults_on(&self, target: Target) {
+        self.shared.state().faults.retain(|(t, _, _)| *t != target);
+    }
+
+    /// Requests a [`Fault::Delay`] holds right now (the agent is waiting for their answer).
+    pub fn delayed(&self) -> usize {
+        self.shared.state().delayed
     }
 
     /// Stop accepting, close every connection, join all threads.
@@ -628,19 +681,25 @@ fn handle(shared: &Shared, client: &Client<'_>, req: &Request) -> Option<Respons
         content_type: req.header("content-type").map(str::to_owned),
         request_bytes: req.head_len + req.body.len(),
         response_bytes: 0,
+        at: Instant::now(),
     };
 
     // Faults first: they model a broken server or network in front of it.
     let fault = {
         let mut st = shared.state();
-        let f = st.faults.front_mut().map(|(f, n)| {
+        let hit = st
+            .faults
+            .iter()
+            .position(|(t, _, _)| targets(*t, req, &path));
+        hit.map(|i| {
+            let (_, f, n) = &mut st.faults[i];
             *n -= 1;
-            (f.clone(), *n == 0)
-        });
-        if let Some((_, true)) = f {
-            st.faults.pop_front();
-        }
-        f.map(|(f, _)| f)
+            let f = f.clone();
+            if st.faults[i].2 == 0 {
+                st.faults.remove(i);
+            }
+            f
+        })
     };
     let resp = match fault {
         Some(Fault::DropConnection) => {
@@ -655,10 +714,12 @@ fn handle(shared: &Shared, client: &Client<'_>, req: &Request) -> Option<Respons
             Some(Response::new(200).with_body("application/json", vec![b' '; n]))
         }
         Some(Fault::Delay(d)) => {
+            shared.state().delayed += 1;
             let until = Instant::now() + d;
             while Instant::now() < until && !client.server_stopping() {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            shared.state().delayed -= 1;
             None
         }
         None => None,
@@ -668,6 +729,22 @@ fn handle(shared: &Shared, client: &Client<'_>, req: &Request) -> Option<Respons
     record.response_bytes = resp.wire_len();
     shared.state().requests.push(record);
     Some(resp)
+}
+
+/// Does `target` name this request?
+fn targets(target: Target, req: &Request, path: &str) -> bool {
+    match (target, route(path)) {
+        (Target::Any, _) => true,
+        (Target::DataIn, Some((Route::DataIn, _))) => req.method == "GET",
+        (Target::ControlIn, Some((Route::ControlIn, _))) => req.method == "GET",
+        (Target::Directive(d), Some((Route::DataOut, _))) => {
+            serde_json::from_slice::<Value>(&req.body)
+                .ok()
+                .and_then(|v| v.get("directive").and_then(Value::as_str).map(|x| x == d))
+                .unwrap_or(false)
+        }
+        _ => false,
+    }
 }
 
 fn dispatch(
@@ -926,7 +1003,9 @@ fn register(shared: &Shared, peer: &Peer, cn_matches: bool, id: &str, msg: &Mess
         if ns == "default" && !cn_matches && !d.namespace.is_empty() {
             ns = d.namespace.clone();
         }
-        if !d.approved {
+        // A renewal (the device's own certificate, expired or not: §3.5) needs the
+        // EdgeDevice in the certificate's namespace.
+        if !d.approved || (cn_matches && d.namespace != ns) {
             return empty(404);
         }
         if d.registered && !cn_matches {
@@ -967,4 +1046,111 @@ fn uuid() -> String {
     let mut b = [0u8; 16];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     device_worker_ng::flotta::client::uuid_v4(b)
+}
+
+// ---------------------------------------------------------------------------
+// The stock Flotta operator
+// ---------------------------------------------------------------------------
+
+/// What the stock Flotta operator makes of a configuration (PROTOCOL §4.3, §4.7, §6, §7): the
+/// device-worker-ng fields (`kind`, `cron`, `rootless`, `retry`, workload `profiles`,
+/// `configuration.profiles`) are gone; only labels and annotations whose key starts with
+/// `podman/` pass, with the prefix stripped; the PodSpec is written again as ghodss/yaml
+/// writes `spec.pod.spec` (keys sorted, `resources: {}` in every container: the webhook
+/// refuses `limits` and `requests`). `Err` when no EdgeWorkload can say it (the API server
+/// refuses the object): a key with two `/`, a label value Kubernetes does not take, a
+/// specification that is no PodSpec.
+pub fn stock_operator(
+    mut cfg: DeviceConfigurationMessage,
+) -> Result<DeviceConfigurationMessage, String> {
+    cfg.configuration.profiles.clear();
+    for w in &mut cfg.workloads {
+        let at = |what: String| format!("workload {}: {what}", w.name);
+        w.kind = None;
+        w.cron = None;
+        w.rootless = None;
+        w.retry = None;
+        w.profiles.clear();
+        for (k, v) in &w.labels {
+            if !valid_key(k) || !valid_label_value(v) {
+                return Err(at(format!("label {k:?}: {v:?} is not a Kubernetes label")));
+            }
+        }
+        if let Some(k) = w.annotations.keys().find(|k| !valid_key(k)) {
+            return Err(at(format!(
+                "annotation {k:?} is not a Kubernetes annotation key"
+            )));
+        }
+        w.labels = podman_only(&w.labels);
+        w.annotations = podman_only(&w.annotations);
+        w.specification = pod_spec_as_the_operator_writes_it(&w.specification).map_err(at)?;
+    }
+    Ok(cfg)
+}
+
+/// The operator's filter (`[op] internal/common/utils/utils.go:127-138`).
+fn podman_only(
+    m: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    m.iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("podman/")?.to_string(), v.clone())))
+        .collect()
+}
+
+fn pod_spec_as_the_operator_writes_it(spec: &str) -> Result<String, String> {
+    let mut v: Value =
+        serde_yaml_ng::from_str(spec).map_err(|e| format!("specification is not YAML: {e}"))?;
+    let has_containers = v
+        .get("containers")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty());
+    if !has_containers {
+        return Err("an EdgeWorkload's spec.pod.spec is a PodSpec with containers".into());
+    }
+    for key in ["containers", "initContainers"] {
+        if let Some(cs) = v.get_mut(key).and_then(Value::as_array_mut) {
+            for c in cs {
+                if let Some(c) = c.as_object_mut() {
+                    c.insert("resources".into(), json!({}));
+                }
+            }
+        }
+    }
+    // serde_json's maps are sorted: the order ghodss/yaml writes.
+    serde_yaml_ng::to_string(&v).map_err(|e| e.to_string())
+}
+
+/// A Kubernetes label or annotation key: an optional DNS-subdomain prefix and `/`, then a
+/// name of at most 63 characters, alphanumeric at both ends, `-`, `_`, `.` inside.
+fn valid_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok = prefix.map_or(true, |p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    });
+    prefix_ok && valid_name(name) && !name.is_empty()
+}
+
+fn valid_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.first().map_or(true, u8::is_ascii_alphanumeric)
+        && b.last().map_or(true, u8::is_ascii_alphanumeric)
+}
+
+/// A label value: empty, or a name.
+fn valid_label_value(v: &str) -> bool {
+    valid_name(v)
 }

@@ -29,3 +29,73 @@ pub fn build_test_image() -> Result<(), String> {
         ))
     }
 }
+
+/// An unprivileged user for rootless podman: created with subordinate ids if missing.
+pub fn rootless_user() -> Result<(String, u32), String> {
+    const USER: &str = "dwng-rootless";
+    let id = || {
+        Command::new("id")
+            .args(["-u", USER])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id().is_none() {
+        let st = Command::new("useradd")
+            .args(["-m", "-s", "/bin/sh", USER])
+            .status()
+            .map_err(|e| format!("useradd: {e}"))?;
+        if !st.success() {
+            return Err("useradd failed".into());
+        }
+    }
+    let uid = id().ok_or("no uid")?;
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+        let st = Command::new("usermod")
+            .args([
+                "--add-subuids",
+                "400000-465535",
+                "--add-subgids",
+                "400000-465535",
+                USER,
+            ])
+            .status()
+            .map_err(|e| format!("usermod: {e}"))?;
+        if !st.success() {
+            return Err("usermod --add-subuids failed".into());
+        }
+    }
+    // The test image for that user's own image store.
+    let script = build_script();
+    let run = format!("/run/user/{uid}");
+    std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
+    let _ = Command::new("chown")
+        .args([&format!("{uid}:{uid}"), &run])
+        .status();
+    let _ = Command::new("chmod").args(["700", &run]).status();
+    let st = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            &format!("XDG_RUNTIME_DIR={run}"),
+            &format!("HOME=/home/{USER}"),
+            "sh",
+        ])
+        .arg(&script)
+        .current_dir("/")
+        .status()
+        .map_err(|e| format!("runuser: {e}"))?;
+    if !st.success() {
+        return Err(format!("cannot build {TEST_IMAGE} for {USER}"));
+    }
+    Ok((USER.to_string(), uid))
+}
