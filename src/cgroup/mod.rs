@@ -63,6 +63,9 @@ pub struct Counters {
     pub pids_max_events: u64,
 }
 
+/// How long [`WorkloadCgroup::kill_all`] keeps killing before it gives up.
+pub const KILL_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The CFS period used for cpu quotas (the kernel default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -336,7 +339,7 @@ impl WorkloadCgroup {
     /// SIGKILL everything until the cgroup is empty. A fork bomb can race a one-pass kill, so
     /// repeat (bounded: the pids limit caps what it can fork).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
-        let deadline = Duration::from_secs(5);
+        let deadline = KILL_DEADLINE;
         let start = Instant::now();
         while start.elapsed() < deadline {
             if self.signal_all(Signal::SIGKILL)? == 0 {

@@ -550,7 +550,9 @@ impl State {
             } => self.reports.report(warn, reason, message, cx),
             Internal::ShedLoad => {
                 let (used, budget) = (self.resources.used(), self.resources.budget());
-                self.workloads.shed_load(used, &budget, cx)
+                // Decisions come from samples: the one that decided is the last.
+                let at = self.resources.last_sample().unwrap_or_else(Instant::now);
+                self.workloads.shed_load(used, &budget, at, cx)
             }
             Internal::Readmit => self.workloads.readmit(cx),
             Internal::WipeWorkloads => {
@@ -635,7 +637,7 @@ impl State {
         let used = self
             .workloads
             .record_usage(&report, self.resources.last_sample());
-        let evicting = self.workloads.evicting();
+        let evicting = self.workloads.eviction_in_progress(&report);
         let pressure = self.resources.observe(&report, used, at, evicting);
         if let Some(marks) = self.resources.marks_due(report.parent_memory) {
             cx.fx.run(Effect::Marks(marks));

@@ -124,14 +124,15 @@ impl Resources {
         self.last_sample
     }
 
-    /// Takes in a sample (`used`: the workloads' total from it; `evicting`: a workload
-    /// evicted for the budget is still stopping); says when the pressure state changes.
+    /// Takes in a sample (`used`: the workloads' total from it; `evicting`: what the victims
+    /// of an eviction for the budget still in progress hold of it); says when the pressure
+    /// state changes.
     pub fn observe(
         &mut self,
         report: &Report,
         used: Used,
         at: Instant,
-        evicting: bool,
+        evicting: Option<u64>,
     ) -> Option<Pressure> {
         self.last_sample = Some(at);
         self.totals = report.device;

@@ -83,6 +83,9 @@ pub struct Entry {
     pub update_rejected: Option<String>,
     /// Why an evicted workload waits (budget recovery, or its profiles).
     pub hold: Hold,
+    /// When the budget chose it as a victim (the sample that decided): its eviction is in
+    /// progress until its memory is released, or for at most [`Workloads::victim_bound`].
+    pub evicted_for_budget_at: Option<Instant>,
     /// A cron workload's run is due (consumed by admission).
     pub cron_due: bool,
     pub cron_next: Option<SystemTime>,
@@ -125,6 +128,7 @@ impl Entry {
             notice: None,
             update_rejected: None,
             hold: Hold::None,
+            evicted_for_budget_at: None,
             cron_due: false,
             cron_next: None,
             profile_cpu_quota: None,
@@ -980,7 +984,7 @@ impl Workloads {
     /// A starting one counts as running: its process may already be allocating before the
     /// driver has reported it started (seen: the breach was acted on first, and a higher
     /// priority evicted in its place).
-    pub fn shed_load(&mut self, used: Used, budget: &Budget, cx: &mut Ctx) {
+    pub fn shed_load(&mut self, used: Used, budget: &Budget, decided_at: Instant, cx: &mut Ctx) {
         let victim = admission::victim(
             self.entries
                 .iter()
@@ -1009,21 +1013,54 @@ impl Workloads {
         );
         if let Some(e) = self.entries.get_mut(&name) {
             e.hold = Hold::Budget;
+            e.evicted_for_budget_at = Some(decided_at);
         }
         self.feed(&name, WorkloadEvent::Evict { reason }, cx);
     }
 
-    /// Whether a workload evicted for the budget is still stopping (its memory is released
-    /// only once it has stopped).
-    pub fn evicting(&self) -> bool {
-        self.entries.values().any(|e| {
-            matches!(
-                e.machine.state(),
+    /// How long an eviction for the budget counts as in progress at most: the driver's stop
+    /// (SIGTERM, STOP_TIMEOUT, then SIGKILL) and the kill's own retries. A victim whose stop
+    /// hangs, or whose cgroup never empties, must not keep the budget from deciding forever.
+    fn victim_bound(&self) -> Duration {
+        self.stop_timeout + crate::cgroup::KILL_DEADLINE
+    }
+
+    /// When an eviction for the budget is in progress in `report`, the memory its victims
+    /// still hold there. A victim's memory is released only once its processes are gone: it
+    /// is in progress while the victim is stopping, and after that while the sample still
+    /// finds processes in its cgroup (a sample taken just before the stop completed, whose
+    /// report arrives after it), for at most [`Workloads::victim_bound`] from the decision.
+    /// k8s victims do not count: the samples do not include their memory.
+    pub fn eviction_in_progress(&self, report: &Report) -> Option<u64> {
+        let bound = self.victim_bound();
+        let mut held = None;
+        for (name, e) in &self.entries {
+            let Some(at) = e.evicted_for_budget_at else {
+                continue;
+            };
+            if e.hold != Hold::Budget
+                || e.kind == WorkloadKind::K8s
+                || report.at.saturating_duration_since(at) >= bound
+            {
+                continue;
+            }
+            let stopping = match e.machine.state() {
                 State::Stopping {
-                    after: AfterStop::Evict(_)
-                }
-            )
-        })
+                    after: AfterStop::Evict(_),
+                } => true,
+                State::Evicted { .. } => false,
+                _ => continue,
+            };
+            let counters = report
+                .workloads
+                .iter()
+                .find(|s| s.name == *name)
+                .and_then(|s| s.counters);
+            if stopping || counters.is_some_and(|c| c.pids > 0) {
+                *held.get_or_insert(0) += counters.map_or(0, |c| c.memory_bytes);
+            }
+        }
+        held
     }
 
     /// The budget recovered: evicted workloads may be admitted again (admission decides).
