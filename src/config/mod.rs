@@ -132,7 +132,7 @@ pub const KEYS: &[KeySpec] = &[
         "KUBECONFIG",
         Path,
         None,
-        "kubeconfig of the local MicroShift for k8s workloads"
+        "kubeconfig of the local MicroShift (or any Kubernetes API) for k8s workloads; read again when it changes"
     ),
     key!(
         "DEVICE_ID",
@@ -234,7 +234,7 @@ pub const KEYS: &[KeySpec] = &[
         "STOP_TIMEOUT",
         Duration,
         Some("10s"),
-        "grace between SIGTERM and SIGKILL when stopping a workload"
+        "grace between SIGTERM and SIGKILL when stopping a workload (k8s: added to the pod's own grace period)"
     ),
     key!(
         "POLL_INTERVAL",

@@ -148,7 +148,7 @@ impl<E: Effects> Controller<E> {
                     .profiles
                     .variables
                     .iter()
-                    .map(|(k, v)| (k.clone(), format!("{v:.1}")))
+                    .map(|(k, v)| (k.clone(), v.to_string()))
                     .collect(),
                 conditions: st.resources.profiles.evaluation.clone(),
             },
