@@ -182,6 +182,8 @@ pub struct Workloads {
     uids: Option<(u32, u32)>,
     /// The desired k8s workloads (name, manifest) last given to the k8s driver.
     k8s_desired: Option<Vec<(String, String)>>,
+    /// Evictions decided for the budget since start (profile stops are not evictions).
+    pub budget_evictions: u64,
 }
 
 impl Workloads {
@@ -198,6 +200,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            budget_evictions: 0,
             k8s_desired: None,
         }
     }
@@ -991,6 +994,7 @@ impl Workloads {
         if let Some(e) = self.entries.get_mut(&name) {
             e.hold = Hold::Budget;
         }
+        self.budget_evictions += 1;
         self.feed(&name, WorkloadEvent::Evict { reason }, cx);
     }
 
