@@ -135,7 +135,7 @@ pub const KEYS: &[KeySpec] = &[
         "KUBECONFIG",
         Path,
         None,
-        "kubeconfig of the local MicroShift for k8s workloads"
+        "kubeconfig of the local MicroShift (or any Kubernetes API) for k8s workloads; read again when it changes"
     ),
     key!(
         "DEVICE_ID",
@@ -237,7 +237,7 @@ pub const KEYS: &[KeySpec] = &[
         "STOP_TIMEOUT",
         Duration,
         Some("10s"),
-        "grace between SIGTERM and SIGKILL when stopping a workload"
+        "grace between SIGTERM and SIGKILL when stopping a workload (k8s: added to the pod's own grace period)"
     ),
     key!(
         "POLL_INTERVAL",
@@ -783,60 +783,7 @@ pub fn is_rfc1123_name(s: &str) -> bool {
 impl Settings {
     /// Loads and validates the settings (no file-system side effects besides reading the file).
     pub fn load(inputs: &Inputs) -> Result<Settings, ConfigError> {
-        let mut raw: BTreeMap<&'static str, (String, Source)> = BTreeMap::new();
-        for spec in KEYS {
-            if let Some(d) = spec.default {
-                raw.insert(spec.name, (d.to_string(), Source::Default));
-            }
-        }
-        let mut files = Vec::new();
-        if let Some(path) = &inputs.file {
-            files.push(path.clone());
-            files.extend(dropins(path)?);
-        }
-        for path in &files {
-            for (key, value) in read_file(path)? {
-                let source = Source::File(path.clone());
-                let Some(spec) = spec(&key) else {
-                    return Err(ConfigError::UnknownKey {
-                        key,
-                        origin: source,
-                        known: known_keys(),
-                    });
-                };
-                raw.insert(spec.name, (value, source));
-            }
-        }
-        let mut env = inputs.env.clone();
-        env.sort();
-        for (var, value) in env {
-            let Some(key) = var.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let source = Source::Env(var.clone());
-            let Some(spec) = spec(key) else {
-                return Err(ConfigError::UnknownKey {
-                    key: var.clone(),
-                    origin: source,
-                    known: known_keys(),
-                });
-            };
-            raw.insert(spec.name, (value, source));
-        }
-        for flag in &inputs.flags {
-            let (key, value) = flag
-                .split_once('=')
-                .ok_or_else(|| ConfigError::BadFlag(flag.clone()))?;
-            let Some(spec) = spec(key.trim()) else {
-                return Err(ConfigError::UnknownKey {
-                    key: key.to_string(),
-                    origin: Source::Flag,
-                    known: known_keys(),
-                });
-            };
-            raw.insert(spec.name, (value.to_string(), Source::Flag));
-        }
-
+        let (raw, files) = layers(inputs)?;
         let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
         let mut sources = BTreeMap::new();
         for (name, (text, source)) in &raw {
@@ -961,6 +908,74 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Every key's text and where it came from, each layer over the one before: defaults, the file
+/// and its drop-ins in order, `EDGE_DEVICE_*` variables, then `--set` flags. Also the files read.
+type Layers = (BTreeMap<&'static str, (String, Source)>, Vec<PathBuf>);
+
+fn layers(inputs: &Inputs) -> Result<Layers, ConfigError> {
+    let mut raw = BTreeMap::new();
+    for spec in KEYS {
+        if let Some(d) = spec.default {
+            raw.insert(spec.name, (d.to_string(), Source::Default));
+        }
+    }
+    let mut files = Vec::new();
+    if let Some(path) = &inputs.file {
+        files.push(path.clone());
+        files.extend(dropins(path)?);
+    }
+    for path in &files {
+        for (key, value) in read_file(path)? {
+            set(
+                &mut raw,
+                &key,
+                key.clone(),
+                value,
+                Source::File(path.clone()),
+            )?;
+        }
+    }
+    let mut env = inputs.env.clone();
+    env.sort();
+    for (var, value) in env {
+        if let Some(key) = var.strip_prefix(ENV_PREFIX) {
+            set(&mut raw, key, var.clone(), value, Source::Env(var.clone()))?;
+        }
+    }
+    for flag in &inputs.flags {
+        let (key, value) = flag
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadFlag(flag.clone()))?;
+        set(
+            &mut raw,
+            key.trim(),
+            key.to_string(),
+            value.to_string(),
+            Source::Flag,
+        )?;
+    }
+    Ok((raw, files))
+}
+
+/// Sets `key` (named `shown` in an error: the variable's or the file's spelling) from `source`.
+fn set(
+    raw: &mut BTreeMap<&'static str, (String, Source)>,
+    key: &str,
+    shown: String,
+    value: String,
+    source: Source,
+) -> Result<(), ConfigError> {
+    let Some(spec) = spec(key) else {
+        return Err(ConfigError::UnknownKey {
+            key: shown,
+            origin: source,
+            known: known_keys(),
+        });
+    };
+    raw.insert(spec.name, (value, source));
+    Ok(())
 }
 
 struct Taker(BTreeMap<&'static str, Value>);

@@ -362,7 +362,7 @@ impl RealEffects {
                     None => Ok(()),
                 },
                 // Readable by the collector, which need not run as root.
-                Write::Metrics { path, snapshot } => crate::store::write_atomic(
+                Write::Metrics { path, snapshot } => crate::store::write_atomic_unsynced(
                     path,
                     crate::metrics::render(snapshot).as_bytes(),
                     0o644,

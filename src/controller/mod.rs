@@ -224,8 +224,6 @@ pub struct History {
     pub transitions: VecDeque<TransitionInfo>,
     /// The longest single event handling since start, and its event kind.
     pub longest_handler: (Duration, &'static str),
-    /// Workload transitions into `evicted` since start (for the metrics).
-    pub evictions: u64,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -233,9 +231,6 @@ const MAX_TRANSITIONS: usize = 100;
 impl History {
     pub fn record(&mut self, machine: &str, t: &Transition) {
         info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
-        if t.to == "evicted" && machine.starts_with("workload/") {
-            self.evictions += 1;
-        }
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }

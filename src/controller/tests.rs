@@ -343,6 +343,7 @@ fn over_budget_evicts_the_lowest_priority_newest_and_readmits_it_after_recovery(
     h.run("newer", gen, RunOutcome::Stopped);
     assert_eq!(h.state("newer").0, "evicted");
     assert!(h.state("newer").1.starts_with("device over budget"));
+    assert_eq!(h.c.snapshot().agent.evictions_total, 1);
     assert_eq!(h.state("keep").0, "running");
     assert_eq!(h.state("older").0, "running");
 
@@ -899,6 +900,13 @@ fn a_workload_defines_its_own_profile_by_annotation() {
     // Its own usage crosses the condition: it is stopped until the condition holds again.
     h.sample(1000, &[("gated", 600 * MI)]);
     assert_eq!(ops(&h.take(), "stop"), vec!["gated"]);
+    let gen = h.gen("gated");
+    h.run("gated", gen, RunOutcome::Stopped);
+    assert_eq!(
+        h.c.snapshot().agent.evictions_total,
+        0,
+        "a profile stop is no budget eviction"
+    );
     // Removed from the desired state, its profile goes with it.
     h.desired(&[]);
     assert!(h.c.st.resources.profiles.profiles.is_empty());

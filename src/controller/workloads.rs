@@ -186,6 +186,8 @@ pub struct Workloads {
     uids: Option<(u32, u32)>,
     /// The desired k8s workloads (name, manifest) last given to the k8s driver.
     k8s_desired: Option<Vec<(String, String)>>,
+    /// Evictions decided for the budget since start (profile stops are not evictions).
+    pub budget_evictions: u64,
 }
 
 impl Workloads {
@@ -202,6 +204,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            budget_evictions: 0,
             k8s_desired: None,
         }
     }
@@ -1015,6 +1018,7 @@ impl Workloads {
             e.hold = Hold::Budget;
             e.evicted_for_budget_at = Some(decided_at);
         }
+        self.budget_evictions += 1;
         self.feed(&name, WorkloadEvent::Evict { reason }, cx);
     }
 

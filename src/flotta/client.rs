@@ -107,7 +107,6 @@ impl TlsMaterial {
 pub fn check_bootstrap(paths: &TlsPaths) -> Result<Vec<String>, ClientError> {
     let tls = TlsMaterial::from_paths(paths)?;
     let cert_path = paths.cert.display();
-    let bad = |what: &'static str, reason: String| ClientError::Config { what, reason };
     let info = super::identity::CertificateInfo::from_pem(&tls.cert_pem).map_err(|e| {
         bad(
             "CERT",
@@ -124,52 +123,8 @@ pub fn check_bootstrap(paths: &TlsPaths) -> Result<Vec<String>, ClientError> {
         ));
     }
     let provider = tls13_only_provider();
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| {
-        bad(
-            "KEY",
-            format!(
-                "{} holds no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}",
-                paths.key.display()
-            ),
-        )
-    })?;
-    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
-        bad(
-            "KEY",
-            format!("{}: unsupported key: {e}", paths.key.display()),
-        )
-    })?;
-    if let Some(spki) = signing.public_key() {
-        if spki.as_ref() != info.public_key_der.as_slice() {
-            return Err(bad(
-                "KEY",
-                format!(
-                    "{} is not the key of {cert_path}: use the key the certificate was issued for",
-                    paths.key.display()
-                ),
-            ));
-        }
-    }
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            bad(
-                "CA_ROOT",
-                format!("{} is not PEM: {e}", paths.ca_root.display()),
-            )
-        })?;
-    let mut store = rustls::RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(roots);
-    if added == 0 {
-        return Err(bad(
-            "CA_ROOT",
-            format!("{} holds no usable CA certificate", paths.ca_root.display()),
-        ));
-    }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
-            .build()
-            .map_err(|e| bad("CA_ROOT", e.to_string()))?;
+    check_key_matches(paths, &tls, &info, &provider)?;
+    let verifier = client_verifier(paths, &tls, provider)?;
     let mut chain = CertificateDer::pem_slice_iter(&tls.cert_pem).flatten();
     let Some(end_entity) = chain.next() else {
         return Err(bad("CERT", format!("{cert_path}: no CERTIFICATE block")));
@@ -208,6 +163,72 @@ pub fn check_bootstrap(paths: &TlsPaths) -> Result<Vec<String>, ClientError> {
         }
     }
     Ok(warnings)
+}
+
+fn bad(what: &'static str, reason: String) -> ClientError {
+    ClientError::Config { what, reason }
+}
+
+/// KEY must be a private key rustls can sign with, and the one CERT was issued for.
+fn check_key_matches(
+    paths: &TlsPaths,
+    tls: &TlsMaterial,
+    info: &super::identity::CertificateInfo,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<(), ClientError> {
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| {
+        bad(
+            "KEY",
+            format!(
+                "{} holds no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}",
+                paths.key.display()
+            ),
+        )
+    })?;
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
+        bad(
+            "KEY",
+            format!("{}: unsupported key: {e}", paths.key.display()),
+        )
+    })?;
+    match signing.public_key() {
+        Some(spki) if spki.as_ref() != info.public_key_der.as_slice() => Err(bad(
+            "KEY",
+            format!(
+                "{} is not the key of {}: use the key the certificate was issued for",
+                paths.key.display(),
+                paths.cert.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A verifier that judges CERT as the server will: against CA_ROOT.
+fn client_verifier(
+    paths: &TlsPaths,
+    tls: &TlsMaterial,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, ClientError> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            bad(
+                "CA_ROOT",
+                format!("{} is not PEM: {e}", paths.ca_root.display()),
+            )
+        })?;
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots);
+    if added == 0 {
+        return Err(bad(
+            "CA_ROOT",
+            format!("{} holds no usable CA certificate", paths.ca_root.display()),
+        ));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+        .build()
+        .map_err(|e| bad("CA_ROOT", e.to_string()))
 }
 
 /// Outcome of `enrolment` (§2.4.1): 200 while the EDSR waits for approval,
@@ -334,6 +355,84 @@ impl fmt::Debug for FlottaClient {
 
 /// ring's suites minus TLS 1.2: the server requires TLS 1.3 (§1.1), and a
 /// provider without 1.2 suites makes rustls offer 1.3 only.
+/// ureq's TLS settings for mutual TLS 1.3 with CA_ROOT, CERT and KEY, each checked with a typed
+/// error first.
+fn tls_config(tls: &TlsMaterial, provider: Arc<CryptoProvider>) -> Result<TlsConfig, ClientError> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ClientError::Config {
+            what: "CA_ROOT",
+            reason: format!("invalid PEM: {e}"),
+        })?;
+    if roots.is_empty() {
+        return Err(ClientError::Config {
+            what: "CA_ROOT",
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ClientError::Config {
+            what: "CERT",
+            reason: format!("invalid PEM: {e}"),
+        })?;
+    if chain.is_empty() {
+        return Err(ClientError::Config {
+            what: "CERT",
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| ClientError::Config {
+        what: "KEY",
+        reason: format!("no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}"),
+    })?;
+
+    // Build the rustls config once ourselves: ureq would panic on a key
+    // that does not fit the certificate, we want a typed error instead.
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 {
+        return Err(ClientError::Config {
+            what: "CA_ROOT",
+            reason: "no parsable CA certificate".into(),
+        });
+    }
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config {
+            what: "TLS",
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(store)
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .map_err(|e| ClientError::Config {
+            what: "CERT/KEY",
+            reason: format!("key does not match certificate or is unsupported: {e}"),
+        })?;
+
+    let ureq_key = ureq::tls::PrivateKey::from_pem(&tls.key_pem)
+        .map_err(|e| ClientError::Config {
+            what: "KEY",
+            reason: e.to_string(),
+        })?
+        .to_owned();
+    let ureq_chain: Vec<ureq::tls::Certificate<'static>> = chain
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let ureq_roots: Vec<ureq::tls::Certificate<'static>> = roots
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+
+    Ok(TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::Specific(Arc::new(ureq_roots)))
+        .client_cert(Some(ClientCert::new_with_certs(&ureq_chain, ureq_key)))
+        .unversioned_rustls_crypto_provider(provider)
+        .build())
+}
+
 fn tls13_only_provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider
@@ -347,82 +446,7 @@ impl FlottaClient {
     /// without a trailing slash (or even the base path).
     pub fn new(server: &str, tls: &TlsMaterial, opts: &ClientOptions) -> Result<Self, ClientError> {
         let base_url = base_url(server)?;
-        let provider = tls13_only_provider();
-
-        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ClientError::Config {
-                what: "CA_ROOT",
-                reason: format!("invalid PEM: {e}"),
-            })?;
-        if roots.is_empty() {
-            return Err(ClientError::Config {
-                what: "CA_ROOT",
-                reason: "no CERTIFICATE block".into(),
-            });
-        }
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ClientError::Config {
-                what: "CERT",
-                reason: format!("invalid PEM: {e}"),
-            })?;
-        if chain.is_empty() {
-            return Err(ClientError::Config {
-                what: "CERT",
-                reason: "no CERTIFICATE block".into(),
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| ClientError::Config {
-            what: "KEY",
-            reason: format!("no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}"),
-        })?;
-
-        // Build the rustls config once ourselves: ureq would panic on a key
-        // that does not fit the certificate, we want a typed error instead.
-        let mut store = rustls::RootCertStore::empty();
-        let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
-        if added == 0 {
-            return Err(ClientError::Config {
-                what: "CA_ROOT",
-                reason: "no parsable CA certificate".into(),
-            });
-        }
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ClientError::Config {
-                what: "TLS",
-                reason: e.to_string(),
-            })?
-            .with_root_certificates(store)
-            .with_client_auth_cert(chain.clone(), key.clone_key())
-            .map_err(|e| ClientError::Config {
-                what: "CERT/KEY",
-                reason: format!("key does not match certificate or is unsupported: {e}"),
-            })?;
-
-        let ureq_key = ureq::tls::PrivateKey::from_pem(&tls.key_pem)
-            .map_err(|e| ClientError::Config {
-                what: "KEY",
-                reason: e.to_string(),
-            })?
-            .to_owned();
-        let ureq_chain: Vec<ureq::tls::Certificate<'static>> = chain
-            .iter()
-            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-            .collect();
-        let ureq_roots: Vec<ureq::tls::Certificate<'static>> = roots
-            .iter()
-            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-            .collect();
-
-        let tls_config = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .root_certs(RootCerts::Specific(Arc::new(ureq_roots)))
-            .client_cert(Some(ClientCert::new_with_certs(&ureq_chain, ureq_key)))
-            .unversioned_rustls_crypto_provider(provider)
-            .build();
-
+        let tls_config = tls_config(tls, tls13_only_provider())?;
         let config = ureq::Agent::config_builder()
             .tls_config(tls_config)
             .https_only(true)

@@ -393,6 +393,26 @@ impl Snapshot {
     }
 
     /// The human-readable form of `device-worker-ng status`.
+    /// The profile conditions in force and the variables they were computed from.
+    fn render_profiles(&self) -> String {
+        if self.profiles.conditions.is_empty() {
+            return String::new();
+        }
+        let vars: Vec<String> = self
+            .profiles
+            .variables
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let conds: Vec<String> = self
+            .profiles
+            .conditions
+            .iter()
+            .flat_map(|(p, cs)| cs.iter().map(move |(c, v)| format!("{p}/{c}={v}")))
+            .collect();
+        format!("profiles {}   ({})\n", conds.join(" "), vars.join(" "))
+    }
+
     pub fn render(&self) -> String {
         let a = &self.agent;
         let b = &self.budget;
@@ -440,21 +460,7 @@ impl Snapshot {
             b.cpu_total_millicores,
             b.cpu_reserved_millicores
         );
-        if !self.profiles.conditions.is_empty() {
-            let vars: Vec<String> = self
-                .profiles
-                .variables
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let conds: Vec<String> = self
-                .profiles
-                .conditions
-                .iter()
-                .flat_map(|(p, cs)| cs.iter().map(move |(c, v)| format!("{p}/{c}={v}")))
-                .collect();
-            let _ = writeln!(out, "profiles {}   ({})", conds.join(" "), vars.join(" "));
-        }
+        out.push_str(&self.render_profiles());
         out.push('\n');
         if self.workloads.is_empty() {
             out.push_str("no workloads\n");

@@ -3,7 +3,7 @@
 //! needs, to take `resources` into the workload's limits, and to render the `Pod` manifest
 //! (plus the workload's ConfigMaps) that `podman kube play` reads.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_yaml_ng::{Mapping, Value};
 
@@ -60,144 +60,190 @@ pub(super) struct PodInput<'a> {
 
 /// Validates the PodSpec and renders the manifest. The error is (field, why).
 pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)> {
-    let e = |field: &str, why: String| (field.to_string(), why);
     let spec: Value = crate::yaml::from_str(input.specification)
-        .map_err(|err| e("specification", err.to_string()))?;
+        .map_err(|err| fail("specification", err.to_string()))?;
     let Value::Mapping(mut spec) = spec else {
-        return Err(e("specification", "expected a PodSpec mapping".into()));
+        return Err(fail("specification", "expected a PodSpec mapping".into()));
     };
     let containers = match spec.get("containers") {
-        Some(Value::Sequence(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Sequence(s)) if !s.is_empty() => s,
         Some(Value::Sequence(_)) | None => {
-            return Err(e(
+            return Err(fail(
                 "specification.containers",
                 "must list at least one container".into(),
             ))
         }
-        Some(_) => return Err(e("specification.containers", "expected a list".into())),
+        Some(_) => return Err(fail("specification.containers", "expected a list".into())),
     };
-    let mut names = Vec::new();
-    let mut seen = BTreeSet::new();
-    let mut requests = Limits::default();
-    // A pod-level limit exists only if every container has one.
-    let (mut mem_all, mut mem_sum, mut cpu_all, mut cpu_sum) = (true, 0u64, true, 0u64);
-    let mut pids: Option<u64> = None;
+    let mut totals = PodTotals::default();
     for (i, c) in containers.iter().enumerate() {
-        let field = format!("specification.containers[{i}]");
+        totals.add(&format!("specification.containers[{i}]"), c)?;
+    }
+    let restart = restart_policy(spec.get("restartPolicy"))?;
+    // The workload machine restarts the pod (with backoff, counting failures and OOM kills);
+    // podman restarting containers by itself would hide every exit from it.
+    spec.insert("restartPolicy".into(), "Never".into());
+    strip_pids(&mut spec);
+    check_configmaps_and_auth(input)?;
+    let limits = totals.limits();
+    Ok(ParsedPod {
+        data: PodSpecData {
+            manifest: manifest(input, spec)?,
+            auth_file: input.auth_file.map(str::to_string),
+            rootless: input.rootless,
+            containers: totals.names,
+        },
+        limits,
+        requests: totals.requests,
+        restart,
+    })
+}
+
+fn fail(field: &str, why: String) -> (String, String) {
+    (field.to_string(), why)
+}
+
+/// What the containers add up to, one container at a time.
+struct PodTotals {
+    names: Vec<String>,
+    requests: Limits,
+    /// A pod-level limit exists only if every container has one: `None` once one lacks it.
+    memory: Option<u64>,
+    cpu: Option<u64>,
+    pids: Option<u64>,
+}
+
+impl Default for PodTotals {
+    fn default() -> Self {
+        PodTotals {
+            names: Vec::new(),
+            requests: Limits::default(),
+            memory: Some(0),
+            cpu: Some(0),
+            pids: None,
+        }
+    }
+}
+
+impl PodTotals {
+    /// Checks container `c` (at `field`) and adds its name, limits and requests.
+    fn add(&mut self, field: &str, c: &Value) -> Result<(), (String, String)> {
         let Value::Mapping(c) = c else {
-            return Err(e(&field, "expected a container mapping".into()));
+            return Err(fail(field, "expected a container mapping".into()));
         };
         let name = match c.get("name") {
             Some(Value::String(n)) if is_rfc1123_name(n) && !n.contains('.') => n.clone(),
             _ => {
-                return Err(e(
+                return Err(fail(
                     &format!("{field}.name"),
                     "must be a lowercase RFC 1123 label".into(),
                 ))
             }
         };
-        if !seen.insert(name.clone()) {
-            return Err(e(
+        if self.names.contains(&name) {
+            return Err(fail(
                 &format!("{field}.name"),
                 format!("duplicate container name '{name}'"),
             ));
         }
         match c.get("image") {
             Some(Value::String(img)) if !img.trim().is_empty() => {}
-            _ => return Err(e(&format!("{field}.image"), "must name an image".into())),
+            _ => return Err(fail(&format!("{field}.image"), "must name an image".into())),
         }
+        let empty = Mapping::new();
         let res = match c.get("resources") {
-            None | Some(Value::Null) => Mapping::new(),
-            Some(Value::Mapping(m)) => m.clone(),
+            None | Some(Value::Null) => &empty,
+            Some(Value::Mapping(m)) => m,
             Some(_) => {
-                return Err(e(
+                return Err(fail(
                     &format!("{field}.resources"),
                     "expected a mapping".into(),
                 ))
             }
         };
-        let section = |key: &str| -> Result<(Limits, Option<u64>), (String, String)> {
-            let mut map = BTreeMap::new();
-            match res.get(key) {
-                None | Some(Value::Null) => {}
-                Some(Value::Mapping(m)) => {
-                    for (k, v) in m {
-                        let Value::String(k) = k else {
-                            return Err(e(
-                                &format!("{field}.resources.{key}"),
-                                "keys must be strings".into(),
-                            ));
-                        };
-                        // Kubernetes resources the agent does not limit are passed through.
-                        if k == "memory" || k == "cpu" || k == "pids" {
-                            map.insert(k.clone(), v.clone());
-                        }
-                    }
-                }
-                Some(_) => {
-                    return Err(e(
+        let limits = resource_section(field, res, "limits")?;
+        let requests = resource_section(field, res, "requests")?;
+        self.memory = self.memory.zip(limits.memory_bytes).map(|(a, b)| a + b);
+        self.cpu = self.cpu.zip(limits.cpu_millicores).map(|(a, b)| a + b);
+        // `pids` is not a Kubernetes resource: the pod takes it (podman never sees it).
+        if let Some(p) = limits.pids {
+            self.pids = Some(self.pids.unwrap_or(0) + p);
+        }
+        self.requests.memory_bytes = sum(self.requests.memory_bytes, requests.memory_bytes);
+        self.requests.cpu_millicores = sum(self.requests.cpu_millicores, requests.cpu_millicores);
+        self.names.push(name);
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory.map(|m| m + POD_MEMORY_OVERHEAD),
+            cpu_millicores: self.cpu,
+            pids: self.pids,
+        }
+    }
+}
+
+/// The `limits` or `requests` (`key`) of one container's `resources`, as the agent's limits.
+fn resource_section(field: &str, res: &Mapping, key: &str) -> Result<Limits, (String, String)> {
+    let mut map = BTreeMap::new();
+    match res.get(key) {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            for (k, v) in m {
+                let Value::String(k) = k else {
+                    return Err(fail(
                         &format!("{field}.resources.{key}"),
-                        "expected a mapping".into(),
-                    ))
+                        "keys must be strings".into(),
+                    ));
+                };
+                // Kubernetes resources the agent does not limit are passed through.
+                if k == "memory" || k == "cpu" || k == "pids" {
+                    map.insert(k.clone(), v.clone());
                 }
             }
-            // `pids` is not a Kubernetes resource: take it for the pod and drop it from what
-            // podman sees.
-            let l = parse_resources(key, &map).map_err(|(f, why)| (format!("{field}.{f}"), why))?;
-            Ok((l, l.pids))
-        };
-        let (cl, cpids) = section("limits")?;
-        let (cr, _) = section("requests")?;
-        match cl.memory_bytes {
-            Some(m) => mem_sum += m,
-            None => mem_all = false,
         }
-        match cl.cpu_millicores {
-            Some(c) => cpu_sum += c,
-            None => cpu_all = false,
-        }
-        requests.memory_bytes = sum(requests.memory_bytes, cr.memory_bytes);
-        requests.cpu_millicores = sum(requests.cpu_millicores, cr.cpu_millicores);
-        if let Some(p) = cpids {
-            pids = Some(pids.unwrap_or(0) + p);
-        }
-        names.push(name);
-    }
-    let limits = Limits {
-        memory_bytes: mem_all.then_some(mem_sum + POD_MEMORY_OVERHEAD),
-        cpu_millicores: cpu_all.then_some(cpu_sum),
-        pids,
-    };
-
-    let restart = match spec.get("restartPolicy") {
-        None | Some(Value::Null) => RestartPolicy::Always,
-        Some(Value::String(s)) if s == "Always" => RestartPolicy::Always,
-        Some(Value::String(s)) if s == "OnFailure" => RestartPolicy::OnFailure,
-        Some(Value::String(s)) if s == "Never" => RestartPolicy::Never,
-        Some(other) => {
-            return Err(e(
-                "specification.restartPolicy",
-                format!("'{}' is not Always, OnFailure or Never", show(other)),
+        Some(_) => {
+            return Err(fail(
+                &format!("{field}.resources.{key}"),
+                "expected a mapping".into(),
             ))
         }
-    };
-    // The workload machine restarts the pod (with backoff, counting failures and OOM kills);
-    // podman restarting containers by itself would hide every exit from it.
-    spec.insert("restartPolicy".into(), "Never".into());
-    strip_pids(&mut spec);
+    }
+    parse_resources(key, &map).map_err(|(f, why)| (format!("{field}.{f}"), why))
+}
 
+fn restart_policy(value: Option<&Value>) -> Result<RestartPolicy, (String, String)> {
+    match value {
+        None | Some(Value::Null) => Ok(RestartPolicy::Always),
+        Some(Value::String(s)) if s == "Always" => Ok(RestartPolicy::Always),
+        Some(Value::String(s)) if s == "OnFailure" => Ok(RestartPolicy::OnFailure),
+        Some(Value::String(s)) if s == "Never" => Ok(RestartPolicy::Never),
+        Some(other) => Err(fail(
+            "specification.restartPolicy",
+            format!("'{}' is not Always, OnFailure or Never", show(other)),
+        )),
+    }
+}
+
+/// ConfigMaps go to podman as they are, so only their kind is checked; the auth file must be JSON.
+fn check_configmaps_and_auth(input: &PodInput) -> Result<(), (String, String)> {
     for (i, cm) in input.configmaps.iter().enumerate() {
         let field = format!("configmaps[{i}]");
-        let v: Value = crate::yaml::from_str(cm).map_err(|err| e(&field, err.to_string()))?;
+        let v: Value = crate::yaml::from_str(cm).map_err(|err| fail(&field, err.to_string()))?;
         if v.get("kind").and_then(Value::as_str) != Some("ConfigMap") {
-            return Err(e(&field, "expected a document of kind ConfigMap".into()));
+            return Err(fail(&field, "expected a document of kind ConfigMap".into()));
         }
     }
     if let Some(a) = input.auth_file {
         serde_json::from_str::<serde_json::Value>(a)
-            .map_err(|err| e("imageRegistries.authFile", format!("not JSON: {err}")))?;
+            .map_err(|err| fail("imageRegistries.authFile", format!("not JSON: {err}")))?;
     }
+    Ok(())
+}
 
+/// The `Pod` document (with the agent's label) followed by the ConfigMaps.
+fn manifest(input: &PodInput, spec: Mapping) -> Result<String, (String, String)> {
     let mut labels: BTreeMap<String, String> = input.labels.clone();
     labels.insert(WORKLOAD_LABEL.into(), input.name.into());
     let mut metadata = Mapping::new();
@@ -212,23 +258,13 @@ pub(super) fn parse_pod(input: &PodInput) -> Result<ParsedPod, (String, String)>
     pod.insert("metadata".into(), Value::Mapping(metadata));
     pod.insert("spec".into(), Value::Mapping(spec));
     let mut manifest = serde_yaml_ng::to_string(&Value::Mapping(pod))
-        .map_err(|err| e("specification", err.to_string()))?;
+        .map_err(|err| fail("specification", err.to_string()))?;
     for cm in input.configmaps {
         manifest.push_str("---\n");
         manifest.push_str(cm.trim_end());
         manifest.push('\n');
     }
-    Ok(ParsedPod {
-        data: PodSpecData {
-            manifest,
-            auth_file: input.auth_file.map(str::to_string),
-            rootless: input.rootless,
-            containers: names,
-        },
-        limits,
-        requests,
-        restart,
-    })
+    Ok(manifest)
 }
 
 fn sum(a: Option<u64>, b: Option<u64>) -> Option<u64> {

@@ -732,15 +732,13 @@ fn write_private(
     })
 }
 
+/// A pod's containers log through podman; its `<name>.log` holds only the agent's lines about
+/// its runs (started, ended), about 100 bytes each: a pod restarting every few minutes for
+/// months must still not fill STATE_DIR.
+const POD_LOG_MAX: u64 = crate::drivers::output::MIN_LOG_MAX;
+
 fn append_log(path: &Path, line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
+    crate::drivers::output::append_bounded(path, line, POD_LOG_MAX);
 }
 
 #[cfg(test)]
