@@ -168,6 +168,7 @@ pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
             state_dir: settings.state_dir.clone(),
             variables_file: settings.variables_file.clone(),
             variables_ttl: settings.variables_ttl,
+            parent_memory_file: Some(hierarchy.workloads_parent().memory_usage_file()),
         },
     )
     .map_err(|e| error!("cannot start the sampler thread: {e}; no usage figures"))

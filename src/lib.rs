@@ -2,11 +2,12 @@
 //!
 //! Where things live: `machines/` (the statig state machines: device, workload), `controller/`
 //! (the one task that owns them and executes their commands), `drivers/` (running workloads),
-//! `cgroup/` (layout detection, limits, counters), `sampler` and `budget` (resource
-//! accounting), `workload/` (the desired state and its validation), `store/` (persistence),
-//! `status/` (the snapshot, control socket and `status` table), `logs` (the `logs` command),
-//! `config/` (settings).
+//! `cgroup/` (layout detection, limits, counters, kernel notifications), `sampler`, `budget`
+//! and `alerts` (resource accounting and the kernel's alerts about it), `workload/` (the
+//! desired state and its validation), `store/` (persistence), `status/` (the snapshot, control
+//! socket and `status` table), `logs` (the `logs` command), `config/` (settings).
 
+pub mod alerts;
 pub mod budget;
 pub mod cgroup;
 pub mod clock;

@@ -30,6 +30,9 @@ pub struct DeviceTotals {
 pub struct Report {
     pub at: Instant,
     pub workloads: Vec<WorkloadSample>,
+    /// The workloads' parent cgroup's own memory counter (what the kernel's notifications and
+    /// cap count), when readable.
+    pub parent_memory: Option<u64>,
     pub device: DeviceTotals,
     /// Use of the file system holding STATE_DIR, in percent.
     pub disk_percent: Option<f64>,
@@ -47,6 +50,8 @@ pub struct SamplerConfig {
     pub state_dir: std::path::PathBuf,
     pub variables_file: std::path::PathBuf,
     pub variables_ttl: std::time::Duration,
+    /// `memory.usage_in_bytes` (v1) / `memory.current` (v2) of the workloads' parent.
+    pub parent_memory_file: Option<std::path::PathBuf>,
 }
 
 pub fn sample(targets: &[Target], reader: &mut CounterReader, config: &SamplerConfig) -> Report {
@@ -57,10 +62,15 @@ pub fn sample(targets: &[Target], reader: &mut CounterReader, config: &SamplerCo
             counters: t.cgroup.counters_with(reader).ok(),
         })
         .collect();
+    let parent_memory = config
+        .parent_memory_file
+        .as_deref()
+        .and_then(|f| reader.read_u64(f).ok());
     reader.sweep();
     Report {
         at: Instant::now(),
         workloads,
+        parent_memory,
         device: device_totals(),
         disk_percent: disk_percent(&config.state_dir),
         pids_percent: pids_percent(),

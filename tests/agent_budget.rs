@@ -1,6 +1,7 @@
 //! Issue 5 on the host's real cgroups: admission by requests against the device budget,
 //! over-budget eviction by priority with re-admission, device profiles starting and stopping
-//! a workload, cron runs. Root only.
+//! a workload, cron runs; issue 15: an eviction caused by a kernel notification while the
+//! sampler's period is 30 s. Root only.
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,11 @@ fn main() {
             "over_budget_evicts_the_lowest_priority_and_readmits_it_later",
             ROOT_CGROUPS,
             over_budget_evicts_the_lowest_priority_and_readmits_it_later,
+        ),
+        test(
+            "a_kernel_notification_evicts_while_the_sampler_sleeps",
+            ROOT_CGROUPS,
+            a_kernel_notification_evicts_while_the_sampler_sleeps,
         ),
         test(
             "a_profile_condition_starts_and_stops_its_workload",
@@ -132,34 +138,86 @@ fn over_budget_evicts_the_lowest_priority_and_readmits_it_later() {
     a.extra_env
         .push(("EDGE_DEVICE_BUDGET_HOLD".into(), "2s".into()));
     a.start();
-    let pids = |s: &device_worker_ng::status::Snapshot| {
-        (
-            Agent::workload(s, "important").and_then(|w| w.pid),
-            Agent::workload(s, "normal").and_then(|w| w.pid),
-        )
-    };
-    let s0 = a.wait_for("all running", Duration::from_secs(10), |s| {
-        s.workloads.iter().all(|w| w.state == "running")
-    });
-    let before = pids(&s0);
     let t = Instant::now();
     let s = a.wait_for("expendable evicted", Duration::from_secs(30), |s| {
         Agent::workload(s, "expendable").is_some_and(|w| w.state == "evicted")
     });
-    eprintln!("evicted {:?} after all were running", t.elapsed());
+    eprintln!("evicted {:?} after the agent started", t.elapsed());
     assert!(s
         .transitions
         .iter()
         .any(|t| t.machine == "device" && t.to == "over-budget"));
     let w = Agent::workload(&s, "expendable").unwrap();
     assert!(w.reason.contains("over budget"), "{}", w.reason);
-    assert_eq!(pids(&s), before, "the higher priorities are untouched");
+    // The higher priorities still run the processes they started with (the kernel's
+    // notification can evict before a first look at the status shows all three running).
+    for name in ["important", "normal"] {
+        let machine = format!("workload/{name}");
+        let started = s
+            .transitions
+            .iter()
+            .find(|t| t.machine == machine && t.from == "starting" && t.to == "running")
+            .map(|t| t.reason.clone());
+        let now = Agent::workload(&s, name).and_then(|w| w.pid);
+        assert_eq!(
+            started,
+            now.map(|p| format!("pid {p}")),
+            "{name} is untouched"
+        );
+        assert!(
+            !s.transitions
+                .iter()
+                .any(|t| t.machine == machine && t.to == "stopping"),
+            "{name} was never stopped"
+        );
+    }
     // Usage is now under the low watermark: after the hold time it is admitted again.
     a.wait_for("expendable re-admitted", Duration::from_secs(30), |s| {
         s.transitions.iter().any(|t| {
             t.machine == "workload/expendable" && t.from == "evicted" && t.to == "starting"
         })
     });
+}
+
+fn a_kernel_notification_evicts_while_the_sampler_sleeps() {
+    // The agent samples once at start and then every 30 s: an eviction within seconds of the
+    // breach cannot have come from its sampling period.
+    let hold = |mb: u32| format!("big=$(head -c {mb}000000 /dev/zero | tr '\\0' x); sleep 600");
+    // The budget, not DEFAULT_LIMITS (half of it), is what the spike must run into.
+    let res = "        requests: {memory: 8Mi}\n        limits: {memory: 200Mi}\n";
+    let steady = workload("steady", &hold(40), 10, res);
+    let mut a = agent_with_budget(&format!("workloads:\n{steady}"), 100);
+    a.extra_env
+        .push(("EDGE_DEVICE_SAMPLE_INTERVAL".into(), "30s".into()));
+    a.start();
+    let started = Instant::now();
+    let s = a.wait_for("steady running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "steady").is_some_and(|w| w.state == "running")
+    });
+    let steady_pid = Agent::workload(&s, "steady").unwrap().pid;
+    // Let it hold its memory (a fraction of a second) before the spike.
+    std::thread::sleep(Duration::from_secs(1));
+    let spike = workload("spike", &hold(80), 0, res);
+    a.set_desired(&format!("workloads:\n{steady}{spike}"));
+    let s = a.wait_for("spike evicted", Duration::from_secs(15), |s| {
+        Agent::workload(s, "spike").is_some_and(|w| w.state == "evicted")
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "evicted only after {:?}: the sampler's period, not a notification",
+        started.elapsed()
+    );
+    assert_eq!(
+        Agent::workload(&s, "steady").unwrap().pid,
+        steady_pid,
+        "the higher priority is untouched"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("kernel alert: sampling now alert=MemoryMark(Budget)")
+            || log.contains("kernel alert: sampling now alert=MemoryMark(NearBudget)"),
+        "no memory notification in the log:\n{log}"
+    );
 }
 
 /// An agent reading profile variables from its own VARIABLES_FILE, sampling fast.

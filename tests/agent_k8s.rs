@@ -143,9 +143,13 @@ fn defect1_k8s_states_follow_the_cluster() {
             reason: "Error".into(),
         },
     );
+    // An image the kubelet cannot pull is retried by the kubelet: the workload is still
+    // starting, with the kubelet's reason, and no failure is counted.
+    fake.image("img:unpullable", Container::PullFails);
     a.set_desired(&desired(&[
         k8s_workload("web", "img:1"),
         k8s_workload("crashy", "img:crash"),
+        k8s_workload("unpulled", "img:unpullable"),
     ]));
     let s = a.wait_for("the crash is a failure", SOON, |s| {
         Agent::workload(s, "crashy").is_some_and(|w| {
@@ -153,6 +157,13 @@ fn defect1_k8s_states_follow_the_cluster() {
         })
     });
     assert!(Agent::workload(&s, "crashy").unwrap().restarts >= 1);
+    let s = a.wait_for(
+        "the pull failure is a reason",
+        SOON,
+        state_is("unpulled", "starting", "ImagePullBackOff"),
+    );
+    let w = Agent::workload(&s, "unpulled").unwrap();
+    assert_eq!((w.restarts, w.heartbeat_status.as_str()), (0, "deploying"));
 
     a.set_desired(&desired(&[]));
     a.wait_for("removed", SOON, |s| s.workloads.is_empty());

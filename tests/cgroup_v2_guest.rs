@@ -148,7 +148,9 @@ fn agent_limits_in_cgroup_v2_guest() {
 }
 
 /// Issue 5 in the guest: the kernel cap on all workloads, eviction of the lowest priority
-/// when the workloads together use more than the budget, re-admission after the hold time.
+/// when the workloads together use more than the budget, re-admission after the hold time;
+/// issue 15: memory.high at the budget, and an eviction caused by its notification while the
+/// sampler's period is 30 s.
 fn agent_budget_in_cgroup_v2_guest() {
     let payload = TempDir::new("budget-payload");
     let agent = env!("CARGO_BIN_EXE_device-worker-ng");
@@ -169,6 +171,10 @@ fn agent_budget_in_cgroup_v2_guest() {
             "PASS others_untouched:",
             "PASS device_over_budget",
             "PASS expendable_readmitted",
+            "PASS memory_high_at_budget:",
+            "PASS evicted_by_notification:",
+            "PASS memory_high_event",
+            "PASS steady_untouched",
         ],
     );
 }

@@ -8,9 +8,12 @@
 mod files;
 mod fs;
 mod layout;
+pub mod notify;
 pub mod systemd;
 
-pub use files::{keyed as read_keyed, parse_flat_keyed, read_u64, CounterReader};
+pub use files::{
+    keyed as read_keyed, parse_flat_keyed, read_u64, write as write_file, CounterReader,
+};
 pub use layout::{detect, detect_from, Layout, V1Mounts};
 
 use std::path::{Path, PathBuf};
@@ -80,6 +83,9 @@ pub struct Counters {
     pub cpu_throttled_periods: u64,
     pub pids_max_events: u64,
 }
+
+/// How long [`WorkloadCgroup::kill_all`] keeps killing before it gives up.
+pub const KILL_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The CFS period used for cpu quotas (the kernel default).
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -176,6 +182,14 @@ impl WorkloadCgroup {
             .lines()
             .filter_map(|l| l.trim().parse::<i32>().ok())
             .collect())
+    }
+
+    /// The file holding the cgroup's memory usage (its subtree's, hierarchically).
+    pub fn memory_usage_file(&self) -> PathBuf {
+        match self {
+            WorkloadCgroup::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
+            WorkloadCgroup::V2 { dir, .. } => dir.join("memory.current"),
+        }
     }
 
     pub fn oom_kills(&self) -> u64 {
@@ -301,7 +315,7 @@ impl WorkloadCgroup {
     /// SIGKILL everything until the cgroup is empty. A fork bomb can race a one-pass kill, so
     /// repeat (bounded: the pids limit caps what it can fork).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
-        let deadline = Duration::from_secs(5);
+        let deadline = KILL_DEADLINE;
         let start = Instant::now();
         while start.elapsed() < deadline {
             if self.signal_all(Signal::SIGKILL)? == 0 {

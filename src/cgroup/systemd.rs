@@ -730,6 +730,16 @@ impl SliceTree {
         self.systemd.set_limits(&self.slice, limits, self.v2())
     }
 
+    /// cgroup v2: the agent's slice's `MemoryHigh` (the kernel alerts' budget mark). A
+    /// property, not a write to the slice's `memory.high`: systemd owns that file and writes
+    /// it again from the unit's properties whenever it applies them (e.g. at the next
+    /// [`SliceTree::cap`]). cgroups-rs has no MemoryHigh property.
+    pub fn set_memory_high(&self, bytes: u64) -> Result<(), SystemdError> {
+        let mut client = SystemdClient::new(&self.slice, Vec::new())?;
+        client.set_properties(&[("MemoryHigh", Value::U64(bytes))])?;
+        Ok(())
+    }
+
     /// A workload's slice with its limits (created, or re-limited when it exists).
     pub fn prepare(&self, workload: &str, limits: &Limits) -> Result<(), SystemdError> {
         self.systemd.ensure_slice(

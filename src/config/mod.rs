@@ -31,6 +31,8 @@ enum Kind {
     Url,
     Level,
     Duration,
+    /// A duration that may be zero (a window that can be closed).
+    Window,
     Memory,
     Cpu,
     Count,
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Url => "an https:// URL",
             Kind::Level => "one of error, warn, info, debug, trace",
             Kind::Duration => "a duration like 500ms, 1s, 2m",
+            Kind::Window => "a duration like 0s, 500ms, 1s",
             Kind::Memory => "a memory quantity like 256Mi",
             Kind::Cpu => "a cpu quantity like 250m or 0.5",
             Kind::Count => "a whole number",
@@ -136,7 +139,7 @@ pub const KEYS: &[KeySpec] = &[
         "KUBECONFIG",
         Path,
         None,
-        "kubeconfig of the local MicroShift for k8s workloads"
+        "kubeconfig of the local MicroShift (or any Kubernetes API) for k8s workloads; read again when it changes"
     ),
     key!(
         "DEVICE_ID",
@@ -250,7 +253,7 @@ pub const KEYS: &[KeySpec] = &[
         "STOP_TIMEOUT",
         Duration,
         Some("10s"),
-        "grace between SIGTERM and SIGKILL when stopping a workload"
+        "grace between SIGTERM and SIGKILL when stopping a workload (k8s: added to the pod's own grace period)"
     ),
     key!(
         "POLL_INTERVAL",
@@ -296,9 +299,9 @@ pub const KEYS: &[KeySpec] = &[
     ),
     key!(
         "BUDGET_WINDOW",
-        Duration,
+        Window,
         Some("500ms"),
-        "workloads must use more than the budget this long before the lowest priority is evicted"
+        "once over budget, memory must stay over this long before another workload is evicted (the first goes at once; cpu: at least 1s)"
     ),
     key!(
         "BUDGET_HOLD",
@@ -666,6 +669,7 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Duration(d)
         }
+        Kind::Window => Value::Duration(units::parse_duration(raw).map_err(|_| wrong())?),
         Kind::Memory => Value::Quantity(units::parse_memory(raw).map_err(|_| wrong())?),
         Kind::Cpu => Value::Quantity(units::parse_cpu(raw).map_err(|_| wrong())?),
         Kind::Count => Value::Quantity(raw.trim().parse::<u32>().map_err(|_| wrong())? as u64),

@@ -213,6 +213,13 @@ pub enum Effect {
     ReadDesired(ReadDesired),
     /// Hand the sampler the current targets (skipped when it is still busy).
     Sample(Vec<Target>),
+    /// Have the kernel notify when the workloads' memory crosses these marks.
+    Marks(crate::alerts::Marks),
+    /// Have the kernel notify OOM kills in the workload's cgroup (until it is forgotten).
+    WatchOom {
+        name: WorkloadName,
+        cgroup: WorkloadCgroup,
+    },
     /// sd_notify (READY, STATUS, WATCHDOG).
     Notify(String),
     /// The desired k8s workloads (name, rendered manifest) changed, or the first desired
@@ -239,6 +246,7 @@ pub struct RealEffects {
     /// Work on the Kubernetes cluster as a whole (pruning).
     cluster_lane: Lane,
     sampler: Option<Sender<Vec<Target>>>,
+    alerts: crate::alerts::Alerts,
 }
 
 impl RealEffects {
@@ -249,7 +257,13 @@ impl RealEffects {
         hierarchy: Hierarchy,
         sampler: Option<Sender<Vec<Target>>>,
     ) -> RealEffects {
+        let alerts = crate::alerts::Alerts::start(
+            tx.clone(),
+            &hierarchy.workloads_parent(),
+            hierarchy.slice_tree().cloned(),
+        );
         RealEffects {
+            alerts,
             tx,
             drivers,
             store,
@@ -357,7 +371,7 @@ impl RealEffects {
                     None => Ok(()),
                 },
                 // Readable by the collector, which need not run as root.
-                Write::Metrics { path, snapshot } => crate::store::write_atomic(
+                Write::Metrics { path, snapshot } => crate::store::write_atomic_unsynced(
                     path,
                     crate::metrics::render(snapshot).as_bytes(),
                     0o644,
@@ -409,6 +423,7 @@ impl Effects for RealEffects {
             }
             Effect::Forget { name } => {
                 self.watches.remove(&name);
+                self.alerts.forget(&name);
                 self.lanes.retire(name);
             }
             Effect::Timer { after, event } => {
@@ -446,6 +461,8 @@ impl Effects for RealEffects {
                     let _ = s.try_send(targets);
                 }
             }
+            Effect::Marks(m) => self.alerts.set_marks(m),
+            Effect::WatchOom { name, cgroup } => self.alerts.watch_oom(&name, &cgroup),
             Effect::Notify(state) => crate::notify::notify(&state),
             Effect::PruneK8s(desired) => {
                 let Some(k8s) = self.drivers.k8s() else {

@@ -93,6 +93,8 @@ pub enum Event {
         gen: Generation,
     },
     Sampled(Box<sampler::Report>),
+    /// A notification from the kernel (crate::alerts): sample, and so decide, now.
+    Kernel(crate::alerts::Alert),
     /// A driver result for one run of one workload (stale generations are dropped).
     Run {
         name: WorkloadName,
@@ -135,6 +137,7 @@ impl Event {
             Event::DesiredRead { .. } => "desired-read",
             Event::SampleTick { .. } => "sample-tick",
             Event::Sampled(_) => "sampled",
+            Event::Kernel(_) => "kernel-alert",
             Event::Run { .. } => "run",
             Event::RetryDue { .. } => "retry-due",
             Event::CronDue { .. } => "cron-due",
@@ -221,8 +224,6 @@ pub struct History {
     pub transitions: VecDeque<TransitionInfo>,
     /// The longest single event handling since start, and its event kind.
     pub longest_handler: (Duration, &'static str),
-    /// Workload transitions into `evicted` since start (for the metrics).
-    pub evictions: u64,
 }
 
 const MAX_TRANSITIONS: usize = 100;
@@ -230,9 +231,6 @@ const MAX_TRANSITIONS: usize = 100;
 impl History {
     pub fn record(&mut self, machine: &str, t: &Transition) {
         info!(machine = %machine, from = t.from, to = t.to, reason = %t.reason, "transition");
-        if t.to == "evicted" && machine.starts_with("workload/") {
-            self.evictions += 1;
-        }
         if self.transitions.len() == MAX_TRANSITIONS {
             self.transitions.pop_front();
         }
@@ -455,14 +453,14 @@ impl<E: Effects> Controller<E> {
             }
             Event::SampleTick { gen } => {
                 if self.st.sample_gen.is(gen) {
-                    let targets = self.st.workloads.sample_targets();
-                    self.fx.run(Effect::Sample(targets));
+                    self.with_cx(|st, cx| st.request_sample(cx));
                 }
             }
             Event::Sampled(report) => {
                 self.dispatch(|st, cx| st.on_sampled(*report, cx));
                 self.write_metrics();
             }
+            Event::Kernel(alert) => self.with_cx(|st, cx| st.on_alert(alert, cx)),
             Event::Run { name, gen, outcome } => {
                 self.dispatch(|st, cx| st.workloads.on_run(&name, gen, outcome, cx))
             }
@@ -513,8 +511,7 @@ impl<E: Effects> Controller<E> {
 
     /// Runs the loop until shutdown.
     pub async fn run(mut self, rx: Receiver<Event>, tx: Sender<Event>) {
-        let gen = self.st.sample_gen.bump();
-        let _ = tx.try_send(Event::SampleTick { gen });
+        self.with_cx(|st, cx| st.request_sample(cx));
         if let Some(iv) = crate::notify::watchdog_interval() {
             sources::every(tx.clone(), iv, || Event::WatchdogTick);
         }
@@ -559,7 +556,9 @@ impl State {
             } => self.reports.report(warn, reason, message, cx),
             Internal::ShedLoad => {
                 let (used, budget) = (self.resources.used(), self.resources.budget());
-                self.workloads.shed_load(used, &budget, cx)
+                // Decisions come from samples: the one that decided is the last.
+                let at = self.resources.last_sample().unwrap_or_else(Instant::now);
+                self.workloads.shed_load(used, &budget, at, cx)
             }
             Internal::Readmit => self.workloads.readmit(cx),
             Internal::WipeWorkloads => {
@@ -644,7 +643,11 @@ impl State {
         let used = self
             .workloads
             .record_usage(&report, self.resources.last_sample());
-        let pressure = self.resources.observe(&report, used, at);
+        let evicting = self.workloads.eviction_in_progress(&report);
+        let pressure = self.resources.observe(&report, used, at, evicting);
+        if let Some(marks) = self.resources.marks_due(report.parent_memory) {
+            cx.fx.run(Effect::Marks(marks));
+        }
         if self.resources.reevaluate() {
             cx.push(Internal::ProfilesChanged);
         }
@@ -652,7 +655,9 @@ impl State {
             cx.push(Internal::Persist(Write::CapWorkloads(cap)));
         }
         // The next sample's time is chosen from this one: near the budget, at once faster.
-        let interval = self.resources.next_interval(self.settings.sample_interval);
+        let interval = self
+            .resources
+            .next_interval(self.settings.sample_interval, at);
         let gen = self.sample_gen.bump();
         cx.after(interval, Event::SampleTick { gen });
         self.workloads.adopted_liveness(&report, cx);
@@ -663,6 +668,25 @@ impl State {
                 crate::budget::Pressure::Exceeded(reason) => DeviceEvent::BudgetExceeded { reason },
                 crate::budget::Pressure::Recovered => DeviceEvent::BudgetRecovered,
             }));
+        }
+    }
+
+    /// Hands the sampler the current targets.
+    fn request_sample(&mut self, cx: &mut Ctx) {
+        self.resources.sample_requested(Instant::now());
+        cx.fx.run(Effect::Sample(self.workloads.sample_targets()));
+    }
+
+    /// A kernel alert: a sample now (or as soon as the alert spacing allows); the decision
+    /// follows from it like from any sample.
+    fn on_alert(&mut self, alert: crate::alerts::Alert, cx: &mut Ctx) {
+        debug!(?alert, "kernel alert: sampling now");
+        match self.resources.on_alert(&alert, Instant::now()) {
+            None => self.request_sample(cx),
+            Some(wait) => {
+                let gen = self.sample_gen.bump();
+                cx.after(wait, Event::SampleTick { gen });
+            }
         }
     }
 

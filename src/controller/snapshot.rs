@@ -141,7 +141,7 @@ impl<E: Effects> Controller<E> {
                 longest_handler_ms: (self.history.longest_handler.0.as_secs_f64() * 1e6).round()
                     / 1000.0,
                 longest_handler_event: self.history.longest_handler.1.to_string(),
-                evictions_total: self.history.evictions,
+                evictions_total: st.workloads.budget_evictions,
             },
             device: DeviceInfo {
                 state: state.into(),
@@ -164,7 +164,7 @@ impl<E: Effects> Controller<E> {
                     .profiles
                     .variables
                     .iter()
-                    .map(|(k, v)| (k.clone(), format!("{v:.1}")))
+                    .map(|(k, v)| (k.clone(), v.to_string()))
                     .collect(),
                 conditions: st.resources.profiles.evaluation.clone(),
             },

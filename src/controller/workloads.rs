@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::drivers::{Placement, Started};
 use crate::machines::device::ProblemKey;
 use crate::machines::workload::{
-    self, Context, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
+    self, AfterStop, Context, ExitInfo, State, WorkloadCommand, WorkloadEvent, WorkloadMachine,
 };
 use crate::sampler::{self, Report, Target};
 use crate::status::Usage;
@@ -83,6 +83,9 @@ pub struct Entry {
     pub update_rejected: Option<String>,
     /// Why an evicted workload waits (budget recovery, or its profiles).
     pub hold: Hold,
+    /// When the budget chose it as a victim (the sample that decided): its eviction is in
+    /// progress until its memory is released, or for at most [`Workloads::victim_bound`].
+    pub evicted_for_budget_at: Option<Instant>,
     /// A cron workload's run is due (consumed by admission).
     pub cron_due: bool,
     pub cron_next: Option<SystemTime>,
@@ -125,6 +128,7 @@ impl Entry {
             notice: None,
             update_rejected: None,
             hold: Hold::None,
+            evicted_for_budget_at: None,
             cron_due: false,
             cron_next: None,
             profile_cpu_quota: None,
@@ -182,6 +186,8 @@ pub struct Workloads {
     uids: Option<(u32, u32)>,
     /// The desired k8s workloads (name, manifest) last given to the k8s driver.
     k8s_desired: Option<Vec<(String, String)>>,
+    /// Evictions decided for the budget since start (profile stops are not evictions).
+    pub budget_evictions: u64,
 }
 
 impl Workloads {
@@ -198,6 +204,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            budget_evictions: 0,
             k8s_desired: None,
         }
     }
@@ -728,6 +735,12 @@ impl Workloads {
             e.notice = s.notice.clone();
         }
         let pid = s.pid;
+        if pid.is_some() {
+            cx.fx.run(Effect::WatchOom {
+                name: name.clone(),
+                cgroup: e.cgroup.clone(),
+            });
+        }
         cx.fx.run(Effect::Watch {
             name: name.clone(),
             gen,
@@ -890,6 +903,12 @@ impl Workloads {
                 },
             },
         );
+        if s.pid.is_some() {
+            cx.fx.run(Effect::WatchOom {
+                name: name.clone(),
+                cgroup: self.hierarchy.workload(name),
+            });
+        }
         cx.fx.run(Effect::Watch {
             name: name.clone(),
             gen,
@@ -965,11 +984,18 @@ impl Workloads {
     }
 
     /// Over budget: evict the lowest-priority running workload, newest first among equals.
-    pub fn shed_load(&mut self, used: Used, budget: &Budget, cx: &mut Ctx) {
+    /// A starting one counts as running: its process may already be allocating before the
+    /// driver has reported it started (seen: the breach was acted on first, and a higher
+    /// priority evicted in its place).
+    pub fn shed_load(&mut self, used: Used, budget: &Budget, decided_at: Instant, cx: &mut Ctx) {
         let victim = admission::victim(
             self.entries
                 .iter()
-                .filter(|(_, e)| e.spec.is_some() && e.machine.state().is_up())
+                .filter(|(_, e)| {
+                    e.spec.is_some()
+                        && (e.machine.state().is_up()
+                            || matches!(e.machine.state(), State::Starting { .. }))
+                })
                 .map(|(name, e)| Running {
                     name,
                     priority: e.priority(),
@@ -990,8 +1016,55 @@ impl Workloads {
         );
         if let Some(e) = self.entries.get_mut(&name) {
             e.hold = Hold::Budget;
+            e.evicted_for_budget_at = Some(decided_at);
         }
+        self.budget_evictions += 1;
         self.feed(&name, WorkloadEvent::Evict { reason }, cx);
+    }
+
+    /// How long an eviction for the budget counts as in progress at most: the driver's stop
+    /// (SIGTERM, STOP_TIMEOUT, then SIGKILL) and the kill's own retries. A victim whose stop
+    /// hangs, or whose cgroup never empties, must not keep the budget from deciding forever.
+    fn victim_bound(&self) -> Duration {
+        self.stop_timeout + crate::cgroup::KILL_DEADLINE
+    }
+
+    /// When an eviction for the budget is in progress in `report`, the memory its victims
+    /// still hold there. A victim's memory is released only once its processes are gone: it
+    /// is in progress while the victim is stopping, and after that while the sample still
+    /// finds processes in its cgroup (a sample taken just before the stop completed, whose
+    /// report arrives after it), for at most [`Workloads::victim_bound`] from the decision.
+    /// k8s victims do not count: the samples do not include their memory.
+    pub fn eviction_in_progress(&self, report: &Report) -> Option<u64> {
+        let bound = self.victim_bound();
+        let mut held = None;
+        for (name, e) in &self.entries {
+            let Some(at) = e.evicted_for_budget_at else {
+                continue;
+            };
+            if e.hold != Hold::Budget
+                || e.kind == WorkloadKind::K8s
+                || report.at.saturating_duration_since(at) >= bound
+            {
+                continue;
+            }
+            let stopping = match e.machine.state() {
+                State::Stopping {
+                    after: AfterStop::Evict(_),
+                } => true,
+                State::Evicted { .. } => false,
+                _ => continue,
+            };
+            let counters = report
+                .workloads
+                .iter()
+                .find(|s| s.name == *name)
+                .and_then(|s| s.counters);
+            if stopping || counters.is_some_and(|c| c.pids > 0) {
+                *held.get_or_insert(0) += counters.map_or(0, |c| c.memory_bytes);
+            }
+        }
+        held
     }
 
     /// The budget recovered: evicted workloads may be admitted again (admission decides).

@@ -138,6 +138,12 @@ pub fn run_if_log_writer() -> Option<ExitCode> {
     }
 }
 
+/// Appends `text` to the log `path` with the same bound as a writer's (`max` for the log and
+/// its rotated file together): for lines the agent itself adds to a workload's log.
+pub fn append_bounded(path: &Path, text: &str, max: u64) {
+    RotatingLog::open(path.to_path_buf(), max).write(text.as_bytes());
+}
+
 /// Copies `input` into `log` until the end of the input. Output that cannot be written
 /// (disk full) is dropped, never waited for: the workload must not block on a full disk.
 fn copy(mut input: impl Read, log: &mut RotatingLog) -> std::io::Result<()> {
@@ -302,6 +308,19 @@ mod tests {
             std::fs::read(t.path().join("w.log")).unwrap(),
             b"new\nmore\n"
         );
+    }
+
+    #[test]
+    fn lines_appended_one_at_a_time_stay_within_the_cap() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("pod.log");
+        for i in 0..500 {
+            append_bounded(&log, &format!("pod started, run {i:04}\n"), 2000);
+        }
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        assert!(size(&log) + size(&rotated(&log)) <= 2000);
+        let last = std::fs::read_to_string(&log).unwrap();
+        assert!(last.ends_with("run 0499\n"), "{last}");
     }
 
     #[test]

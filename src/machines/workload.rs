@@ -71,9 +71,9 @@ impl ExitInfo {
             (Some(0), _) => "completed (exit code 0)".into(),
             (Some(c), _) => format!("exited with code {c}"),
             (None, Some(s)) => format!("killed by signal {s}"),
-            (None, None) => {
-                "exited (exit status unknown: it was started by an earlier agent)".into()
-            }
+            // An adopted process (no child of this agent), or a k8s workload whose pods the
+            // cluster removed without a termination record.
+            (None, None) => "ended (its exit status is unknown)".into(),
         }
     }
 }
@@ -244,7 +244,13 @@ impl WorkloadMachine {
             // Stopping kills whatever the start has spawned: commands of one workload run in order.
             WorkloadEvent::Update => Transition(State::stopping(AfterStop::Restart)),
             WorkloadEvent::Remove => Transition(State::stopping(AfterStop::Remove)),
+            // Its process may already be running (and allocating): evicted like a running one.
             WorkloadEvent::Evict { reason } => {
+                context.push(WorkloadCommand::Report {
+                    warn: true,
+                    reason: "Evicted".into(),
+                    message: reason.clone(),
+                });
                 Transition(State::stopping(AfterStop::Evict(reason.clone())))
             }
             _ => Super,

@@ -118,17 +118,31 @@ impl Value {
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.unit {
-            Unit::Plain => write!(f, "{}", self.amount),
-            Unit::Percent => write!(f, "{}%", self.amount),
-            Unit::Millicores => write!(f, "{}m", self.amount),
+            Unit::Plain => write!(f, "{}", Short(self.amount)),
+            Unit::Percent => write!(f, "{}%", Short(self.amount)),
+            Unit::Millicores => write!(f, "{}m", Short(self.amount)),
             Unit::Bytes => {
                 for (suffix, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20)] {
                     if self.amount >= size as f64 {
                         return write!(f, "{:.1}{suffix}", self.amount / size as f64);
                     }
                 }
-                write!(f, "{}Ki", self.amount / 1024.0)
+                write!(f, "{}Ki", Short(self.amount / 1024.0))
             }
+        }
+    }
+}
+
+/// A measured amount as a person reads it: whole numbers as they are, others to one decimal
+/// (a CPU share of 33.333333333333336 % is 33.3 %).
+struct Short(f64);
+
+impl fmt::Display for Short {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.fract() == 0.0 {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{:.1}", self.0)
         }
     }
 }
@@ -857,6 +871,15 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_show_as_a_person_reads_them() {
+        assert_eq!(Value::percent(100.0 / 3.0).to_string(), "33.3%");
+        assert_eq!(Value::percent(50.0).to_string(), "50%");
+        assert_eq!(Value::millicores(250).to_string(), "250m");
+        assert_eq!(Value::bytes(3 << 20).to_string(), "3.0Mi");
+        assert_eq!(Value::bytes(1536).to_string(), "1.5Ki");
+    }
 
     fn vars(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()

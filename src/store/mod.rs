@@ -62,6 +62,23 @@ pub fn write_atomic_owned(
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> Result<(), StoreError> {
+    replace(path, bytes, mode, owner, true)
+}
+
+/// [`write_atomic`] without waiting for the disk: for a file rewritten every few seconds and
+/// worthless after a power cut (the metrics), where a sync each time would only wear the
+/// device's flash. Readers still never see a half-written file.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    replace(path, bytes, mode, None, false)
+}
+
+fn replace(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    sync: bool,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -74,13 +91,17 @@ pub fn write_atomic_owned(
             .open(&tmp)
             .map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
+        if sync {
+            f.sync_all().map_err(io(&tmp))?;
+        }
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io(&tmp))?;
         }
         std::fs::rename(&tmp, path).map_err(io(path))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
+        if sync {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
         }
         Ok(())
     })();
@@ -466,6 +487,18 @@ fn set_aside<T>(path: &Path, why: String) -> Loaded<T> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn an_unsynced_write_replaces_the_file_whole_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.prom");
+        write_atomic_unsynced(&p, b"a 1\n", 0o644).unwrap();
+        write_atomic_unsynced(&p, b"b 2\n", 0o644).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"b 2\n");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     fn name(s: &str) -> WorkloadName {
         WorkloadName::parse(s).unwrap()

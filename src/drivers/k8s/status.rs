@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 /// Container waiting reasons that mean the pod will not run without a change or a retry.
+/// `ImagePullBackOff` and `ErrImagePull` are not among them: the kubelet retries pulls by
+/// itself and a registry outage ends by itself, so they are why the workload is still
+/// deploying, not failures that count towards RESTART_MAX_FAILURES.
 const STUCK_REASONS: &[&str] = &[
     "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "ErrImagePull",
     "ErrImageNeverPull",
     "InvalidImageName",
     "CreateContainerConfigError",
@@ -400,18 +401,17 @@ mod tests {
         assert!(c.reason.contains("OOMKilled"), "{}", c.reason);
         assert_eq!(c.exit_code, Some(137));
         assert!(c.oom_killed);
+    }
 
+    #[test]
+    fn what_the_cluster_retries_by_itself_is_a_reason_not_a_crash() {
         let pull = pod(
             json!({"phase": "Pending", "containerStatuses": [{"name": "c", "restartCount": 0,
             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"nope\""}}}]}),
         );
         assert!(
-            matches!(assess(Some(&deployment(1, 1, false)), &[pull]), Health::Crashed(c) if c.reason.contains("ImagePullBackOff"))
+            matches!(assess(Some(&deployment(1, 1, false)), &[pull]), Health::Deploying(why) if why.contains("ImagePullBackOff: Back-off pulling image")),
         );
-    }
-
-    #[test]
-    fn what_the_cluster_retries_by_itself_is_a_reason_not_a_crash() {
         let mut d = deployment(1, 1, false);
         d["status"]["conditions"] = json!([{"type": "ReplicaFailure", "status": "True",
             "message": "pods \"web-x\" is forbidden: exceeded quota"}]);

@@ -19,14 +19,13 @@
 //! Podman does not restart containers (the manifest says `restartPolicy: Never`): the run ends
 //! when an app container exits, and the workload machine restarts the pod per policy. An OOM
 //! kill shows as exit 137 (podman reports `OOMKilled=false` on cgroup v1) and as the workload
-//! cgroup's `oom_kill` counter rising.
+//! cgroup's `oom_kill` counter rising; the kernel notifies it (an eventfd per memory cgroup of
+//! the pod on v1), and an OOM-killed container ends the run without asking podman.
 
 pub mod cli;
 pub mod secrets;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -35,7 +34,7 @@ pub use cli::{Podman, RootlessUser};
 
 use super::{Driver, DriverError, Placement, Run, RunEnd, Started, Watch};
 use crate::cgroup::systemd::SliceTree;
-use crate::cgroup::{CgroupError, Layout, WorkloadCgroup};
+use crate::cgroup::{notify, CgroupError, Layout, WorkloadCgroup};
 use crate::store::WorkloadRecord;
 use crate::workload::{DesiredSecret, WorkloadName, WorkloadSpec};
 
@@ -285,9 +284,9 @@ impl PodDriver {
             watch: Watch::Processes {
                 pids,
                 finish: Box::new(move |first| {
-                    let mut end = exit_of(&podman, &containers[first.min(containers.len() - 1)]);
-                    end.oom_killed |= oom.finish();
-                    end
+                    oom.finish().unwrap_or_else(|| {
+                        exit_of(&podman, &containers[first.min(containers.len() - 1)])
+                    })
                 }),
             },
             notice,
@@ -487,9 +486,8 @@ impl Driver for PodDriver {
             watch: Watch::Processes {
                 pids,
                 finish: Box::new(move |first| {
-                    let mut end = exit_of(&podman, &names[first.min(names.len() - 1)]);
-                    end.oom_killed |= oom.finish();
-                    end
+                    oom.finish()
+                        .unwrap_or_else(|| exit_of(&podman, &names[first.min(names.len() - 1)]))
                 }),
             },
             notice: None,
@@ -542,13 +540,13 @@ fn exit_of(podman: &Podman, container: &str) -> RunEnd {
 }
 
 /// Watches a pod's OOM kills while it runs. On cgroup v1 a kill is counted only in the
-/// container's cgroup, which podman deletes right after the container exits, so the count
-/// is sampled while the pod runs (v2 counts descendants in the workload's own memory.events).
+/// container's cgroup, which podman deletes right after the container exits: the kernel
+/// signals an eventfd registered on every memory cgroup of the pod instead, and the count
+/// waits in it (v2 counts descendants in the workload's own memory.events).
 struct OomWatch {
     counted: OomCount,
     baseline: u64,
-    done: Arc<AtomicBool>,
-    seen: Arc<AtomicBool>,
+    signals: Vec<notify::EventSignal>,
 }
 
 /// Where a pod's OOM kills are counted.
@@ -569,47 +567,64 @@ impl OomCount {
 }
 
 impl OomWatch {
+    /// A v2 pod's kills, counted in `events` (v2 counts descendants: no notification needed).
     fn of_file(events: PathBuf) -> OomWatch {
         let counted = OomCount::Events(events);
         OomWatch {
             baseline: counted.read(),
             counted,
-            done: Arc::new(AtomicBool::new(false)),
-            seen: Arc::new(AtomicBool::new(false)),
+            signals: Vec::new(),
         }
     }
 
     fn start(cgroup: &WorkloadCgroup) -> OomWatch {
-        let w = OomWatch {
+        let signals = match cgroup {
+            WorkloadCgroup::V1 { memory, .. } => memory_subtree(memory)
+                .iter()
+                .filter_map(|d| {
+                    notify::oom(d)
+                        .map_err(|e| tracing::warn!("no OOM notification: {e}"))
+                        .ok()
+                })
+                .collect(),
+            WorkloadCgroup::V2 { .. } => Vec::new(),
+        };
+        OomWatch {
             counted: OomCount::Cgroup(cgroup.clone()),
             baseline: subtree_oom_kills(cgroup),
-            done: Arc::new(AtomicBool::new(false)),
-            seen: Arc::new(AtomicBool::new(false)),
-        };
-        if matches!(cgroup, WorkloadCgroup::V1 { .. }) {
-            let (done, seen, cg, base) =
-                (w.done.clone(), w.seen.clone(), cgroup.clone(), w.baseline);
-            let _ = std::thread::Builder::new()
-                .name("pod-oom-watch".into())
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    while !done.load(SeqCst) {
-                        if subtree_oom_kills(&cg) > base {
-                            seen.store(true, SeqCst);
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                });
+            signals,
         }
-        w
     }
 
-    /// Whether the run was OOM-killed; ends the watch.
-    fn finish(&self) -> bool {
-        self.done.store(true, SeqCst);
-        self.seen.load(SeqCst) || self.counted.read() > self.baseline
+    /// How the run ended if a container was OOM-killed (the kernel's kill is a SIGKILL: exit
+    /// 137, as podman would report it, without waiting for podman to write it); ends the
+    /// watch.
+    fn finish(self) -> Option<RunEnd> {
+        let killed =
+            self.signals.iter().any(|s| s.take() > 0) || self.counted.read() > self.baseline;
+        killed.then_some(RunEnd {
+            code: Some(137),
+            signal: None,
+            oom_killed: true,
+        })
     }
+}
+
+/// A memory cgroup directory and every one below it.
+fn memory_subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = std::fs::read_dir(&out[i]) {
+            out.extend(
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The `memory.events` of the pod slice a (rootless, systemd-managed) container's process is
@@ -818,15 +833,13 @@ fn write_private(
     })
 }
 
+/// A pod's containers log through podman; its `<name>.log` holds only the agent's lines about
+/// its runs (started, ended), about 100 bytes each: a pod restarting every few minutes for
+/// months must still not fill STATE_DIR.
+const POD_LOG_MAX: u64 = crate::drivers::output::MIN_LOG_MAX;
+
 fn append_log(path: &Path, line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-    {
-        let _ = f.write_all(line.as_bytes());
-    }
+    crate::drivers::output::append_bounded(path, line, POD_LOG_MAX);
 }
 
 #[cfg(test)]

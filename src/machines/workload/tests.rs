@@ -16,7 +16,7 @@ starting               Exited[oom,retries-left]         backoff      Report(Fail
 starting               Exited[failure,limit-reached]    failed       Report(Broken)
 starting               Exited[failure,Never]            failed       Report(Failed)
 starting               Update                           stopping     Stop
-starting               Evict                            stopping     Stop
+starting               Evict                            stopping     Report(Evicted),Stop
 starting               Remove                           stopping     Stop
 running                Progress[not-ready]              unavailable
 running                Exited[success,Always]           backoff      ScheduleRetry
