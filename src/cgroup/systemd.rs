@@ -49,6 +49,26 @@ const INFINITY: u64 = u64::MAX;
 /// hang a workload lane forever).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The pauses between looks at a unit's state while waiting for systemd: short at first (a
+/// unit usually starts or stops within tens of milliseconds), then longer, since each look
+/// (GetUnit and two GetAll, the Service interface's with hundreds of properties) is work
+/// for PID 1, which runs the very jobs being waited for.
+struct Poll(Duration);
+
+impl Poll {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MOST: Duration = Duration::from_millis(50);
+
+    fn new() -> Poll {
+        Poll(Poll::FIRST)
+    }
+
+    fn sleep(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Poll::MOST);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
     #[error("systemd D-Bus: {0}")]
@@ -533,6 +553,7 @@ impl Systemd {
         self.start_transient(name, &unit.properties(v2)?)?;
         let deadline = Duration::from_secs(30);
         let t0 = Instant::now();
+        let mut pause = Poll::new();
         loop {
             if let Some(s) = self.state(name)? {
                 if s.active_state != "activating" && (s.main_pid != 0 || s.end().is_some()) {
@@ -546,7 +567,7 @@ impl Systemd {
                     waited: deadline,
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            pause.sleep();
         }
     }
 
@@ -566,6 +587,7 @@ impl Systemd {
         }
         let deadline = grace + Duration::from_secs(10);
         let t0 = Instant::now();
+        let mut pause = Poll::new();
         loop {
             match self.state(unit)? {
                 None => return Ok(()),
@@ -577,7 +599,7 @@ impl Systemd {
                         waited: deadline,
                     })
                 }
-                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+                Some(_) => pause.sleep(),
             }
         }
     }
@@ -592,6 +614,7 @@ impl Systemd {
 
     fn wait_gone(&self, unit: &str, timeout: Duration) -> Result<(), SystemdError> {
         let t0 = Instant::now();
+        let mut pause = Poll::new();
         loop {
             match self.state(unit)? {
                 None => return Ok(()),
@@ -610,7 +633,7 @@ impl Systemd {
                     waited: timeout,
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            pause.sleep();
         }
     }
 
