@@ -197,18 +197,21 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
             Wake::Closed => return,
             Wake::Marks(m) => {
                 let memory = memory.clone();
-                arming = Some(Box::pin(crate::pool::unblock(move || {
-                    let arm = |bytes: u64| {
-                        notify::usage_threshold(&memory, bytes)
-                            .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
-                            .ok()
-                    };
-                    Armed {
-                        marks: m,
-                        budget: arm(m.budget + 1),
-                        near: arm(m.near + 1),
-                    }
-                })));
+                arming = Some(Box::pin(crate::pool::unblock(
+                    crate::pool::Class::Control,
+                    move || {
+                        let arm = |bytes: u64| {
+                            notify::usage_threshold(&memory, bytes)
+                                .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
+                                .ok()
+                        };
+                        Armed {
+                            marks: m,
+                            budget: arm(m.budget + 1),
+                            near: arm(m.near + 1),
+                        }
+                    },
+                )));
             }
             Wake::Armed(None) => {
                 arming = None;
@@ -275,7 +278,7 @@ async fn v2_parent(tx: Sender<Event>, dir: PathBuf, marks: Receiver<Marks>) {
             Wake::Marks(m) => {
                 let high = dir.join("memory.high");
                 // Writing memory.high below the usage makes the writer reclaim: off the reactor.
-                let written = crate::pool::unblock(move || {
+                let written = crate::pool::unblock(crate::pool::Class::Control, move || {
                     crate::cgroup::write_file(&high, &m.budget.to_string())
                 })
                 .await;
