@@ -689,11 +689,7 @@ impl State {
         self.peak_since_trim = self.peak_since_trim.max(n);
         if settled && self.peak_since_trim > n {
             self.peak_since_trim = n;
-            #[cfg(target_env = "gnu")]
-            // SAFETY: malloc_trim only returns free memory of the allocator to the system.
-            unsafe {
-                nix::libc::malloc_trim(0);
-            }
+            crate::heap::give_back();
         }
     }
 
