@@ -6,8 +6,9 @@
 #                                                 [1000 applied with no handler over 50 ms]
 #  - 10 000 workloads in one desired state with MAX_WORKLOADS=256: the time until the excess
 #    is refused (the problem shows), and the longest handler                  [< 100 ms]
-# The clock starts when the desired-state file is renamed into place (the agent debounces
-# file events for 150 ms: that wait is part of every figure). The longest handler is the
+# The clock starts when the desired-state file is renamed into place (the agent reads the
+# file at once when it is renamed into place or closed after writing; other changes wait for
+# a quiet moment of 150 ms). The longest handler is the
 # controller thread's CPU time for one event (what the agent reports in `status`).
 # Needs root (cgroups). Usage: sudo bench/scale.sh
 set -euo pipefail

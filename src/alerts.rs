@@ -205,18 +205,21 @@ async fn v1_parent(tx: Sender<Event>, memory: PathBuf, marks: Receiver<Marks>) {
             Wake::Closed => return,
             Wake::Marks(m) => {
                 let memory = memory.clone();
-                arming = Some(Box::pin(crate::pool::unblock(move || {
-                    let arm = |bytes: u64| {
-                        notify::usage_threshold(&memory, bytes)
-                            .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
-                            .ok()
-                    };
-                    Armed {
-                        marks: m,
-                        budget: arm(m.budget + 1),
-                        near: arm(m.near + 1),
-                    }
-                })));
+                arming = Some(Box::pin(crate::pool::unblock(
+                    crate::pool::Class::Control,
+                    move || {
+                        let arm = |bytes: u64| {
+                            notify::usage_threshold(&memory, bytes)
+                                .map_err(|e| warn!("no usage notification at {bytes} bytes: {e}"))
+                                .ok()
+                        };
+                        Armed {
+                            marks: m,
+                            budget: arm(m.budget + 1),
+                            near: arm(m.near + 1),
+                        }
+                    },
+                )));
             }
             Wake::Armed(None) => {
                 arming = None;
@@ -291,14 +294,15 @@ async fn v2_parent(
                 let slice = slice.clone();
                 // Writing memory.high below the usage makes the writer reclaim (and a D-Bus
                 // call waits for systemd): off the reactor.
-                let written = crate::pool::unblock(move || match slice {
-                    Some(tree) => tree
-                        .set_memory_high(m.budget)
-                        .map_err(|e| format!("{}: {e}", tree.slice)),
-                    None => crate::cgroup::write_file(&high, &m.budget.to_string())
-                        .map_err(|e| e.to_string()),
-                })
-                .await;
+                let written =
+                    crate::pool::unblock(crate::pool::Class::Control, move || match slice {
+                        Some(tree) => tree
+                            .set_memory_high(m.budget)
+                            .map_err(|e| format!("{}: {e}", tree.slice)),
+                        None => crate::cgroup::write_file(&high, &m.budget.to_string())
+                            .map_err(|e| e.to_string()),
+                    })
+                    .await;
                 match written {
                     Some(Ok(())) => debug!(high = m.budget, "memory.high set at the budget"),
                     Some(Err(e)) => warn!("cannot set memory.high at the budget: {e}"),

@@ -116,14 +116,7 @@ fn slice_exists(settings: &Settings, layout: &cgroup::Layout) -> bool {
 }
 
 pub fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only tunes the allocator. Two arenas are plenty for an agent whose
-    // threads mostly wait; glibc's default (8 per core) scatters short-lived allocations of
-    // the blocking threads over arenas that keep their pages.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
-        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 64 << 10);
-    }
+    crate::heap::tune();
     let store = Store::open(&settings.state_dir)?;
     // The identity first: one that can never work stops the agent before it touches cgroups.
     let session = match &settings.server {

@@ -17,6 +17,7 @@ pub mod cron;
 pub mod daemon;
 pub mod drivers;
 pub mod flotta;
+pub mod heap;
 pub mod logging;
 pub mod logs;
 pub mod machines;

@@ -42,14 +42,6 @@ fn main() -> ExitCode {
     if let Some(code) = device_worker_ng::drivers::output::run_if_log_writer() {
         return code;
     }
-    // glibc gives every thread that allocates its own malloc arena; the agent's short-lived
-    // blocking threads would each pin one. One arena keeps its RSS small (issue targets); the
-    // agent's threads allocate little, so there is nothing to contend for.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
-    unsafe {
-        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
-    }
     let cli = Cli::parse();
     let mut flags = Vec::new();
     // Before the --set flags: an explicit --set LOG_LEVEL still wins.
@@ -59,7 +51,10 @@ fn main() -> ExitCode {
     flags.extend(cli.set.iter().cloned());
     let inputs = Inputs::from_process(cli.config.clone(), flags);
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(inputs),
+        Command::Run => {
+            device_worker_ng::heap::without_thread_cache();
+            run(inputs)
+        }
         Command::ExecAs { uid, argv } => {
             let why = device_worker_ng::drivers::systemd::exec_as(uid, &argv);
             eprintln!("device-worker-ng exec-as: {why}");

@@ -17,7 +17,8 @@ use tracing::error;
 /// a time (the host has few cores; a podman start is mostly CPU).
 pub const MAX_THREADS: usize = 4;
 /// Threads kept apart for the agent's own work (state writes, server requests, the cluster
-/// prune), so slow workload stops never hold up a heartbeat or a record.
+/// prune, the budget's kernel thresholds), so slow workload stops never hold up a heartbeat,
+/// a record or the budget's watch.
 pub const MAX_CONTROL_THREADS: usize = 2;
 
 /// Which threads a job runs on.
@@ -125,13 +126,14 @@ pub fn run(job: impl FnOnce()) {
     }
 }
 
-/// Runs `f` on the workloads' threads; the future ends with its result, or `None` if it
+/// Runs `f` on the class's threads; the future ends with its result, or `None` if it
 /// panicked.
 pub fn unblock<T: Send + 'static>(
+    class: Class,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> impl Future<Output = Option<T>> {
     let (tx, rx) = async_channel::bounded(1);
-    spawn(Class::Workloads, move || {
+    spawn(class, move || {
         let _ = tx.try_send(f());
     });
     async move { rx.recv().await.ok() }
@@ -157,8 +159,11 @@ mod tests {
     #[test]
     fn results_come_back_panics_are_none_and_idle_threads_leave() {
         // One test: the pool is process-wide and tests run in parallel.
-        assert_eq!(smol::block_on(unblock(|| 6 * 7)), Some(42));
-        let boom: Option<()> = smol::block_on(unblock(|| panic!("on purpose")));
+        assert_eq!(
+            smol::block_on(unblock(Class::Workloads, || 6 * 7)),
+            Some(42)
+        );
+        let boom: Option<()> = smol::block_on(unblock(Class::Workloads, || panic!("on purpose")));
         assert_eq!(boom, None);
 
         let running = Arc::new(AtomicUsize::new(0));
@@ -166,7 +171,7 @@ mod tests {
         let jobs: Vec<_> = (0..20)
             .map(|_| {
                 let (running, most) = (running.clone(), most.clone());
-                unblock(move || {
+                unblock(Class::Workloads, move || {
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));

@@ -17,6 +17,11 @@ fn main() {
             sighup_reloads_the_configuration_in_place,
         ),
         test(
+            "the_agent_runs_without_glibcs_thread_cache_and_its_workloads_never_see_that",
+            ROOT_CGROUPS,
+            the_agent_runs_without_glibcs_thread_cache_and_its_workloads_never_see_that,
+        ),
+        test(
             "memory_hog_is_oom_killed_and_restarted_with_backoff",
             ROOT_CGROUPS,
             memory_hog_is_oom_killed_and_restarted_with_backoff,
@@ -367,6 +372,48 @@ fn a_workload_desired_again_during_its_stop_runs_again() {
             .contains(&Agent::workload(&s, "stubborn").unwrap().pid.unwrap()),
         "the new run lives in its cgroup"
     );
+}
+
+/// `run` re-executes itself once with glibc's per-thread cache off (src/heap.rs): the same
+/// pid, the tunable added to the user's own GLIBC_TUNABLES, and none of it in a workload's
+/// environment.
+fn the_agent_runs_without_glibcs_thread_cache_and_its_workloads_never_see_that() {
+    let mut a = Agent::new(BIN, &desired(&[shell("web", "exec sleep 100000", "")]));
+    a.extra_env = vec![("GLIBC_TUNABLES".into(), "glibc.malloc.check=0".into())];
+    a.start();
+    let s = a.wait_for("web running", Duration::from_secs(10), |s| {
+        Agent::workload(s, "web").is_some_and(|w| w.state == "running")
+    });
+    let agent_pid = a.child.as_ref().unwrap().id();
+    assert_eq!(s.agent.pid, agent_pid, "re-executed in place");
+    let environ = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect::<Vec<_>>()
+    };
+    // As the kernel got it at the exec (glibc then splits the value in place, at the ':').
+    let agent_env = environ(agent_pid);
+    assert!(
+        agent_env
+            .iter()
+            .any(|v| v == "GLIBC_TUNABLES=glibc.malloc.check=0")
+            && agent_env
+                .iter()
+                .any(|v| v.ends_with("glibc.malloc.tcache_count=0")),
+        "{agent_env:?}"
+    );
+    let web = Agent::workload(&s, "web").unwrap().pid.unwrap() as u32;
+    let web_env = environ(web);
+    assert!(
+        !web_env
+            .iter()
+            .any(|v| v.starts_with("GLIBC_TUNABLES") || v.starts_with("DEVICE_WORKER_NG_")),
+        "{web_env:?}"
+    );
+    let st = a.terminate().unwrap();
+    assert!(st.success(), "{st:?}\n{}", a.log());
 }
 
 /// SIGHUP re-reads the configuration file: a workload without limits gets the new

@@ -276,6 +276,9 @@ pub struct State {
     /// many there were at the previous sample.
     peak_since_trim: usize,
     workloads_at_last_sample: usize,
+    /// A desired state was parsed since: its parse (up to MAX_MESSAGE_SIZE of text, and its
+    /// trees) freed memory that the workload count alone would never give back.
+    parsed_since_trim: bool,
 }
 
 /// How workload cgroups are made, for status: the layout, the cgroup driver, where.
@@ -331,6 +334,7 @@ impl<E: Effects> Controller<E> {
                 hierarchy_info,
                 peak_since_trim: 0,
                 workloads_at_last_sample: 0,
+                parsed_since_trim: false,
                 settings,
                 inputs,
             },
@@ -627,6 +631,7 @@ impl State {
         cx: &mut Ctx,
     ) {
         cx.push(Internal::Persist(Write::Desired(raw)));
+        self.parsed_since_trim = true;
         let mut profiles = std::mem::take(&mut v.profiles);
         self.workloads.apply(v, cx);
         // The workloads' own profiles: those of the specs that run, refused updates included.
@@ -690,21 +695,18 @@ impl State {
         }
     }
 
-    /// Once workloads have gone and their number has held still for a sample (their stops
-    /// and writes are over), hands the freed heap back to the system: glibc keeps it
-    /// otherwise, and the agent's RSS would stay at its high-water mark.
+    /// Once workloads have gone (or a desired state was parsed) and their number has held
+    /// still for a sample (their stops and writes are over), hands the freed heap back to the
+    /// system: glibc keeps it otherwise, and the agent's RSS would stay at its high-water mark.
     fn give_back_memory(&mut self) {
         let n = self.workloads.entries().len();
         let settled = n == self.workloads_at_last_sample;
         self.workloads_at_last_sample = n;
         self.peak_since_trim = self.peak_since_trim.max(n);
-        if settled && self.peak_since_trim > n {
+        if settled && (self.peak_since_trim > n || self.parsed_since_trim) {
             self.peak_since_trim = n;
-            #[cfg(target_env = "gnu")]
-            // SAFETY: malloc_trim only returns free memory of the allocator to the system.
-            unsafe {
-                nix::libc::malloc_trim(0);
-            }
+            self.parsed_since_trim = false;
+            crate::heap::give_back();
         }
     }
 

@@ -912,6 +912,26 @@ fn a_workload_defines_its_own_profile_by_annotation() {
     assert!(h.c.st.resources.profiles.profiles.is_empty());
 }
 
+#[test]
+fn a_removed_workloads_uid_is_not_given_to_the_next_one_at_once() {
+    let mut h = Harness::new(&[("EDGE_DEVICE_WORKLOAD_UIDS", "70000-70999")]);
+    let uid = |h: &Harness, n: &str| {
+        h.c.snapshot()
+            .workloads
+            .iter()
+            .find(|w| w.name == n)
+            .and_then(|w| w.uid)
+    };
+    h.desired(&[shell("a", "", "", ""), shell("b", "", "", "")]);
+    assert_eq!((uid(&h, "a"), uid(&h, "b")), (Some(70000), Some(70001)));
+    h.desired(&[shell("b", "", "", "")]);
+    h.desired(&[shell("b", "", "", ""), shell("c", "", "", "")]);
+    assert_eq!(uid(&h, "c"), Some(70002), "not a's 70000 at once");
+    h.desired(&[shell("c", "", "", "")]);
+    h.desired(&[shell("c", "", "", ""), shell("d", "", "", "")]);
+    assert_eq!(uid(&h, "d"), Some(70003));
+}
+
 /// The writes among `effects`.
 fn writes(effects: Vec<Effect>) -> Vec<Write> {
     effects

@@ -184,6 +184,8 @@ pub struct Workloads {
     store: Store,
     stop_timeout: Duration,
     uids: Option<(u32, u32)>,
+    /// The uid given last (see `free_uid`).
+    last_uid: Option<u32>,
     /// The desired k8s workloads (name, manifest) last given to the k8s driver.
     k8s_desired: Option<Vec<(String, String)>>,
     /// Evictions decided for the budget since start (profile stops are not evictions).
@@ -204,6 +206,7 @@ impl Workloads {
             store,
             stop_timeout: settings.stop_timeout,
             uids: settings.workload_uids,
+            last_uid: None,
             budget_evictions: 0,
             k8s_desired: None,
         }
@@ -548,7 +551,10 @@ impl Workloads {
         self.uids.is_some() && spec.shell.as_ref().is_some_and(|s| s.user.is_none())
     }
 
-    fn free_uid(&self) -> Option<u32> {
+    /// The next uid of WORKLOAD_UIDS no workload has, after the one given last: a uid comes
+    /// back only once the range has gone round, so what a removed workload left behind (files
+    /// in /tmp, say) does not fall to the next workload at once.
+    fn free_uid(&mut self) -> Option<u32> {
         let (lo, hi) = self.uids?;
         let used: BTreeSet<u32> = self
             .entries
@@ -556,7 +562,11 @@ impl Workloads {
             .filter_map(|e| e.uid)
             .chain(self.adopting.values().filter_map(|r| r.uid))
             .collect();
-        (lo..=hi).find(|u| !used.contains(u))
+        // After a restart, go on after the highest uid still in use.
+        let last = self.last_uid.or_else(|| used.last().copied());
+        let uid = next_free((lo, hi), last, &used)?;
+        self.last_uid = Some(uid);
+        Some(uid)
     }
 
     // ---- machines ------------------------------------------------------------------------
@@ -1218,4 +1228,25 @@ impl Workloads {
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The first id of `range` after `last` (wrapping round) that is not in `used`.
+fn next_free((lo, hi): (u32, u32), last: Option<u32>, used: &BTreeSet<u32>) -> Option<u32> {
+    let after = last.filter(|u| (lo..hi).contains(u)).map_or(lo, |u| u + 1);
+    (after..=hi).chain(lo..after).find(|u| !used.contains(u))
+}
+
+#[cfg(test)]
+#[test]
+fn ids_are_given_round_the_range_skipping_those_in_use() {
+    let used: BTreeSet<u32> = [11, 13].into();
+    assert_eq!(next_free((10, 13), None, &used), Some(10));
+    assert_eq!(next_free((10, 13), Some(10), &used), Some(12));
+    assert_eq!(
+        next_free((10, 13), Some(12), &used),
+        Some(10),
+        "wraps, skipping 13"
+    );
+    assert_eq!(next_free((10, 13), Some(13), &used), Some(10));
+    assert_eq!(next_free((10, 11), Some(10), &[10, 11].into()), None);
 }

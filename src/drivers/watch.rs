@@ -54,14 +54,16 @@ pub async fn until_end(watch: Watch, mut progress: impl FnMut(bool, String)) -> 
         Watch::Processes { pids, finish } => {
             let first = first_to_end(&pids).await;
             // A `finish` that panicked (logged by the pool) leaves the end unknown.
-            crate::pool::unblock(move || finish(first))
+            crate::pool::unblock(crate::pool::Class::Workloads, move || finish(first))
                 .await
                 .unwrap_or_default()
         }
         Watch::Poll { every, mut look } => {
             let mut last: Option<(bool, String)> = None;
             loop {
-                let Some((answer, back)) = crate::pool::unblock(move || (look(), look)).await
+                let Some((answer, back)) =
+                    crate::pool::unblock(crate::pool::Class::Workloads, move || (look(), look))
+                        .await
                 else {
                     // The look panicked (logged by the pool) and took itself along: the run
                     // can no longer be followed, so it ends with its status unknown.

@@ -353,35 +353,25 @@ impl fmt::Debug for FlottaClient {
     }
 }
 
-/// ring's suites minus TLS 1.2: the server requires TLS 1.3 (§1.1), and a
-/// provider without 1.2 suites makes rustls offer 1.3 only.
+/// The certificates of a PEM file (`what` names its setting in errors); at least one.
+fn certificates(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(what, format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(what, "no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
 /// ureq's TLS settings for mutual TLS 1.3 with CA_ROOT, CERT and KEY, each checked with a typed
 /// error first.
 fn tls_config(tls: &TlsMaterial, provider: Arc<CryptoProvider>) -> Result<TlsConfig, ClientError> {
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.ca_root_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ClientError::Config {
-            what: "CA_ROOT",
-            reason: format!("invalid PEM: {e}"),
-        })?;
-    if roots.is_empty() {
-        return Err(ClientError::Config {
-            what: "CA_ROOT",
-            reason: "no CERTIFICATE block".into(),
-        });
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ClientError::Config {
-            what: "CERT",
-            reason: format!("invalid PEM: {e}"),
-        })?;
-    if chain.is_empty() {
-        return Err(ClientError::Config {
-            what: "CERT",
-            reason: "no CERTIFICATE block".into(),
-        });
-    }
+    let roots = certificates(&tls.ca_root_pem, "CA_ROOT")?;
+    let chain = certificates(&tls.cert_pem, "CERT")?;
     let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| ClientError::Config {
         what: "KEY",
         reason: format!("no usable private key (SEC1, PKCS#8 or PKCS#1 PEM): {e}"),
@@ -433,6 +423,8 @@ fn tls_config(tls: &TlsMaterial, provider: Arc<CryptoProvider>) -> Result<TlsCon
         .build())
 }
 
+/// ring's suites minus TLS 1.2: the server requires TLS 1.3 (§1.1), and a
+/// provider without 1.2 suites makes rustls offer 1.3 only.
 fn tls13_only_provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider
