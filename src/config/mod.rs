@@ -680,13 +680,7 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             Value::Text(raw.to_string())
         }
         Kind::IdRange => {
-            let (lo, hi) = raw.trim().split_once('-').ok_or_else(wrong)?;
-            let lo: u32 = lo.trim().parse().map_err(|_| wrong())?;
-            let hi: u32 = hi.trim().parse().map_err(|_| wrong())?;
-            // Low ids belong to the system; the top one is (uid_t)-1.
-            if lo < 1000 || hi < lo.saturating_add(999) || hi == u32::MAX {
-                return Err(wrong());
-            }
+            let (lo, hi) = id_range(raw).ok_or_else(wrong)?;
             Value::Range(lo, hi)
         }
         Kind::CgroupDriver => Value::CgroupDriver(match raw.trim() {
@@ -701,37 +695,44 @@ fn parse_value(spec: &'static KeySpec, raw: &str, source: &Source) -> Result<Val
             }
             Value::Text(raw.trim().to_string())
         }
-        Kind::ProxyUrl => {
-            let t = raw.trim();
-            let rest = t
-                .get(..7)
-                .filter(|p| p.eq_ignore_ascii_case("http://"))
-                .map(|_| &t[7..])
-                .ok_or_else(wrong)?;
-            let authority = rest.trim_end_matches('/');
-            let host_port = authority.rsplit('@').next().unwrap_or_default();
-            if host_port.is_empty()
-                || authority.contains(['/', '?', '#'])
-                || host_port.chars().any(char::is_whitespace)
-            {
-                return Err(wrong());
-            }
-            Value::Text(format!("http://{authority}"))
-        }
-        Kind::Fraction => {
-            let t = raw.trim();
-            let v = match t.strip_suffix('%') {
-                Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
-                None => t.parse::<f64>(),
-            }
-            .map_err(|_| wrong())?;
-            if !(v > 0.0 && v < 1.0) {
-                return Err(wrong());
-            }
-            Value::Fraction(v)
-        }
+        Kind::ProxyUrl => Value::Text(proxy_url(raw).ok_or_else(wrong)?),
+        Kind::Fraction => Value::Fraction(fraction(raw).ok_or_else(wrong)?),
         Kind::DefaultLimits => Value::DefaultLimits(DefaultLimits::parse(raw).ok_or_else(wrong)?),
     })
+}
+
+/// `lo-hi`, at least 1000 ids, none of the system's.
+fn id_range(raw: &str) -> Option<(u32, u32)> {
+    let (lo, hi) = raw.trim().split_once('-')?;
+    let lo: u32 = lo.trim().parse().ok()?;
+    let hi: u32 = hi.trim().parse().ok()?;
+    // Low ids belong to the system; the top one is (uid_t)-1.
+    (lo >= 1000 && hi >= lo.saturating_add(999) && hi != u32::MAX).then_some((lo, hi))
+}
+
+/// `http://[user:password@]host[:port][/]`, as `http://authority`.
+fn proxy_url(raw: &str) -> Option<String> {
+    let t = raw.trim();
+    let rest = t
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("http://"))
+        .map(|_| &t[7..])?;
+    let authority = rest.trim_end_matches('/');
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let bad = host_port.is_empty()
+        || authority.contains(['/', '?', '#'])
+        || host_port.chars().any(char::is_whitespace);
+    (!bad).then(|| format!("http://{authority}"))
+}
+
+/// A share strictly between 0 and 1, as `0.9` or `90%`.
+fn fraction(raw: &str) -> Option<f64> {
+    let t = raw.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().ok()? / 100.0,
+        None => t.parse::<f64>().ok()?,
+    };
+    (v > 0.0 && v < 1.0).then_some(v)
 }
 
 /// A default memory or cpu limit: a quantity, or a share of the device budget (which differs

@@ -277,6 +277,58 @@ impl RealEffects {
         }
     }
 
+    /// Awaits the end of a run on the reactor; a new watch of the workload replaces (and
+    /// cancels) the one before.
+    fn watch(&mut self, name: WorkloadName, gen: Generation, watch: crate::drivers::Watch) {
+        let tx = self.tx.clone();
+        let n = name.clone();
+        let task = smol::spawn(async move {
+            let progress_tx = tx.clone();
+            let pn = n.clone();
+            let end = crate::drivers::watch::until_end(watch, move |ready, reason| {
+                let _ = progress_tx.try_send(Event::Run {
+                    name: pn.clone(),
+                    gen,
+                    outcome: RunOutcome::Progress { ready, reason },
+                });
+            })
+            .await;
+            let _ = tx
+                .send(Event::Run {
+                    name: n,
+                    gen,
+                    outcome: RunOutcome::Ended(end),
+                })
+                .await;
+        });
+        // Dropping the previous watch task cancels it.
+        self.watches.insert(name, task);
+    }
+
+    /// Prunes the cluster of Deployments no desired k8s workload explains, on its own lane.
+    fn prune_k8s(&mut self, desired: Vec<(String, String)>) {
+        let Some(k8s) = self.drivers.k8s() else {
+            return;
+        };
+        // Before any start of this desired state is queued: a prune still queued
+        // from an earlier one never deletes what this one wants.
+        k8s.desire(desired);
+        let drivers = self.drivers.clone();
+        self.cluster_lane.push(Box::new(move || {
+            let Some(k8s) = drivers.k8s() else { return };
+            match k8s.prune() {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::info!(
+                        "pruned Deployments no workload wants: {}",
+                        removed.join(", ")
+                    )
+                }
+                Ok(_) | Err(crate::drivers::k8s::K8sError::NotConfigured) => {}
+                Err(e) => tracing::warn!("pruning the Kubernetes cluster: {e}"),
+            }
+        }));
+    }
+
     fn driver(&mut self, name: WorkloadName, gen: Generation, op: DriverOp) {
         let (tx, drivers, store) = (self.tx.clone(), self.drivers.clone(), self.store.clone());
         let n = name.clone();
@@ -396,33 +448,12 @@ impl Effects for RealEffects {
                 debug!(workload = %name, run = %gen, "driver: {}", op.what());
                 self.driver(name, gen, op)
             }
-            Effect::Watch { name, gen, watch } => {
-                let tx = self.tx.clone();
-                let n = name.clone();
-                let task = smol::spawn(async move {
-                    let progress_tx = tx.clone();
-                    let pn = n.clone();
-                    let end = crate::drivers::watch::until_end(watch, move |ready, reason| {
-                        let _ = progress_tx.try_send(Event::Run {
-                            name: pn.clone(),
-                            gen,
-                            outcome: RunOutcome::Progress { ready, reason },
-                        });
-                    })
-                    .await;
-                    let _ = tx
-                        .send(Event::Run {
-                            name: n,
-                            gen,
-                            outcome: RunOutcome::Ended(end),
-                        })
-                        .await;
-                });
-                // Dropping the previous watch task cancels it.
-                self.watches.insert(name, task);
-            }
+            Effect::Watch { name, gen, watch } => self.watch(name, gen, watch),
             Effect::Forget { name } => {
                 self.watches.remove(&name);
+                if self.watches.capacity() > 4 * self.watches.len() + 16 {
+                    self.watches.shrink_to_fit();
+                }
                 self.alerts.forget(&name);
                 self.lanes.retire(name);
             }
@@ -464,28 +495,7 @@ impl Effects for RealEffects {
             Effect::Marks(m) => self.alerts.set_marks(m),
             Effect::WatchOom { name, cgroup } => self.alerts.watch_oom(&name, &cgroup),
             Effect::Notify(state) => crate::notify::notify(&state),
-            Effect::PruneK8s(desired) => {
-                let Some(k8s) = self.drivers.k8s() else {
-                    return;
-                };
-                // Before any start of this desired state is queued: a prune still queued
-                // from an earlier one never deletes what this one wants.
-                k8s.desire(desired);
-                let drivers = self.drivers.clone();
-                self.cluster_lane.push(Box::new(move || {
-                    let Some(k8s) = drivers.k8s() else { return };
-                    match k8s.prune() {
-                        Ok(removed) if !removed.is_empty() => {
-                            tracing::info!(
-                                "pruned Deployments no workload wants: {}",
-                                removed.join(", ")
-                            )
-                        }
-                        Ok(_) | Err(crate::drivers::k8s::K8sError::NotConfigured) => {}
-                        Err(e) => tracing::warn!("pruning the Kubernetes cluster: {e}"),
-                    }
-                }));
-            }
+            Effect::PruneK8s(desired) => self.prune_k8s(desired),
         }
     }
 }

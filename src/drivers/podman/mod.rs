@@ -191,18 +191,7 @@ impl PodDriver {
 
         // Whatever an earlier run or agent left behind goes first: a fresh pod each run.
         remove_pods(&podman, name);
-        match &self.settings.systemd {
-            // systemd makes and limits the workload's slice; podman's units below it are
-            // podman's to remove (remove_pods).
-            Some(tree) => tree
-                .prepare(name.as_str(), &spec.limits)
-                .map_err(CgroupError::from)?,
-            None => {
-                cgroup.create()?;
-                self.prune_children(cgroup)?;
-                cgroup.apply(&spec.limits)?;
-            }
-        }
+        self.prepare_cgroup(spec, cgroup)?;
         let oom_kills_at_start = cgroup.oom_kills();
 
         let auth = self.pod_files(name, pod, &podman)?;
@@ -211,48 +200,14 @@ impl PodDriver {
             play.push(format!("--authfile={}", p.display()));
         }
 
-        let layout = &self.settings.layout;
-        let mut notice = None;
-        // A rootless pod under systemd is its user's systemd's: kube play does not join the
-        // workload's cgroup (a cgroup of the system's manager the user cannot use).
-        let join = self.settings.systemd.is_none().then_some(cgroup);
-        let result = if podman.is_rootless() {
-            let mut manifest = pod.manifest.clone();
-            if !matches!(layout, Layout::Unified { .. }) {
-                notice = Some(
-                    "rootless pod on cgroup v1: podman cannot enforce the containers' limits; \
-                     only the pod's total (the agent's workload cgroup) is enforced"
-                        .to_string(),
-                );
-                // runc refuses to start a rootless container with limits it cannot set on v1.
-                manifest = without_container_resources(&manifest);
+        let result = self.play(&podman, spec, pod, cgroup, play);
+        let notice = match result {
+            Ok(notice) => notice,
+            Err(e) => {
+                remove_pods(&podman, name);
+                return Err(e);
             }
-            play.push("-".into());
-            let args: Vec<&str> = play.iter().map(String::as_str).collect();
-            podman
-                .run_with(&args, Some(manifest.as_bytes()), join, cli::PLAY_TIMEOUT)
-                .map(|_| ())
-        } else {
-            let parent = match &self.settings.systemd {
-                // podman's systemd manager takes a slice: the pod's slice goes below it.
-                Some(tree) => Ok(tree.names(name.as_str()).slice),
-                None => cgroup_parent(cgroup, layout).map(|p| p.display().to_string()),
-            };
-            parent.and_then(|parent| {
-                play_under(
-                    &podman,
-                    &mut play,
-                    name.as_str(),
-                    &pod.manifest,
-                    &pod.containers,
-                    &parent,
-                )
-            })
         };
-        if let Err(e) = result {
-            remove_pods(&podman, name);
-            return Err(e);
-        }
         let podman_took = t0.elapsed();
 
         let containers: Vec<String> = pod
@@ -291,6 +246,79 @@ impl PodDriver {
             },
             notice,
         })
+    }
+
+    /// A fresh cgroup (or systemd slice) for the pod, with the workload's limits.
+    fn prepare_cgroup(
+        &self,
+        spec: &WorkloadSpec,
+        cgroup: &WorkloadCgroup,
+    ) -> Result<(), PodmanError> {
+        match &self.settings.systemd {
+            // systemd makes and limits the workload's slice; podman's units below it are
+            // podman's to remove (remove_pods).
+            Some(tree) => tree
+                .prepare(spec.name.as_str(), &spec.limits)
+                .map_err(CgroupError::from)?,
+            None => {
+                cgroup.create()?;
+                self.prune_children(cgroup)?;
+                cgroup.apply(&spec.limits)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `podman kube play` of the pod, under the workload's cgroup or slice; `Ok` carries a
+    /// notice for the log and status when a limit cannot be enforced.
+    fn play(
+        &self,
+        podman: &Podman,
+        spec: &WorkloadSpec,
+        pod: &crate::workload::PodSpecData,
+        cgroup: &WorkloadCgroup,
+        mut play: Vec<String>,
+    ) -> Result<Option<String>, PodmanError> {
+        let name = &spec.name;
+        let layout = &self.settings.layout;
+        let mut notice = None;
+        // A rootless pod under systemd is its user's systemd's: kube play does not join the
+        // workload's cgroup (a cgroup of the system's manager the user cannot use).
+        let join = self.settings.systemd.is_none().then_some(cgroup);
+        let result = if podman.is_rootless() {
+            let mut manifest = pod.manifest.clone();
+            if !matches!(layout, Layout::Unified { .. }) {
+                notice = Some(
+                    "rootless pod on cgroup v1: podman cannot enforce the containers' limits; \
+                     only the pod's total (the agent's workload cgroup) is enforced"
+                        .to_string(),
+                );
+                // runc refuses to start a rootless container with limits it cannot set on v1.
+                manifest = without_container_resources(&manifest);
+            }
+            play.push("-".into());
+            let args: Vec<&str> = play.iter().map(String::as_str).collect();
+            podman
+                .run_with(&args, Some(manifest.as_bytes()), join, cli::PLAY_TIMEOUT)
+                .map(|_| ())
+        } else {
+            let parent = match &self.settings.systemd {
+                // podman's systemd manager takes a slice: the pod's slice goes below it.
+                Some(tree) => Ok(tree.names(name.as_str()).slice),
+                None => cgroup_parent(cgroup, layout).map(|p| p.display().to_string()),
+            };
+            parent.and_then(|parent| {
+                play_under(
+                    podman,
+                    &mut play,
+                    name.as_str(),
+                    &pod.manifest,
+                    &pod.containers,
+                    &parent,
+                )
+            })
+        };
+        result.map(|()| notice)
     }
 
     /// The files the agent keeps for a pod (`<state_dir>/pods/<name>`): the rootless marker
