@@ -139,8 +139,9 @@ fn read_err(path: &Path) -> impl Fn(std::io::Error) -> LogsError + '_ {
 }
 
 /// Runs a reader of logs kept elsewhere (journalctl, podman) and copies its stdout to `out`
-/// as it comes (so `--follow` follows); `whose` names the output in an error.
-fn stream(mut c: Command, whose: &str, out: &mut impl Write) -> Result<(), LogsError> {
+/// as it comes (so `--follow` follows); `whose` names the output in an error. Returns how
+/// many bytes it copied.
+fn stream(mut c: Command, whose: &str, out: &mut impl Write) -> Result<u64, LogsError> {
     let program = c.get_program().to_string_lossy().into_owned();
     let what = Path::new(&program);
     let mut child = c
@@ -149,21 +150,21 @@ fn stream(mut c: Command, whose: &str, out: &mut impl Write) -> Result<(), LogsE
         .spawn()
         .map_err(read_err(what))?;
     let copied = match child.stdout.take() {
-        Some(mut from) => std::io::copy(&mut from, out).and_then(|_| out.flush()),
-        None => Ok(()),
+        Some(mut from) => std::io::copy(&mut from, out).and_then(|n| out.flush().map(|()| n)),
+        None => Ok(0),
     };
     if copied.is_err() {
         let _ = child.kill();
     }
     let status = child.wait().map_err(read_err(what))?;
-    copied.map_err(read_err(what))?;
+    let copied = copied.map_err(read_err(what))?;
     if !status.success() {
         return Err(LogsError::Read {
             path: PathBuf::from(whose),
             why: format!("{program} {status}"),
         });
     }
-    Ok(())
+    Ok(copied)
 }
 
 mod journal {
@@ -180,7 +181,16 @@ mod journal {
         if req.follow {
             c.arg("--follow");
         }
-        stream(c, &format!("the journal of {unit}"), out)
+        let whose = format!("the journal of {unit}");
+        // journalctl says nothing of a unit it never saw: as with the files, no output is
+        // an error (a mistyped name must not look like a silent workload).
+        match stream(c, &whose, out)? {
+            0 if !req.follow => Err(LogsError::NoLog {
+                name: req.name.clone(),
+                path: PathBuf::from(whose),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -211,7 +221,7 @@ mod pod {
                 .env("USER", &u.name)
                 .env("XDG_RUNTIME_DIR", &u.runtime_dir);
         }
-        stream(c, &format!("the logs of pod {}", req.name), out)
+        stream(c, &format!("the logs of pod {}", req.name), out).map(|_| ())
     }
 }
 

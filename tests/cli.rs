@@ -11,6 +11,8 @@ use dwng_test_support::lines::Lines;
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 /// The identity test makes its certificates the way operators do.
 const OPENSSL: harness::Needs = &[Need::tool("openssl", "openssl")];
+/// The systemd driver's workload output is read with journalctl.
+const JOURNALCTL: harness::Needs = &[Need::tool("journalctl", "systemd")];
 
 fn main() {
     harness::main(&[
@@ -39,6 +41,11 @@ fn main() {
             "logs_tail_spans_the_rotation_and_follow_survives_one",
             &[],
             logs_tail_spans_the_rotation_and_follow_survives_one,
+        ),
+        test(
+            "logs_of_a_unit_the_journal_never_saw_is_an_error",
+            JOURNALCTL,
+            logs_of_a_unit_the_journal_never_saw_is_an_error,
         ),
         test(
             "logs_refuses_names_that_are_no_names",
@@ -455,4 +462,30 @@ fn exec_as_becomes_the_uid_and_runs_the_program() {
     let (code, _, err) = run(&["exec-as", "524301", "--", "/nonexistent/program"], &[]);
     assert_eq!(code, 126);
     assert!(err.contains("cannot execute /nonexistent/program"), "{err}");
+}
+
+/// Under the systemd driver a shell workload's output is its service's journal; journalctl
+/// finds nothing for a unit it never saw and exits 0, which `logs` must not pass on as an
+/// empty success (a mistyped name would look like a silent workload).
+fn logs_of_a_unit_the_journal_never_saw_is_an_error() {
+    use device_worker_ng::logs::{show, Request, Source};
+    let t = tempfile::tempdir().unwrap();
+    let e = show(
+        &Source::Journal {
+            slice: "dwng-test-nothing.slice".into(),
+            state_dir: t.path().to_path_buf(),
+        },
+        &Request {
+            name: device_worker_ng::workload::WorkloadName::parse("never-ran").unwrap(),
+            tail: Some(5),
+            follow: false,
+        },
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no output recorded for workload never-ran (looked for the journal of"),
+        "{e}"
+    );
 }
