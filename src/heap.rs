@@ -29,6 +29,7 @@ pub fn without_thread_cache() {
     {
         use std::os::unix::process::CommandExt;
         if let Some(before) = std::env::var_os(BEFORE) {
+            restore_name();
             std::env::remove_var(BEFORE);
             if before.is_empty() {
                 std::env::remove_var("GLIBC_TUNABLES");
@@ -57,6 +58,27 @@ pub fn without_thread_cache() {
             "device-worker-ng: could not re-execute with glibc's thread cache off ({err}); \
              memory freed after many workloads may stay resident"
         );
+    }
+}
+
+/// Executed as `/proc/self/exe`, the process is named `exe` (what `ps`, `top` and `pgrep`
+/// show): it takes back its binary's name, as the kernel would have cut it (15 bytes).
+#[cfg(target_env = "gnu")]
+fn restore_name() {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let Some(file) = exe.file_name().and_then(|f| f.to_str()) else {
+        return;
+    };
+    // A binary replaced by an upgrade since: the link reads "<path> (deleted)".
+    let file = file.trim_end_matches(" (deleted)");
+    let mut name = file.as_bytes().to_vec();
+    name.truncate(15);
+    name.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `name` is.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_NAME, name.as_ptr());
     }
 }
 

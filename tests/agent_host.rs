@@ -375,8 +375,8 @@ fn a_workload_desired_again_during_its_stop_runs_again() {
 }
 
 /// `run` re-executes itself once with glibc's per-thread cache off (src/heap.rs): the same
-/// pid, the tunable added to the user's own GLIBC_TUNABLES, and none of it in a workload's
-/// environment.
+/// pid and name, the tunable added to the user's own GLIBC_TUNABLES, and none of it in a
+/// workload's environment.
 fn the_agent_runs_without_glibcs_thread_cache_and_its_workloads_never_see_that() {
     let mut a = Agent::new(BIN, &desired(&[shell("web", "exec sleep 100000", "")]));
     a.extra_env = vec![("GLIBC_TUNABLES".into(), "glibc.malloc.check=0".into())];
@@ -386,6 +386,9 @@ fn the_agent_runs_without_glibcs_thread_cache_and_its_workloads_never_see_that()
     });
     let agent_pid = a.child.as_ref().unwrap().id();
     assert_eq!(s.agent.pid, agent_pid, "re-executed in place");
+    // Under its own name for ps, top and pgrep (not `exe`), cut as the kernel cuts it.
+    let comm = std::fs::read_to_string(format!("/proc/{agent_pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "device-worker-n");
     let environ = |pid: u32| {
         std::fs::read(format!("/proc/{pid}/environ"))
             .unwrap()
