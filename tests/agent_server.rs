@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use device_worker_ng::flotta::messages::{DeviceConfigurationMessage, WorkloadState};
 use dwng_test_support::agent::Agent;
+use dwng_test_support::flotta_server;
 use dwng_test_support::flotta_server::{
     Fault, FlottaTestServer, RequestRecord, ServerOptions, Target,
 };
@@ -92,19 +93,7 @@ fn main() {
 const ID: &str = "edge-1";
 
 fn config(workloads: &[(&str, &str)]) -> DeviceConfigurationMessage {
-    let w: Vec<_> = workloads
-        .iter()
-        .map(|(name, cmd)| {
-            json!({"name": name, "namespace": "default", "kind": "shell",
-                   "specification": format!("command: [\"/bin/sh\", \"-c\", {cmd:?}]\nuser: root\n")})
-        })
-        .collect();
-    serde_json::from_value(json!({
-        "configuration": {"heartbeat": {"hardware_profile": {"include": true, "scope": "delta"}, "period_seconds": 1},
-                          "metrics": {"receiver": {"request_num_samples": 30000, "timeout_seconds": 10}}, "mounts": []},
-        "workloads": w
-    }))
-    .unwrap()
+    flotta_server::shell_configuration(workloads, true)
 }
 
 /// An agent configured for `server` (desired state from the server, fast timers).

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use device_worker_ng::flotta::messages::DeviceConfigurationMessage;
 use dwng_test_support::agent::Agent;
+use dwng_test_support::flotta_server;
 use dwng_test_support::flotta_server::{FlottaTestServer, ServerOptions};
 use dwng_test_support::harness::{self, test, Need, Needs, ROOT_CGROUPS};
 use dwng_test_support::wait::poll_until;
-use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_device-worker-ng");
 const WITH_UNSHARE: Needs = &[
@@ -329,18 +329,7 @@ fn status_and_check_in_each_serverless_state() {
 }
 
 fn config(workloads: &[(&str, &str)]) -> DeviceConfigurationMessage {
-    let w: Vec<_> = workloads
-        .iter()
-        .map(|(name, cmd)| {
-            json!({"name": name, "namespace": "default", "kind": "shell",
-                   "specification": format!("command: [\"/bin/sh\", \"-c\", {cmd:?}]\nuser: root\n")})
-        })
-        .collect();
-    serde_json::from_value(json!({
-        "configuration": {"heartbeat": {"hardware_profile": {"include": false, "scope": "delta"}, "period_seconds": 1}},
-        "workloads": w
-    }))
-    .unwrap()
+    flotta_server::shell_configuration(workloads, false)
 }
 
 fn agent_for(server: &FlottaTestServer, id: &str) -> Agent {

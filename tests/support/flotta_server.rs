@@ -926,6 +926,27 @@ pub fn default_configuration() -> DeviceConfigurationMessage {
     .unwrap_or_default()
 }
 
+/// A configuration of shell workloads `(name, command)` run as root, with a heartbeat every
+/// second (carrying the hardware profile if `hardware`).
+pub fn shell_configuration(
+    workloads: &[(&str, &str)],
+    hardware: bool,
+) -> DeviceConfigurationMessage {
+    let w: Vec<_> = workloads
+        .iter()
+        .map(|(name, cmd)| {
+            json!({"name": name, "namespace": "default", "kind": "shell",
+                   "specification": format!("command: [\"/bin/sh\", \"-c\", {cmd:?}]\nuser: root\n")})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "configuration": {"heartbeat": {"hardware_profile": {"include": hardware, "scope": "delta"}, "period_seconds": 1},
+                          "metrics": {"receiver": {"request_num_samples": 30000, "timeout_seconds": 10}}, "mounts": []},
+        "workloads": w
+    }))
+    .expect("a valid configuration")
+}
+
 fn post_data_out(
     shared: &Shared,
     peer: &Peer,
